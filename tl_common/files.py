@@ -1,0 +1,193 @@
+"""Finding image files the way ``keras.utils.image_dataset_from_directory`` does, and the test split.
+
+Both trainers get their file lists from here, so they see the same files with the same labels in
+the same order. The layout is the recipe's: ``ROOT/train/<class>/...`` and
+``ROOT/validation/<class>/...``; the test split is carved out of validation by file, per class,
+with a seed, so it is deterministic and disjoint from what stays for validation (the original
+recipe takes batches of a reshuffling dataset instead, which overlaps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tl_common.errors import UserError
+
+#: ``keras.src.utils.image_dataset_utils.ALLOWLIST_FORMATS``: matched case-insensitively.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image: its path relative to the data root (POSIX separators) and its class index."""
+
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class FileList:
+    """An ordered list of labelled image files under one root."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    files: tuple[ImageFile, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def paths(self) -> list[str]:
+        """Absolute paths, in order."""
+        return [str(self.root / f.path) for f in self.files]
+
+    @property
+    def labels(self) -> list[int]:
+        return [f.label for f in self.files]
+
+    def digest(self) -> str:
+        """sha256 of the list (relative path and label per line): equal lists, equal digests."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.path}\t{f.label}\n".encode())
+        return h.hexdigest()
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.class_names, 0)
+        for f in self.files:
+            counts[self.class_names[f.label]] += 1
+        return counts
+
+    def without(self, paths: set[str]) -> FileList:
+        """The same list without the given relative paths."""
+        kept = tuple(f for f in self.files if f.path not in paths)
+        return FileList(self.root, self.class_names, kept)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def class_folders(directory: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of ``directory``, as Keras lists classes."""
+    return sorted(
+        name for name in os.listdir(directory)
+        if not name.startswith(".") and (directory / name).is_dir()
+    )
+
+
+def find_images(directory: str | os.PathLike[str]) -> FileList:
+    """List the images of a class-per-folder directory in Keras' order.
+
+    Classes are the sorted visible sub-folders (labels 0..n-1); each is walked recursively, folders
+    in sorted order and files sorted within a folder, keeping the extensions Keras keeps. Hidden
+    files and folders (a leading dot: ``.DS_Store``, macOS' ``._x.jpg``) are skipped.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist or is not a folder")
+    classes = class_folders(root)
+    if not classes:
+        raise UserError(f"no class folders in {root}: expected one sub-folder per class, "
+                        f"e.g. {root / 'cats'} and {root / 'dogs'}")
+    files: list[ImageFile] = []
+    for label, name in enumerate(classes):
+        found = []
+        walk = sorted(os.walk(root / name), key=lambda entry: entry[0])
+        for folder, subfolders, names in walk:
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            if any(part.startswith(".") for part in Path(folder).relative_to(root).parts):
+                continue
+            for fname in sorted(names):
+                if _is_image(fname):
+                    rel = (Path(folder) / fname).relative_to(root).as_posix()
+                    found.append(ImageFile(rel, label))
+        if not found:
+            raise UserError(f"class folder {root / name} holds no images "
+                            f"(accepted: {' '.join(IMAGE_EXTENSIONS)})")
+        files.extend(found)
+    if len(classes) < 2:
+        raise UserError(f"{root} has a single class folder ({classes[0]}): "
+                        "a classifier needs at least 2")
+    return FileList(root, tuple(classes), tuple(files))
+
+
+def split_test(validation: FileList, fraction: float, seed: int) -> tuple[FileList, FileList]:
+    """Set aside ``fraction`` of each class's validation files as the test split.
+
+    Returns ``(validation, test)``: disjoint, both in the original order, the same for a given
+    file list, fraction and seed whatever the framework or platform (Python's ``random`` with a
+    string seed is stable across versions).
+    """
+    test_paths: set[str] = set()
+    for label, name in enumerate(validation.class_names):
+        members = [f.path for f in validation.files if f.label == label]
+        k = round(len(members) * fraction)
+        test_paths.update(random.Random(f"{seed}:{name}").sample(members, k))
+    test = tuple(f for f in validation.files if f.path in test_paths)
+    rest = tuple(f for f in validation.files if f.path not in test_paths)
+    return (FileList(validation.root, validation.class_names, rest),
+            FileList(validation.root, validation.class_names, test))
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The three file lists of a run."""
+
+    root: Path
+    train: FileList
+    validation: FileList
+    test: FileList
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.train.class_names
+
+    def __getitem__(self, split: str) -> FileList:
+        if split not in SPLITS:
+            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return getattr(self, split)
+
+    def summary(self) -> dict[str, object]:
+        """The data section of ``metrics.json``: root, classes, counts and digests per split."""
+        return {
+            "root": str(self.root),
+            "class_names": list(self.class_names),
+            "files": {
+                split: {"count": len(self[split]), "per_class": self[split].class_counts(),
+                        "sha256": self[split].digest()}
+                for split in SPLITS
+            },
+        }
+
+
+def load_splits(root: str | os.PathLike[str], test_fraction: float, seed: int) -> DataSplits:
+    """Read ``root/train`` and ``root/validation`` and carve the test split out of validation."""
+    root = Path(root)
+    for sub in ("train", "validation"):
+        if not (root / sub).is_dir():
+            raise UserError(f"{root} has no {sub}/ folder: expected {root}/train/<class>/... "
+                            f"and {root}/validation/<class>/... (the cats_and_dogs_filtered layout)")
+    train = find_images(root / "train")
+    validation = find_images(root / "validation")
+    if train.class_names != validation.class_names:
+        raise UserError(f"class folders differ: train has {list(train.class_names)}, "
+                        f"validation has {list(validation.class_names)}")
+    validation, test = split_test(validation, test_fraction, seed)
+    if len(test) == 0 or len(validation) == 0:
+        raise UserError(f"{root / 'validation'} holds too few images to set aside a test split of "
+                        f"{test_fraction:g} per class and keep some for validation")
+    # File lists are relative to the data root, so the same tree elsewhere gives equal digests.
+    return DataSplits(root, _rebase(train, root, "train"), _rebase(validation, root, "validation"),
+                      _rebase(test, root, "validation"))
+
+
+def _rebase(files: FileList, root: Path, sub: str) -> FileList:
+    rebased = tuple(ImageFile(f"{sub}/{f.path}", f.label) for f in files.files)
+    return FileList(root, files.class_names, rebased)

@@ -1,0 +1,184 @@
+"""The experiment settings: one definition, the recipe's defaults, and both trainers' CLIs.
+
+``python -m tl_keras.train`` and ``python -m tl_torch.train`` are generated from :class:`Settings`
+with jsonargparse, so the two share every flag, ``--config exp.yaml`` drives either one
+identically, and ``--print_config`` shows the resolved settings. Values are checked here, before
+any work starts, and a bad one ends the run with one line naming the flag and what is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
+
+from tl_common.errors import UserError
+
+#: ``len(keras.applications.MobileNetV2(include_top=False).layers)``, the InputLayer included.
+KERAS_BASE_LAYERS = 154
+
+#: Named weight sources; anything else given to ``--weights`` is read as a file path.
+WEIGHT_SOURCES = ("imagenet", "demo", "none")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines a run; the defaults are the recipe's."""
+
+    data_dir: str | None = field(default=None, metadata=_help(
+        "folder with train/ and validation/ class folders (default: cats_and_dogs_filtered "
+        "in ~/.keras/datasets, downloaded when absent)"))
+    demo: bool = field(default=False, metadata=_help(
+        "use the offline demo: a generated two-class JPEG set and the demo weights"))
+    weights: str | None = field(default=None, metadata=_help(
+        "imagenet, demo, none, or a Keras .h5/.keras/.weights.h5 file "
+        "(default: demo with --demo, else imagenet)"))
+    image_size: int = field(default=160, metadata=_help("square input size in pixels (>= 32)"))
+    batch_size: int = field(default=32, metadata=_help("images per batch"))
+    initial_epochs: int = field(default=10, metadata=_help(
+        "epochs of feature extraction (base frozen)"))
+    fine_tune_epochs: int = field(default=10, metadata=_help(
+        "epochs of fine-tuning, numbered on from feature extraction"))
+    fine_tune_at: int = field(default=100, metadata=_help(
+        f"Keras layer index from which the base is unfrozen for fine-tuning "
+        f"(0..{KERAS_BASE_LAYERS})"))
+    learning_rate: float = field(default=1e-4, metadata=_help("Adam learning rate, feature extraction"))
+    fine_tune_learning_rate: float | None = field(default=None, metadata=_help(
+        "RMSprop learning rate, fine-tuning (default: a tenth of --learning-rate)"))
+    dropout: float = field(default=0.2, metadata=_help("dropout rate before the classifier"))
+    test_fraction: float = field(default=0.2, metadata=_help(
+        "share of the validation files set aside as the test split, per class"))
+    seed: int = field(default=42, metadata=_help(
+        "seed for the test split, shuffling, augmentation, dropout and the head's init"))
+    limit_batches: int | None = field(default=None, metadata=_help(
+        "at most this many batches per epoch in training, validation and test (quick runs)"))
+    skip_bad_images: bool = field(default=False, metadata=_help(
+        "drop unreadable image files with a warning instead of stopping"))
+    output_dir: str | None = field(default=None, metadata=_help(
+        "where the run's outputs go (default: runs/<framework>)"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue the run in --output-dir from its last finished epoch"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "replace a finished run already in --output-dir"))
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def weights_source(self) -> str:
+        """The weight source after defaults: ``demo`` with ``--demo``, else ``imagenet``."""
+        if self.weights is not None:
+            return self.weights
+        return "demo" if self.demo else "imagenet"
+
+    @property
+    def fine_tuning_lr(self) -> float:
+        """Fine-tuning learning rate: the recipe uses a tenth of feature extraction's."""
+        if self.fine_tune_learning_rate is not None:
+            return self.fine_tune_learning_rate
+        return self.learning_rate / 10
+
+    @property
+    def total_epochs(self) -> int:
+        return self.initial_epochs + self.fine_tune_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a settings field: ``fine_tune_at`` -> ``--fine-tune-at``."""
+    return "--" + name.replace("_", "-")
+
+
+def validate(settings: Settings) -> Settings:
+    """Check every value before any work starts; raise :class:`UserError` on the first bad one."""
+    s = settings
+
+    def bad(name: str, accepted: str) -> UserError:
+        return UserError(f"{flag(name)}={getattr(s, name)!r} is not accepted: {accepted}")
+
+    for name in ("batch_size", "initial_epochs", "fine_tune_epochs"):
+        if getattr(s, name) < 1:
+            raise bad(name, "expected a positive integer")
+    if s.image_size < 32:
+        raise bad("image_size", "MobileNetV2 needs at least 32 pixels")
+    if not 0 <= s.fine_tune_at <= KERAS_BASE_LAYERS:
+        raise bad("fine_tune_at", f"expected a Keras layer index in 0..{KERAS_BASE_LAYERS}")
+    if not s.learning_rate > 0:
+        raise bad("learning_rate", "expected a positive number")
+    if s.fine_tune_learning_rate is not None and not s.fine_tune_learning_rate > 0:
+        raise bad("fine_tune_learning_rate", "expected a positive number")
+    if not 0 <= s.dropout < 1:
+        raise bad("dropout", "expected a rate in [0, 1)")
+    if not 0 < s.test_fraction < 1:
+        raise bad("test_fraction", "expected a fraction in (0, 1)")
+    if s.limit_batches is not None and s.limit_batches < 1:
+        raise bad("limit_batches", "expected a positive integer")
+    if s.demo and s.data_dir is not None:
+        raise UserError("--demo and --data-dir exclude each other: the demo brings its own data")
+    if s.resume and s.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    w = s.weights
+    if w is not None and w not in WEIGHT_SOURCES and not _looks_like_path(w):
+        raise bad("weights", f"expected one of {', '.join(WEIGHT_SOURCES)}, or a Keras weights "
+                             "or model file (.h5, .keras)")
+    return s
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith((".h5", ".keras", ".hdf5")) or Path(value).exists()
+
+
+def build_parser(framework: str, description: str) -> ArgumentParser:
+    """The trainer's parser: every :class:`Settings` field as a ``--dashed-flag``, plus config.
+
+    Framework-specific flags (Lightning's ``--accelerator`` ...) are added by the caller.
+    """
+    parser = ArgumentParser(
+        prog=f"python -m tl_{framework}.train",
+        description=description,
+        exit_on_error=False,
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML file of settings (the keys as in --print_config)")
+    types = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        help_text = f.metadata.get("help", "")
+        if types[f.name] is bool:
+            parser.add_argument(flag(f.name), action=ActionYesNo(no_prefix="no-"),
+                                default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag(f.name), type=types[f.name], default=f.default,
+                                help=help_text)
+    return parser
+
+
+def settings_from(namespace: Namespace, framework: str) -> Settings:
+    """Pick the :class:`Settings` fields out of a parsed namespace and validate them."""
+    values = {f.name: namespace.get(f.name) for f in dataclasses.fields(Settings)}
+    if values["output_dir"] is None:
+        values["output_dir"] = str(Path("runs") / framework)
+    return validate(Settings(**values))
+
+
+def parse(parser: ArgumentParser, argv: list[str] | None) -> Namespace:
+    """Parse, turning jsonargparse's multi-line errors into one :class:`UserError` line."""
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        message = " ".join(str(err).split())
+        message = re.sub(r'Parser key "(\w+)":', lambda m: flag(m.group(1)) + ":", message)
+        message = message.replace("a <class 'int'>", "an integer").replace(
+            "a <class 'float'>", "a number")
+        raise UserError(message) from None
