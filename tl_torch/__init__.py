@@ -1,0 +1,24 @@
+"""The PyTorch Lightning port of the recipe: a Keras-faithful MobileNetV2, Keras layer indexing
+and freezing, Keras weight import/export, and the two-phase transfer flow (``python -m
+tl_torch.train``)."""
+
+from tl_torch.features import FlatFeatures, all_layer_outputs, feature_extractor
+from tl_torch.freezing import count_params, freeze, layer_table
+from tl_torch.keras_weights import load_keras_weights, read_base_weights, save_keras_weights
+from tl_torch.model import KerasLayer, MobileNetV2Base
+from tl_torch.weights import build_base
+
+__all__ = [
+    "FlatFeatures",
+    "KerasLayer",
+    "MobileNetV2Base",
+    "all_layer_outputs",
+    "build_base",
+    "count_params",
+    "feature_extractor",
+    "freeze",
+    "layer_table",
+    "load_keras_weights",
+    "read_base_weights",
+    "save_keras_weights",
+]

@@ -1,0 +1,72 @@
+"""Intermediate outputs by Keras layer name or index, and the recipe's flattened-feature aside.
+
+Built on ``torchvision.models.feature_extraction.create_feature_extractor``: the base is traced
+and cut after the last requested layer, so asking for ``block_6_expand`` does not run the blocks
+above it. The traced graph has one node per Keras layer, in Keras' order (the modules are named
+after the layers); torchvision rewrites some node names (``Conv_1`` becomes ``Conv``, taken for a
+second call of ``Conv``), so nodes are matched to layers by position, not by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from tl_torch.model import Add, MobileNetV2Base
+from tl_torch.padding import Conv2dSame, Pad2d
+
+#: Modules kept whole when tracing (their padding depends on the input's size at run time).
+LEAF_MODULES = [Pad2d, Conv2dSame, Add]
+
+
+class _WithInput(nn.Module):
+    """Returns the input itself for the InputLayer, which has no module to trace."""
+
+    def __init__(self, extractor: nn.Module, input_name: str, wants_input: bool) -> None:
+        super().__init__()
+        self.extractor, self.input_name, self.wants_input = extractor, input_name, wants_input
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(self.extractor(x)) if self.extractor is not None else {}
+        if self.wants_input:
+            out = {self.input_name: x, **out}
+        return out
+
+
+def feature_extractor(base: MobileNetV2Base, layers: Sequence[int | str]) -> nn.Module:
+    """A module returning ``{keras_name: output}`` for the given Keras layer names or indices."""
+    names = [base.keras_layer(key).name for key in layers]
+    wants_input = base.input_layer_name in names
+    tracer_kwargs = {"leaf_modules": LEAF_MODULES}
+    _, graph_nodes = get_graph_node_names(base, tracer_kwargs=tracer_kwargs)
+    keras_names = [layer.name for layer in base.keras_layers]
+    if len(graph_nodes) != len(keras_names):  # guards the one-node-per-layer premise
+        raise RuntimeError(f"traced {len(graph_nodes)} nodes for {len(keras_names)} Keras layers")
+    node_of = dict(zip(keras_names, graph_nodes, strict=True))
+    nodes = {node_of[n]: n for n in names if n != base.input_layer_name}
+    extractor = None
+    if nodes:
+        extractor = create_feature_extractor(base, return_nodes=nodes, tracer_kwargs=tracer_kwargs)
+    return _WithInput(extractor, base.input_layer_name, wants_input).eval()
+
+
+def all_layer_outputs(base: MobileNetV2Base, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every Keras layer's output for input ``x`` (already preprocessed), in Keras' order."""
+    return feature_extractor(base, [layer.name for layer in base.keras_layers])(x)
+
+
+class FlatFeatures(nn.Module):
+    """The recipe's aside: the base's last layer, flattened (5 * 5 * 1280 = 32,000 at 160x160).
+
+    Flattened in Keras' channels-last order, so the i-th number is the i-th number Keras gives.
+    """
+
+    def __init__(self, base: MobileNetV2Base) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x).permute(0, 2, 3, 1).flatten(1)    # (N, H * W * 1280)

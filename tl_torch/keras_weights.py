@@ -1,0 +1,345 @@
+"""Keras weight files <-> :class:`tl_torch.model.MobileNetV2Base`, with h5py and without TensorFlow.
+
+Reads, finding the MobileNetV2 base by structure (its layers and shapes, wherever it sits):
+- legacy HDF5 weights (``model.save_weights("x.h5")``; the official ImageNet files): root
+  attribute ``layer_names``, per layer ``weight_names`` such as ``Conv1/kernel:0``;
+- Keras 3 ``.weights.h5``: ``layers/<auto name>/vars/<i>``, the layer's name in the ``vars`` group's
+  ``name`` attribute, variables by creation order;
+- whole models: legacy ``.h5`` (``model_weights/...``) and ``.keras`` archives (a zip holding
+  ``model.weights.h5``), where the base is usually a nested sub-model next to someone's head.
+
+Writes both weights layouts, so a base fine-tuned in PyTorch loads in Keras with
+``base.load_weights(path)``.
+
+Layout conversions (a reshape instead of these transposes keeps shapes and scrambles values):
+- ``Conv2D`` kernel ``(kh, kw, in, out)`` -> weight ``(out, in, kh, kw)``: transpose (3, 2, 0, 1);
+- ``DepthwiseConv2D`` kernel ``(kh, kw, C, 1)`` -> weight ``(C, 1, kh, kw)``: transpose (2, 3, 0, 1);
+- ``BatchNormalization`` gamma, beta, moving_mean, moving_variance -> weight, bias, running_mean,
+  running_var.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from tl_common.errors import UserError
+from tl_torch.model import MobileNetV2Base
+
+#: Keras variable names per layer type, in creation order (the order of ``layer.weights`` and of
+#: the ``vars/<i>`` datasets of ``.weights.h5`` files), and the torch tensor each one becomes.
+KERAS_VARIABLES = {
+    "Conv2D": (("kernel", "weight"),),
+    "DepthwiseConv2D": (("kernel", "weight"),),
+    "BatchNormalization": (("gamma", "weight"), ("beta", "bias"),
+                           ("moving_mean", "running_mean"), ("moving_variance", "running_var")),
+}
+#: Keras 2 named the depthwise kernel differently.
+VARIABLE_ALIASES = {"depthwise_kernel": "kernel"}
+#: Keras' version string written into exported files (the layout they follow).
+EXPORT_KERAS_VERSION = "3.15.1"
+
+
+def keras_to_torch(keras_type: str, array: np.ndarray) -> np.ndarray:
+    """A Keras variable in torch's layout."""
+    if keras_type == "Conv2D" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)     # (kh, kw, in, out) -> (out, in, kh, kw)
+    if keras_type == "DepthwiseConv2D":
+        return array.transpose(2, 3, 0, 1)     # (kh, kw, C, 1) -> (C, 1, kh, kw)
+    return array
+
+
+def torch_to_keras(keras_type: str, array: np.ndarray) -> np.ndarray:
+    """A torch tensor in Keras' layout (the inverse of :func:`keras_to_torch`)."""
+    if keras_type == "Conv2D" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if keras_type == "DepthwiseConv2D":
+        return array.transpose(2, 3, 0, 1)
+    return array
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+@dataclass
+class _Container:
+    """Layers found side by side in a file (a model or sub-model): name -> {variable: dataset}."""
+
+    where: str
+    layers: dict[str, dict[str, h5py.Dataset]] = field(default_factory=dict)
+
+
+def _short_name(weight_name: str) -> str:
+    name = weight_name.split("/")[-1].split(":")[0]
+    return VARIABLE_ALIASES.get(name, name)
+
+
+def _decode(values: np.ndarray) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _legacy_containers(group: h5py.Group, where: str) -> Iterator[_Container]:
+    """Legacy HDF5: a group with ``layer_names`` is a model; a layer group with ``weight_names``
+    that point into sub-groups named after other layers is a nested model."""
+    container = _Container(where)
+    for layer_name in _decode(group.attrs.get("layer_names", [])):
+        if layer_name not in group:
+            continue
+        layer_group = group[layer_name]
+        weight_names = _decode(layer_group.attrs.get("weight_names", []))
+        owners = {w.split("/")[0] for w in weight_names if "/" in w}
+        if len(owners) > 1 or (owners and owners != {layer_name} and
+                               all(o in layer_group for o in owners)):
+            # A nested model: its weight names are "<inner layer>/<variable>".
+            nested = _Container(f"{where}/{layer_name}")
+            for w in weight_names:
+                inner = w.split("/")[0]
+                nested.layers.setdefault(inner, {})[_short_name(w)] = layer_group[w]
+            yield nested
+            continue
+        if weight_names:
+            container.layers[layer_name] = {_short_name(w): layer_group[w] for w in weight_names}
+    yield container
+
+
+def _keras3_containers(group: h5py.Group, where: str) -> Iterator[_Container]:
+    """Keras 3: ``layers/<auto name>/vars`` with the layer's real name as an attribute; nested
+    models have ``layers`` of their own."""
+    if "layers" not in group:
+        return
+    container = _Container(where)
+    for key in group["layers"]:
+        layer_group = group["layers"][key]
+        if "layers" in layer_group:
+            yield from _keras3_containers(layer_group, f"{where}/layers/{key}")
+        vars_group = layer_group.get("vars")
+        if vars_group is None or len(vars_group) == 0:
+            continue
+        name = vars_group.attrs.get("name", key)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        container.layers[name] = {str(i): vars_group[str(i)] for i in range(len(vars_group))}
+    yield container
+
+
+@dataclass
+class KerasWeightFile:
+    """An open Keras file and the layer containers found in it."""
+
+    path: Path
+    h5: h5py.File
+    containers: list[_Container]
+    whole_model: bool
+    keras3: bool
+
+    def close(self) -> None:
+        self.h5.close()
+
+
+def open_keras_file(path: str | os.PathLike[str]) -> KerasWeightFile:
+    """Open any Keras weights or model file and list the layer containers in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                if "model.weights.h5" not in zf.namelist():
+                    raise UserError(f"{path} is a zip archive without model.weights.h5: "
+                                    "expected a .keras model file")
+                h5 = h5py.File(io.BytesIO(zf.read("model.weights.h5")), "r")
+            whole = True
+        else:
+            h5 = h5py.File(path, "r")
+            whole = "model_config" in h5.attrs or "model_weights" in h5
+    except OSError:
+        raise UserError(f"{path} is not an HDF5 or .keras file: expected Keras weights "
+                        "(.h5, .weights.h5) or a Keras model (.h5, .keras)") from None
+    keras3 = "layers" in h5 and "layer_names" not in h5.attrs
+    if keras3:
+        containers = list(_keras3_containers(h5, ""))
+    else:
+        root = h5["model_weights"] if "model_weights" in h5 else h5
+        containers = list(_legacy_containers(root, "/" + root.name.strip("/")))
+    return KerasWeightFile(path, h5, containers, whole, keras3)
+
+
+def _expected(base: MobileNetV2Base) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+    """Per weighted Keras layer: (Keras variable, torch name, Keras shape), in creation order."""
+    expected = {}
+    for layer in base.keras_layers:
+        if not layer.has_weights:
+            continue
+        state = dict(layer.module.named_parameters()) | dict(layer.module.named_buffers())
+        entries = []
+        for keras_name, torch_name in KERAS_VARIABLES[layer.type]:
+            shape = torch_to_keras(layer.type, state[torch_name].detach().numpy()).shape
+            entries.append((keras_name, torch_name, tuple(shape)))
+        expected[layer.name] = entries
+    return expected
+
+
+def _mismatch(container: _Container, expected: dict, keras3: bool) -> str | None:
+    """The first difference between a container and the base, as a sentence; None if none."""
+    for layer_name, entries in expected.items():
+        found = container.layers.get(layer_name)
+        if found is None:
+            return f"layer {layer_name} is missing"
+        if len(found) != len(entries):
+            return (f"layer {layer_name} has {len(found)} variables, expected {len(entries)} "
+                    f"({', '.join(e[0] for e in entries)})")
+        for i, (keras_name, _, shape) in enumerate(entries):
+            dataset = found.get(str(i)) if keras3 else found.get(keras_name)
+            if dataset is None:
+                return f"layer {layer_name} has no variable {keras_name}"
+            if tuple(dataset.shape) != shape:
+                return (f"layer {layer_name}: {keras_name} has shape {tuple(dataset.shape)}, "
+                        f"expected {shape} (MobileNetV2 alpha 1.0, include_top=False)")
+    return None
+
+
+def read_base_weights(base: MobileNetV2Base, path: str | os.PathLike[str]
+                      ) -> dict[str, np.ndarray]:
+    """The base's tensors from a Keras file, keyed like ``base.state_dict()``, in torch layout.
+
+    Raises :class:`UserError` naming the first offending layer when no container in the file
+    is this architecture.
+    """
+    kfile = open_keras_file(path)
+    try:
+        expected = _expected(base)
+        problems = []
+        for container in sorted(kfile.containers, key=lambda c: -len(c.layers)):
+            problem = _mismatch(container, expected, kfile.keras3)
+            if problem is None:
+                extra = [n for n in container.layers if n not in expected]
+                if extra and not kfile.whole_model:
+                    problem = (f"layer {extra[0]} is not part of MobileNetV2(include_top=False): "
+                               "expected the weights of the base alone")
+                else:
+                    return _convert(base, container, expected, kfile.keras3)
+            problems.append((len(set(container.layers) & set(expected)), container.where, problem))
+        if not problems:
+            raise UserError(f"{kfile.path} holds no layer weights")
+        _, where, problem = max(problems, key=lambda p: p[0])
+        raise UserError(f"{kfile.path} does not hold a MobileNetV2 base (alpha 1.0, no top): "
+                        f"in {where or '/'}, {problem}")
+    finally:
+        kfile.close()
+
+
+def _convert(base: MobileNetV2Base, container: _Container, expected: dict,
+             keras3: bool) -> dict[str, np.ndarray]:
+    types = {layer.name: layer.type for layer in base.keras_layers}
+    state = {}
+    for layer_name, entries in expected.items():
+        found = container.layers[layer_name]
+        for i, (keras_name, torch_name, _) in enumerate(entries):
+            array = np.asarray(found[str(i)] if keras3 else found[keras_name], dtype=np.float32)
+            state[f"{layer_name}.{torch_name}"] = keras_to_torch(types[layer_name], array)
+    return state
+
+
+def load_keras_weights(base: MobileNetV2Base, path: str | os.PathLike[str]) -> MobileNetV2Base:
+    """Load a Keras file's MobileNetV2 weights into ``base``: every tensor checked by name and shape."""
+    state = read_base_weights(base, path)
+    own = base.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:  # every Keras variable maps to a torch tensor; this guards the tables above
+        raise RuntimeError(f"no Keras value for {missing[:3]}")
+    with torch.no_grad():
+        for key, array in state.items():
+            own[key].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+    return base
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def _snake_case(name: str) -> str:
+    """Keras' ``naming.to_snake_case``: ``DepthwiseConv2D`` -> ``depthwise_conv2d``."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _keras_arrays(base: MobileNetV2Base, layer) -> list[tuple[str, np.ndarray]]:
+    state = dict(layer.module.named_parameters()) | dict(layer.module.named_buffers())
+    return [(keras_name, torch_to_keras(layer.type, state[torch_name].detach().cpu().numpy()))
+            for keras_name, torch_name in KERAS_VARIABLES[layer.type]]
+
+
+def save_keras_weights(base: MobileNetV2Base, path: str | os.PathLike[str]) -> Path:
+    """Write the base's weights as a Keras weights file that ``base.load_weights(path)`` reads.
+
+    ``*.weights.h5`` gets Keras 3's layout, any other ``*.h5`` the legacy HDF5 one. Written to a
+    temporary file and renamed, so an interrupted export leaves no partial file.
+    """
+    path = Path(path)
+    if not path.name.endswith(".h5"):
+        raise UserError(f"cannot export to {path}: expected a name ending in .weights.h5 "
+                        "(Keras 3 layout) or .h5 (legacy HDF5 layout)")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            if path.name.endswith(".weights.h5"):
+                _write_keras3(base, f)
+            else:
+                _write_legacy(base, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_keras3(base: MobileNetV2Base, f: h5py.File) -> None:
+    layers = f.create_group("layers")
+    f.create_group("vars")
+    counters: dict[str, int] = {}
+    for layer in base.keras_layers:
+        key = _snake_case(layer.type)
+        n = counters.get(key, 0)
+        counters[key] = n + 1
+        group = layers.create_group(key if n == 0 else f"{key}_{n}")
+        vars_group = group.create_group("vars")
+        vars_group.attrs["name"] = layer.name
+        if layer.has_weights:
+            for i, (_, array) in enumerate(_keras_arrays(base, layer)):
+                vars_group.create_dataset(str(i), data=np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _write_legacy(base: MobileNetV2Base, f: h5py.File) -> None:
+    names = [layer.name for layer in base.keras_layers]
+    f.attrs["layer_names"] = np.array([n.encode() for n in names])
+    f.attrs["backend"] = b"tensorflow"
+    f.attrs["keras_version"] = EXPORT_KERAS_VERSION.encode()
+    for layer in base.keras_layers:
+        group = f.create_group(layer.name)
+        arrays = _keras_arrays(base, layer) if layer.has_weights else []
+        weight_names = [f"{layer.name}/{keras_name}" for keras_name, _ in arrays]
+        group.attrs["weight_names"] = np.array([w.encode() for w in weight_names])
+        for weight_name, (_, array) in zip(weight_names, arrays, strict=True):
+            group.create_dataset(weight_name, data=np.ascontiguousarray(array, dtype=np.float32))
+
+
+def describe_file(path: str | os.PathLike[str]) -> dict[str, object]:
+    """What a Keras file is, for reports: layout, whole model or not, where the base sits."""
+    kfile = open_keras_file(path)
+    try:
+        config = kfile.h5.attrs.get("model_config")
+        return {
+            "path": str(kfile.path),
+            "layout": "keras3" if kfile.keras3 else "legacy_hdf5",
+            "whole_model": kfile.whole_model,
+            "containers": [c.where or "/" for c in kfile.containers if c.layers],
+            "model_class": json.loads(config)["class_name"] if config else None,
+        }
+    finally:
+        kfile.close()

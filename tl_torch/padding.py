@@ -1,0 +1,77 @@
+"""TensorFlow's "same" padding, isolated: a pure function and one thin module.
+
+A stride-2 3x3 convolution in Keras (``padding="same"``, or ``ZeroPadding2D(correct_pad)`` before a
+``valid`` one) pads 0 before and 1 after on an even input, 1 on each side on an odd one. PyTorch's
+``padding=1`` pads 1 on each side: the output shape is the same, but every value moves by a pixel.
+Which rule applies is decided by where the weights come from (``"same"`` for Keras weights,
+``"symmetric"`` for torchvision's), in one place: :func:`tl_torch.model.build_base`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD_TYPES = ("same", "symmetric")
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(before, after) padding of TF's "same" for one spatial dimension.
+
+    Output size is ``ceil(size / stride)``; the total padding needed for it goes after when odd.
+    """
+    effective = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+def symmetric_padding(kernel: int, dilation: int = 1) -> tuple[int, int]:
+    """PyTorch's ``padding=k // 2`` on both sides, as torchvision's MobileNetV2 uses."""
+    half = ((kernel - 1) * dilation) // 2
+    return half, half
+
+
+def pad_amounts(height: int, width: int, kernel: int, stride: int, pad_type: str) -> tuple[int, ...]:
+    """Arguments for ``F.pad`` (left, right, top, bottom)."""
+    if pad_type == "same":
+        top, bottom = same_padding(height, kernel, stride)
+        left, right = same_padding(width, kernel, stride)
+    elif pad_type == "symmetric":
+        top, bottom = left, right = symmetric_padding(kernel)
+    else:
+        raise ValueError(f"pad_type={pad_type!r} is not supported; expected one of {PAD_TYPES}")
+    return left, right, top, bottom
+
+
+class Pad2d(nn.Module):
+    """Zero padding for a following ``padding=0`` convolution, computed from the input's size.
+
+    Stands for Keras' ``ZeroPadding2D(correct_pad(...))`` layers (``block_{1,3,6,13}_pad``) and for
+    the padding inside ``Conv2D(padding="same")``; equal to TF "same" for 3x3 stride 2 kernels.
+    """
+
+    def __init__(self, kernel: int, stride: int, pad_type: str = "same") -> None:
+        super().__init__()
+        if pad_type not in PAD_TYPES:
+            raise ValueError(f"pad_type={pad_type!r} is not supported; expected one of {PAD_TYPES}")
+        self.kernel, self.stride, self.pad_type = kernel, stride, pad_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, pad_amounts(x.shape[-2], x.shape[-1], self.kernel, self.stride, self.pad_type))
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, stride={self.stride}, pad_type={self.pad_type!r}"
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` with Keras' ``padding="same"`` (possibly asymmetric) done before the conv."""
+
+    def __init__(self, *args, pad_type: str = "same", **kwargs) -> None:
+        kwargs["padding"] = 0
+        super().__init__(*args, **kwargs)
+        self.pad = Pad2d(self.kernel_size[0], self.stride[0], pad_type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pad(x))

