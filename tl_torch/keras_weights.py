@@ -163,12 +163,16 @@ def open_keras_file(path: str | os.PathLike[str]) -> KerasWeightFile:
     except OSError:
         raise UserError(f"{path} is not an HDF5 or .keras file: expected Keras weights "
                         "(.h5, .weights.h5) or a Keras model (.h5, .keras)") from None
-    keras3 = "layers" in h5 and "layer_names" not in h5.attrs
-    if keras3:
-        containers = list(_keras3_containers(h5, ""))
-    else:
-        root = h5["model_weights"] if "model_weights" in h5 else h5
-        containers = list(_legacy_containers(root, "/" + root.name.strip("/")))
+    try:
+        keras3 = "layers" in h5 and "layer_names" not in h5.attrs
+        if keras3:
+            containers = list(_keras3_containers(h5, ""))
+        else:
+            root = h5["model_weights"] if "model_weights" in h5 else h5
+            containers = list(_legacy_containers(root, "/" + root.name.strip("/")))
+    except (KeyError, OSError, ValueError) as err:
+        h5.close()
+        raise UserError(f"{path} is not a readable Keras file ({err})") from None
     return KerasWeightFile(path, h5, containers, whole, keras3)
 
 

@@ -171,6 +171,8 @@ class MobileNetV2Base(nn.Module):
     def keras_layer(self, key: int | str) -> KerasLayer:
         """A layer by Keras index or name."""
         layers = self.keras_layers
+        if isinstance(key, bool):
+            raise TypeError(f"a Keras layer is named by index or name, not {key!r}")
         if isinstance(key, int):
             if not 0 <= key < len(layers):
                 raise IndexError(f"Keras layer index {key} out of range 0..{len(layers) - 1}")

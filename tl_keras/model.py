@@ -1,0 +1,315 @@
+"""The Keras reference model: the MobileNetV2 base and its weights, the recipe's head, freezing.
+
+``build_base`` makes ``keras.applications.MobileNetV2(include_top=False)`` and fills it from
+ImageNet (Keras' own download), the offline demo file, or any Keras weights or model file;
+``build_model`` puts the recipe's augmentation, preprocessing and one-logit head around it;
+``set_phase`` freezes it for feature extraction or fine-tuning; ``compile_for`` picks each phase's
+optimizer. Used by ``python -m tl_keras.train``; the PyTorch port mirrors it in tl_torch/model.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+from keras import layers
+from keras.src.utils.naming import to_snake_case
+
+from tl_common.demo import demo_weights_path
+from tl_common.download import DOWNLOAD_TIMEOUT_S, IMAGENET_BASE_URL, imagenet_weights_name, keras_home
+from tl_common.errors import UserError
+from tl_common.outputs import PHASES
+from tl_common.settings import KERAS_BASE_LAYERS
+
+#: The recipe's fine_tune_at layer, a check that Keras still builds the base the recipe knows.
+RECIPE_FINE_TUNE_AT = 100
+RECIPE_FINE_TUNE_LAYER = "block_11_expand_relu"
+
+#: What a weights or model file must hold to fill the base.
+EXPECTED_BASE = "a MobileNetV2 with alpha=1.0 and include_top=False (any input size)"
+
+Shapes = list[tuple[int, ...]]
+
+
+# ---- the base --------------------------------------------------------------------------------
+
+def _mobilenet_v2(image_size: int, weights: str | None, alpha: float = 1.0) -> keras.Model:
+    s = image_size
+    return keras.applications.MobileNetV2(
+        input_shape=(s, s, 3), alpha=alpha, include_top=False, weights=weights,
+        # Named, because Keras numbers unnamed inputs per session (input_layer_1, _2 ...) and the
+        # layer list must not depend on how many models were built before.
+        input_tensor=keras.Input((s, s, 3), name="input_layer"))
+
+
+def weights_file(source: str | Path | None, image_size: int) -> Path | None:
+    """The file a weight source reads: Keras' cached ImageNet file, the demo file, a path, or None."""
+    if source in (None, "none"):
+        return None
+    if source == "imagenet":
+        return keras_home() / "models" / imagenet_weights_name(image_size)
+    if source == "demo":
+        return demo_weights_path()
+    return Path(source).expanduser()
+
+
+def build_base(weights: str | Path | None = "imagenet", image_size: int = 160) -> keras.Model:
+    """``MobileNetV2(include_top=False, alpha=1.0)`` for ``image_size`` inputs, 154 layers.
+
+    ``weights``: ``"imagenet"`` (Keras downloads them; sizes other than 96/128/160/192/224 get the
+    224 file, as in Keras), ``"demo"`` (the offline demo's pretrained file, made for 160 but valid
+    at any size: every layer is a convolution), ``"none"``/``None`` (random init), or a path to a
+    Keras weights file of the base or a whole model file that contains one.
+    """
+    base = _imagenet_base(image_size) if weights == "imagenet" else _mobilenet_v2(image_size, None)
+    if len(base.layers) != KERAS_BASE_LAYERS or \
+            base.layers[RECIPE_FINE_TUNE_AT].name != RECIPE_FINE_TUNE_LAYER:
+        raise RuntimeError(f"this Keras builds a MobileNetV2 of {len(base.layers)} layers with "
+                           f"{base.layers[RECIPE_FINE_TUNE_AT].name!r} at {RECIPE_FINE_TUNE_AT}; "
+                           f"the recipe's layer indices need {KERAS_BASE_LAYERS} and "
+                           f"{RECIPE_FINE_TUNE_LAYER!r}")
+    if weights not in (None, "none", "imagenet"):
+        load_weights_file(base, weights_file(weights, image_size))
+    return base
+
+
+def _imagenet_base(image_size: int) -> keras.Model:
+    url = IMAGENET_BASE_URL + imagenet_weights_name(image_size)
+    # Keras downloads with urlretrieve, which has no timeout: on a network that drops packets
+    # it would hang instead of failing.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return _mobilenet_v2(image_size, "imagenet")
+    except Exception as err:  # keras.utils.get_file raises a bare Exception
+        if "URL fetch failure" not in str(err):
+            raise
+        reason = str(err).rsplit(" -- ", 1)[-1]
+        raise UserError(f"could not download the ImageNet weights from {url} ({reason}); pass "
+                        "--weights none, or --weights PATH to a Keras weights file, or --demo") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# ---- loading a weights or model file ---------------------------------------------------------
+
+def load_weights_file(base: keras.Model, path: Path) -> None:
+    """Fill ``base`` from a Keras file, checking every layer's weight shapes first.
+
+    A weights file of the base itself (legacy ``.h5``, Keras 3 ``.weights.h5``) is loaded by
+    ``base.load_weights``. A whole model (``.keras``, ``.h5`` with a ``model_config``) is loaded
+    by Keras and the base is found in it by its layers, not its name: a model, or a model nested
+    at any depth, whose first 154 layers have the base's types and names; its weights are copied
+    layer by layer and any layers after those (a classifier head) are ignored.
+    """
+    kind = _file_kind(path)
+    if kind == "model":
+        _copy_from_model(base, path)
+        return
+    with h5py.File(path, "r") as f:
+        if kind == "legacy_weights":  # loaded by order, layer by layer, weightless layers skipped
+            _check_shapes(path, _shapes(layer for layer in base.layers if layer.weights),
+                          _legacy_h5_shapes(f))
+        else:
+            _check_shapes(path, _shapes(base.layers), _weights_h5_shapes(f, base))
+    base.load_weights(path)
+
+
+def _file_kind(path: Path) -> str:
+    """``model``, ``legacy_weights`` or ``weights`` (Keras 3), read from the content."""
+    if not path.is_file():
+        raise UserError(f"--weights={str(path)!r}: no such file; expected imagenet, demo, none, or "
+                        "a Keras .h5, .weights.h5 or .keras file")
+    if zipfile.is_zipfile(path):
+        kind, endings = "model", (".keras",)
+    elif h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            if "model_config" in f.attrs:
+                kind, endings = "model", (".h5", ".hdf5")
+            elif "layer_names" in f.attrs:
+                kind, endings = "legacy_weights", (".h5", ".hdf5")
+            elif "layers" in f:
+                kind, endings = "weights", (".weights.h5",)
+            else:
+                raise UserError(f"{path} is an HDF5 file but not a Keras one (no model_config, "
+                                "layer_names or layers/): expected a Keras weights or model file")
+    else:
+        raise UserError(f"{path} is neither an HDF5 file (.h5, .weights.h5) nor a .keras archive: "
+                        "expected a Keras weights or model file")
+    # Keras chooses its reader by the file's name, not its content.
+    if not path.name.endswith(endings) or (kind == "legacy_weights"
+                                           and path.name.endswith(".weights.h5")):
+        raise UserError(f"{path} holds a Keras {kind.replace('_', ' ')} file, which Keras reads "
+                        f"only under a name ending in {endings[0]}: rename it")
+    return kind
+
+
+def _shapes(layer_list: Iterable[keras.Layer]) -> list[tuple[str, Shapes]]:
+    return [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in layer_list]
+
+
+def _names(values: Sequence[bytes | str]) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _legacy_h5_shapes(f: h5py.File) -> list[tuple[str, Shapes]]:
+    """(layer name, weight shapes) of each layer with weights, in the file's order."""
+    found = []
+    for name in _names(f.attrs["layer_names"]):
+        shapes = [tuple(f[name][w].shape) for w in _names(f[name].attrs["weight_names"])]
+        if shapes:
+            found.append((name, shapes))
+    return found
+
+
+def _weights_h5_shapes(f: h5py.File, base: keras.Model) -> list[tuple[str, Shapes]]:
+    """(layer name, weight shapes) per base layer, then the file's layers the base lacks.
+
+    Keras 3 keys a model's layers by class and rank (``conv2d``, ``conv2d_1`` ...), not by name;
+    follow the same rule over the base's layers.
+    """
+    ranks: dict[str, int] = {}
+    found, used = [], set()
+    for layer in base.layers:
+        kind = to_snake_case(type(layer).__name__)
+        ranks[kind] = ranks.get(kind, -1) + 1
+        key = kind if ranks[kind] == 0 else f"{kind}_{ranks[kind]}"
+        used.add(key)
+        group = f.get(f"layers/{key}/vars", {})
+        found.append((layer.name, [tuple(group[str(i)].shape) for i in range(len(group))]))
+    stored = f.get("layers", {})
+    found += [(key, [tuple(v.shape) for v in stored[key]["vars"].values()])
+              for key in stored if key not in used and len(stored[key].get("vars", {}))]
+    return found
+
+
+def _check_shapes(path: Path, expected: list[tuple[str, Shapes]],
+                  found: list[tuple[str, Shapes]]) -> None:
+    """Name the first layer whose weights do not fit, before Keras assigns anything."""
+    for (name, want), (_, got) in zip(expected, found, strict=False):
+        if got != want:
+            held = f"weights of shape {got}" if got else "no weights"
+            raise UserError(f"{path} does not fit the base: it has {held} for layer {name!r}, "
+                            f"the base needs {want}; expected {EXPECTED_BASE}")
+    if len(found) > len(expected):
+        raise UserError(f"{path} has weights for layers the base lacks, from "
+                        f"{found[len(expected)][0]!r} on (include_top=True?); "
+                        f"expected {EXPECTED_BASE}")
+    if len(found) < len(expected):
+        raise UserError(f"{path} has no weights for layer {expected[len(found)][0]!r} and the "
+                        f"layers after it; expected {EXPECTED_BASE}")
+
+
+def _signature(layer_list: Sequence[keras.Layer]) -> list[tuple[str, str]]:
+    # The InputLayer's name depends on how the model was built; every other name is Keras'.
+    return [(type(layer).__name__, "" if isinstance(layer, layers.InputLayer) else layer.name)
+            for layer in layer_list]
+
+
+def _find_base_layers(model: keras.Model, reference: list[tuple[str, str]]) -> list | None:
+    """The first 154 layers of the model, or of a model nested in it, that match the base's."""
+    if _signature(model.layers[:len(reference)]) == reference:
+        return model.layers[:len(reference)]
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found = _find_base_layers(layer, reference)
+            if found is not None:
+                return found
+    return None
+
+
+def _copy_from_model(base: keras.Model, path: Path) -> None:
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as err:  # Keras raises ValueError, TypeError, OSError ... on a bad file
+        message = " ".join(str(err).split())[:300]
+        raise UserError(f"Keras could not load the model in {path}: {message}") from None
+    found = _find_base_layers(model, _signature(base.layers))
+    if found is None:
+        raise UserError(f"{path} holds a Keras model without a MobileNetV2 base in it: expected "
+                        f"a model or nested model whose layers are those of {EXPECTED_BASE} "
+                        f"(InputLayer, Conv1, bn_Conv1, ... out_relu)")
+    _check_shapes(path, _shapes(base.layers), _shapes(found))
+    for target, source in zip(base.layers, found, strict=True):
+        target.set_weights(source.get_weights())
+
+
+# ---- the model around it ---------------------------------------------------------------------
+
+def data_augmentation(seed: int) -> keras.Sequential:
+    """Flip left-right with probability 1/2, then rotate by up to ±0.2 turns (reflect fill)."""
+    return keras.Sequential([
+        layers.RandomFlip("horizontal", seed=seed),
+        # Another seed: the same one would tie each image's rotation to its flip.
+        layers.RandomRotation(0.2, seed=seed + 1),
+    ], name="data_augmentation")
+
+
+def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int) -> keras.Model:
+    """augmentation → ``x / 127.5 − 1`` → base (inference mode) → pooling → dropout → one logit.
+
+    The logit is positive for class 1 (dogs). ``base`` is called with ``training=False`` in both
+    phases, so its BatchNormalization layers always normalise with their moving statistics.
+    """
+    size = base.input_shape[1]
+    inputs = keras.Input((size, size, 3))
+    x = data_augmentation(seed)(inputs)
+    x = keras.applications.mobilenet_v2.preprocess_input(x)
+    x = base(x, training=False)                                     # (N, s/32, s/32, 1280)
+    x = layers.GlobalAveragePooling2D(name="global_average_pooling2d")(x)   # (N, 1280)
+    x = layers.Dropout(dropout, seed=seed + 2, name="dropout")(x)
+    outputs = layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3),
+                           name="dense")(x)                         # (N, 1)
+    return keras.Model(inputs, outputs)
+
+
+# ---- phases ----------------------------------------------------------------------------------
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+
+
+def set_phase(base: keras.Model, phase: str, fine_tune_at: int = RECIPE_FINE_TUNE_AT) -> None:
+    """Freeze the whole base (feature extraction), or its layers before ``fine_tune_at``."""
+    _check_phase(phase)
+    if phase == "feature_extraction":
+        base.trainable = False
+    else:
+        base.trainable = True
+        # The recipe only freezes layers[:fine_tune_at]; every layer is set here because with the
+        # TF backend `x.trainable = True` is a no-op when x is already trainable (Keras'
+        # KerasAutoTrackable skips `self.a = value` when `self.a is value`), so the line above
+        # would not unfreeze what an earlier fine_tune_at froze.
+        for index, layer in enumerate(base.layers):
+            layer.trainable = index >= fine_tune_at
+
+
+def compile_for(model: keras.Model, phase: str, learning_rate: float) -> None:
+    """Adam for feature extraction, RMSprop for fine-tuning; accuracy of ``logit > 0``."""
+    _check_phase(phase)
+    optimizer = (keras.optimizers.Adam if phase == "feature_extraction"
+                 else keras.optimizers.RMSprop)(learning_rate=learning_rate)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                  # The recipe's metrics=["accuracy"] would threshold the logit at 0.5.
+                  metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
+
+
+def count_params(model: keras.Model) -> tuple[int, int]:
+    """(trainable, non-trainable) numbers of weights; BatchNorm moving statistics are non-trainable."""
+    def size(weights: list) -> int:
+        return sum(int(np.prod(w.shape)) for w in weights)
+
+    return size(model.trainable_weights), size(model.non_trainable_weights)
+
+
+def layer_table(base: keras.Model) -> list[tuple[int, str, str, bool]]:
+    """(index, layer type, name, trainable) for every layer of the base, as the recipe lists them."""
+    return [(i, type(layer).__name__, layer.name, bool(layer.trainable))
+            for i, layer in enumerate(base.layers)]

@@ -1,0 +1,288 @@
+"""Train the recipe with Keras 3, the reference: feature extraction, then fine-tuning.
+
+Run::
+
+    python -m tl_keras.train --demo --output-dir runs/keras-demo    # offline demo, ~2 min on 2 CPUs
+    python -m tl_keras.train                # the recipe: cats_and_dogs_filtered, ImageNet weights
+    python -m tl_keras.train --resume --output-dir runs/keras-demo --demo   # continue a killed run
+    python -m tl_keras.train --help
+
+Writes ``metrics.json``, ``learning_curves.png``, ``layer_table.csv`` and ``model.keras`` to
+``--output-dir`` (default ``runs/keras``). Until the run finishes the folder also holds what
+``--resume`` needs: Keras' ``BackupAndRestore`` backup of the last finished epoch
+(``backup/<phase>/``), the history so far (``history.json``) and, once feature extraction is done,
+its weights and record (``phase_a.weights.h5``, ``phase_a.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tl_common.data import resolve_data_root
+from tl_common.download import sha256_of
+from tl_common.errors import UserError, run_main
+from tl_common.files import SPLITS, load_splits
+from tl_common.outputs import (
+    RunDir,
+    format_counts,
+    format_layer_table,
+    history_entry,
+    metrics_document,
+    plot_learning_curves,
+    write_json,
+    write_layer_table,
+)
+from tl_common.settings import WEIGHT_SOURCES, build_parser, parse, settings_from
+from tl_keras.data import make_dataset
+from tl_keras.model import (
+    build_base,
+    build_model,
+    compile_for,
+    count_params,
+    layer_table,
+    set_phase,
+    weights_file,
+)
+
+MODEL_FILE = "model.keras"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The files of an unfinished run, from which ``--resume`` continues."""
+
+    path: Path
+
+    @property
+    def backup(self) -> Path:  # BackupAndRestore's folders, backup/<phase>
+        return self.path / "backup"
+
+    @property
+    def history(self) -> Path:  # every finished epoch so far, both phases
+        return self.path / "history.json"
+
+    @property
+    def phase_a_weights(self) -> Path:
+        return self.path / "phase_a.weights.h5"
+
+    @property
+    def phase_a(self) -> Path:  # written last: feature extraction is done
+        return self.path / "phase_a.json"
+
+    def files(self) -> list[Path]:
+        return [self.backup, self.history, self.phase_a_weights, self.phase_a]
+
+    def exists(self) -> bool:
+        return any(p.exists() for p in self.files())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.backup, ignore_errors=True)
+        for p in self.files()[1:]:
+            p.unlink(missing_ok=True)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Adds each finished epoch to the run's history and saves the history at once."""
+
+    def __init__(self, history: list[dict[str, Any]], phase: str, path: Path) -> None:
+        super().__init__()
+        self.history, self.phase, self.path = history, phase, path
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        entry = history_entry(epoch + 1, self.phase, logs or {})
+        # A resumed fit redoes the epochs after its backup: their old entries are replaced.
+        self.history[:] = [h for h in self.history if h["epoch"] < entry["epoch"]] + [entry]
+        write_json(self.path, self.history)
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' callback with its backup written atomically.
+
+    Keras writes ``latest.weights.h5`` in place, about half a second per epoch: a kill meanwhile
+    leaves a file that stops ``--resume`` with an OSError. Here each file is written beside and
+    renamed over, weights first: a kill leaves the last backup or the new one. (Between the two
+    renames it leaves the new weights with the last epoch number: that epoch is then redone.)
+    """
+
+    def _save_model(self) -> None:
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = os.path.join(self.backup_dir, ".latest.tmp.weights.h5")  # Keras wants .weights.h5
+        self.model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, self._weights_path)
+        write_json(self._training_metadata_path,
+                   {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+
+def fit(model: keras.Model, data: dict[str, tf.data.Dataset], phase: str, *, initial_epoch: int,
+        epochs: int, history: list[dict[str, Any]], state: RunState) -> float:
+    """Train one phase, backed up after every epoch; return the seconds it took."""
+    callbacks = [
+        # Before the backup, so that the saved history never lags behind the saved epoch.
+        EpochLog(history, phase, state.history),
+        # Kept after the fit (Keras deletes it by default) until the phase's result is saved:
+        # a kill in between must not lose the phase.
+        BackupAndRestore(str(state.backup / phase), delete_checkpoint=False),
+    ]
+    # BackupAndRestore leaves the epoch it restored on the model, and Keras starts every later
+    # fit there too: phase B would begin inside phase A's epochs.
+    model._initial_epoch = None
+    start = time.perf_counter()
+    # shuffle=False: the training dataset reshuffles itself; Keras would ignore True, with a warning.
+    model.fit(data["train"], validation_data=data["validation"], initial_epoch=initial_epoch,
+              epochs=epochs, callbacks=callbacks, shuffle=False)
+    return time.perf_counter() - start
+
+
+def save_model(model: keras.Model, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.keras")  # Keras insists on the .keras ending
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the recipe; return the metrics.json document."""
+    parser = build_parser("keras", "Train the transfer-learning recipe with Keras 3 (the "
+                                   "reference): feature extraction, then fine-tuning.")
+    settings = settings_from(parse(parser, argv), "keras")
+    if settings.skip_bad_images:
+        raise UserError("--skip-bad-images is not supported by tl_keras yet (both trainers must "
+                        "drop the same files, so the check belongs in tl_common): remove the "
+                        "unreadable files instead")
+    started = time.perf_counter()
+    run_dir, state = RunDir(Path(settings.output_dir)), RunState(Path(settings.output_dir))
+    if settings.resume and run_dir.is_finished():
+        raise UserError(f"{run_dir.path} holds a finished run: nothing to resume; pass "
+                        "--overwrite to run it again")
+    run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite, has_state=state.exists())
+    if settings.overwrite:  # else BackupAndRestore would restore the old run's backup
+        state.clear()
+        for output in (run_dir.metrics, run_dir.curves, run_dir.layer_table,
+                       run_dir.path / MODEL_FILE):
+            output.unlink(missing_ok=True)
+    if settings.resume and not state.exists():
+        print(f"--resume: nothing to resume in {run_dir.path}; starting from the beginning")
+    keras.utils.set_random_seed(settings.seed)
+
+    # ---- data -------------------------------------------------------------------------------
+    splits = load_splits(resolve_data_root(settings), settings.test_fraction, settings.seed)
+    print(f"data: {splits.root}\nclasses: {list(splits.class_names)}")
+    for split in SPLITS:
+        print(f"  {split}: {len(splits[split])} images {splits[split].class_counts()}")
+    if len(splits.class_names) != 2:
+        raise UserError(f"{splits.root} has {len(splits.class_names)} classes "
+                        f"{list(splits.class_names)}: this trainer has a one-logit head and "
+                        "needs exactly 2 class folders")
+    data = {split: make_dataset(splits[split], settings.image_size, settings.batch_size,
+                                shuffle=split == "train", seed=settings.seed,
+                                limit_batches=settings.limit_batches)
+            for split in SPLITS}
+
+    # ---- model ------------------------------------------------------------------------------
+    base = build_base(settings.weights_source, settings.image_size)
+    model = build_model(base, dropout=settings.dropout, seed=settings.seed)
+    history: list[dict[str, Any]] = []
+    if settings.resume and state.history.exists():
+        history = json.loads(state.history.read_text())
+    counts: dict[str, dict[str, int]] = {}
+    timings: dict[str, float] = {}
+
+    def show_counts(phase: str) -> None:
+        trainable, non_trainable = count_params(model)
+        counts[phase] = {"trainable": trainable, "non_trainable": non_trainable}
+        print(format_counts(phase, trainable, non_trainable))
+
+    # ---- phase A: feature extraction, the whole base frozen ----------------------------------
+    set_phase(base, "feature_extraction")
+    show_counts("feature_extraction")
+    if settings.resume and state.phase_a.exists():
+        record = json.loads(state.phase_a.read_text())
+        # Loaded before compiling: the file's Adam state is not wanted, and is then ignored.
+        model.load_weights(state.phase_a_weights)
+        history = record["history"] + [h for h in history if h["phase"] == "fine_tuning"]
+        timings["feature_extraction_s"] = record["seconds"]
+        print("--resume: feature extraction is finished; going on with fine-tuning")
+    else:
+        compile_for(model, "feature_extraction", settings.learning_rate)
+        if not (state.backup / "feature_extraction").exists():
+            loss0, accuracy0 = model.evaluate(data["validation"], verbose=0)
+            print(f"initial loss: {loss0:.2f}\ninitial accuracy: {accuracy0:.2f}")
+        timings["feature_extraction_s"] = fit(
+            model, data, "feature_extraction", initial_epoch=0, epochs=settings.initial_epochs,
+            history=history, state=state)
+        tmp = state.phase_a_weights.with_name(".phase_a.tmp.weights.h5")
+        model.save_weights(tmp)
+        os.replace(tmp, state.phase_a_weights)
+        write_json(state.phase_a, {"history": history, "seconds": timings["feature_extraction_s"]})
+        shutil.rmtree(state.backup / "feature_extraction")
+
+    # ---- phase B: fine-tuning, the base from fine_tune_at on ----------------------------------
+    set_phase(base, "fine_tuning", settings.fine_tune_at)
+    table = layer_table(base)
+    print(format_layer_table(table))
+    show_counts("fine_tuning")
+    compile_for(model, "fine_tuning", settings.fine_tuning_lr)
+    # The recipe's history.epoch[-1] would repeat phase A's last epoch.
+    phase_a_epochs = sum(h["phase"] == "feature_extraction" for h in history)
+    timings["fine_tuning_s"] = fit(
+        model, data, "fine_tuning", initial_epoch=phase_a_epochs, epochs=settings.total_epochs,
+        history=history, state=state)
+
+    # ---- test, predictions, the feature-extractor aside --------------------------------------
+    start = time.perf_counter()
+    test_loss, test_accuracy = model.evaluate(data["test"])
+    timings["test_s"] = time.perf_counter() - start
+    print(f"test loss: {test_loss:.4f}  test accuracy: {test_accuracy:.4f}")
+    images, labels = next(iter(data["test"]))
+    probabilities = tf.sigmoid(model.predict_on_batch(images))[:, 0].numpy()
+    names = splits.class_names
+    print(f"predictions on the first test batch (p = probability of {names[1]}):")
+    for path, label, p in zip(splits.test.paths, labels.numpy(), probabilities, strict=False):
+        print(f"  {Path(path).name}: {names[label]}, predicted {names[int(p > 0.5)]} (p={p:.3f})")
+    extractor = keras.Model(base.input, keras.layers.Flatten()(base.output))
+    features = extractor(keras.applications.mobilenet_v2.preprocess_input(images), training=False)
+    print(f"feature extractor (base output, flattened): {tuple(images.shape)} -> "
+          f"{tuple(features.shape)}, {features.shape[1]:,} numbers per image")
+
+    # ---- outputs ----------------------------------------------------------------------------
+    save_model(model, run_dir.path / MODEL_FILE)
+    write_layer_table(run_dir.layer_table, table)
+    source = settings.weights_source
+    plot_learning_curves(run_dir.curves, {"keras": history},
+                         f"Keras {keras.__version__}: MobileNetV2 {settings.image_size}px, "
+                         f"{source} weights")
+    weights_path = weights_file(source, settings.image_size)
+    if weights_path is not None and not weights_path.exists():
+        weights_path = None  # Keras falls back to /tmp/.keras when ~/.keras is not writable
+    timings["total_s"] = time.perf_counter() - started
+    document = metrics_document(
+        framework="keras",
+        versions={"tensorflow": tf.__version__, "keras": keras.__version__},
+        settings=settings.to_dict(),
+        data=splits.summary(),
+        weights={"source": source if source in WEIGHT_SOURCES else "file",
+                 "path": None if weights_path is None else str(weights_path),
+                 "sha256": None if weights_path is None else sha256_of(weights_path)},
+        counts=counts,
+        history=history,
+        test={"loss": float(test_loss), "accuracy": float(test_accuracy)},
+        timings=timings,
+        status="complete",
+    )
+    write_json(run_dir.metrics, document)  # last: a complete metrics.json marks a finished run
+    state.clear()
+    print(f"outputs in {run_dir.path}: metrics.json, learning_curves.png, layer_table.csv, "
+          f"{MODEL_FILE}")
+    return document
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,162 @@
+"""Images for the port, as ``keras.utils.image_dataset_from_directory`` delivers them.
+
+The file lists, labels and test split come from :mod:`tl_common.files`, so they are the Keras
+reference's. Each file is decoded to RGB (Pillow; grayscale, palette and RGBA converted, a GIF's
+first frame) and resized like ``tf.image.resize(..., "bilinear")``: half-pixel centres, no
+antialiasing, no crop (the aspect ratio is not kept), float32 values in [0, 255].
+
+Decoding and resizing are the slow part of an epoch on a CPU, and augmentation comes after them,
+so when the resized images fit in a memory budget they are computed once, in parallel, and kept
+(``ImageCache``); otherwise DataLoader workers decode every epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from tl_common.data import resolve_data_root
+from tl_common.files import DataSplits, FileList, load_splits
+from tl_common.settings import Settings
+
+#: Resized images are cached in memory up to this many bytes (float32, 3 x size x size each).
+CACHE_BUDGET_BYTES = int(os.environ.get("TL_PARITY_CACHE_BYTES", 4 << 30))
+
+
+def decode_rgb(path: str) -> np.ndarray:
+    """A file's pixels as uint8 (H, W, 3), the way ``tf.io.decode_image(channels=3)`` gives them."""
+    with Image.open(path) as img:
+        img.seek(0)  # first frame of an animation, as expand_animations=False
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit PNG: TF converts to uint8 by dropping the low byte.
+            wide = np.asarray(img, dtype=np.uint32) >> 8
+            img = Image.fromarray(wide.astype(np.uint8), mode="L")
+        return np.asarray(img.convert("RGB"))
+
+
+def resize_bilinear(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """(H, W, 3) pixels -> float32 (3, size, size), like ``tf.image.resize(method="bilinear")``
+    with its defaults: half-pixel centres (``align_corners=False``), no antialiasing."""
+    x = torch.as_tensor(pixels).permute(2, 0, 1).unsqueeze(0).float()
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=False).squeeze(0)
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    return resize_bilinear(decode_rgb(path), size)
+
+
+class ImageFiles(Dataset):
+    """Decodes and resizes on every access (for DataLoader workers)."""
+
+    def __init__(self, files: FileList, image_size: int) -> None:
+        self.paths, self.labels, self.image_size = files.paths, files.labels, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return load_image(self.paths[i], self.image_size), self.labels[i]
+
+
+class ImageCache(Dataset):
+    """All images decoded and resized once, kept as one float32 tensor."""
+
+    def __init__(self, files: FileList, image_size: int, desc: str = "decoding") -> None:
+        self.labels = torch.tensor(files.labels)
+        self.images = torch.empty(len(files), 3, image_size, image_size)
+        # Pillow's decoder and torch's resize release the GIL: threads use every core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            jobs = pool.map(lambda p: load_image(p, image_size), files.paths)
+            for i, image in enumerate(tqdm(jobs, total=len(files), desc=desc, leave=False,
+                                           disable=len(files) < 200)):
+                self.images[i] = image
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+def fits_in_cache(n_images: int, image_size: int, budget: int = CACHE_BUDGET_BYTES) -> bool:
+    return n_images * 3 * image_size * image_size * 4 <= budget
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """The recipe's three splits from a cats_and_dogs_filtered-style folder.
+
+    ``prepare_data`` finds (and if needed downloads or generates) the images once per machine;
+    ``setup`` reads the file lists on every process, which are deterministic.
+    """
+
+    def __init__(self, settings: Settings, *, num_workers: int | None = None,
+                 cache: bool | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.cache = cache
+        self.splits: DataSplits | None = None
+        self._datasets: dict[str, Dataset] = {}
+
+    def prepare_data(self) -> None:
+        resolve_data_root(self.settings)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            s = self.settings
+            self.splits = load_splits(resolve_data_root(s), s.test_fraction, s.seed)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        self.setup()
+        return self.splits.class_names
+
+    def dataset(self, split: str) -> Dataset:
+        self.setup()
+        if split not in self._datasets:
+            files = self.splits[split]
+            size = self.settings.image_size
+            cache = fits_in_cache(len(files), size) if self.cache is None else self.cache
+            self._datasets[split] = (ImageCache(files, size, desc=f"decoding {split}") if cache
+                                     else ImageFiles(files, size))
+        return self._datasets[split]
+
+    def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        workers = 0 if isinstance(dataset, ImageCache) else self.num_workers
+        sampler = None
+        if shuffle:
+            # A fresh, seeded order per epoch (Lightning calls set_epoch), so a resumed run sees
+            # the batches an uninterrupted one would; one shard per process under DDP.
+            trainer = self.trainer
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
+                                         rank=trainer.global_rank if trainer else 0, shuffle=True,
+                                         seed=self.settings.seed)
+        return DataLoader(dataset, batch_size=self.settings.batch_size, sampler=sampler,
+                          shuffle=False, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available(),
+                          prefetch_factor=4 if workers > 0 else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def load_images(paths: Sequence[str], image_size: int) -> torch.Tensor:
+    """A batch (N, 3, size, size) from image files, for prediction."""
+    return torch.stack([load_image(p, image_size) for p in paths])

@@ -1,0 +1,168 @@
+"""The recipe's classifier as a LightningModule, and the callback that switches phases.
+
+Model: augmentation (training steps only) -> ``x / 127.5 - 1`` -> base (BatchNorm in inference
+mode, always) -> global average pooling -> Dropout(0.2) -> Linear(1280, 1), a logit (class 1 is
+positive), initialised like Keras' ``Dense``: Glorot-uniform kernel, zero bias.
+
+Phases, as in the recipe:
+- ``feature_extraction``: base frozen; ``Adam(learning_rate)`` with Keras' update rule;
+- ``fine_tuning``: Keras layers from ``fine_tune_at`` on unfrozen; ``RMSprop(learning_rate / 10)``
+  with Keras' update rule; a new optimizer, as recompiling in Keras makes one.
+:class:`TwoPhaseFineTuning` switches at the epoch boundary; the phase is saved in checkpoints,
+so a run resumed in either phase rebuilds the right optimizer before its state is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics.aggregation import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from tl_common.outputs import PHASES, format_counts, format_layer_table
+from tl_torch.augment import RandomFlipRotation
+from tl_torch.freezing import count_params, freeze, layer_table
+from tl_torch.model import LAST_FILTERS, MobileNetV2Base
+from tl_torch.optim import KerasAdam, KerasRMSprop
+
+
+def keras_dense_init_(linear: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
+    """Keras' ``Dense`` defaults: Glorot-uniform kernel (bound sqrt(6 / (fan_in + fan_out)),
+    about 0.0684 for 1280 -> 1), zero bias. torch's default init differs."""
+    fan_out, fan_in = linear.weight.shape
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        linear.weight.uniform_(-bound, bound, generator=generator)
+        linear.bias.zero_()
+    return linear
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one process: runs resumed at an epoch boundary draw the same."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63)
+
+
+class TransferModule(L.LightningModule):
+    """Base + head, trained in two phases; logs Keras' history keys."""
+
+    def __init__(self, base: MobileNetV2Base, *, learning_rate: float = 1e-4,
+                 fine_tune_learning_rate: float = 1e-5, fine_tune_at: int = 100,
+                 dropout: float = 0.2, seed: int = 42, augment: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["base"])
+        self.base = base
+        self.augment = RandomFlipRotation(0.2) if augment else None
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = keras_dense_init_(nn.Linear(LAST_FILTERS, 1),
+                                            torch.Generator().manual_seed(seed))
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_acc, self.val_acc, self.test_acc = BinaryAccuracy(), BinaryAccuracy(), BinaryAccuracy()
+        self.phase = "feature_extraction"
+        self.set_phase("feature_extraction")
+        self._generator: torch.Generator | None = None
+
+    # ---- phases ------------------------------------------------------------------------------
+    def set_phase(self, phase: str) -> None:
+        """Freeze as the recipe does: the whole base, or the Keras layers below fine_tune_at."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}; expected one of {PHASES}")
+        freeze(self.base, len(self.base.keras_layers) if phase == "feature_extraction"
+               else self.hparams.fine_tune_at)
+        self.phase = phase
+
+    def counts(self) -> dict[str, int]:
+        trainable, non_trainable = count_params(self)
+        return {"trainable": trainable, "non_trainable": non_trainable}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.phase == "feature_extraction":
+            return KerasAdam(params, lr=self.hparams.learning_rate)
+        return KerasRMSprop(params, lr=self.hparams.fine_tune_learning_rate)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["phase"] = self.phase
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before configure_optimizers on resume: the optimizer state then fits.
+        self.set_phase(checkpoint.get("phase", "feature_extraction"))
+
+    # ---- forward -----------------------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 255] images -> pooled base features (N, 1280)."""
+        x = self.base(self.base.preprocess(images))            # (N, 1280, H/32, W/32)
+        return x.mean(dim=(2, 3))                               # (N, 1280)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 255] images (N, 3, H, W) -> logits (N,)."""
+        return self.classifier(self.dropout(self.features(images))).squeeze(-1)
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout and augmentation draw from per-epoch seeds: see epoch_seed.
+        seed = epoch_seed(self.hparams.seed, self.current_epoch, self.global_rank)
+        torch.manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(seed + 1)
+
+    def _step(self, batch, loss_metric: MeanMetric, acc_metric: BinaryAccuracy,
+              augment: bool) -> torch.Tensor:
+        images, labels = batch
+        if augment and self.augment is not None:
+            images = self.augment(images, generator=self._generator)
+        logits = self(images)
+        loss = self.loss_fn(logits, labels.float())
+        loss_metric.update(loss.detach(), weight=labels.numel())
+        # Accuracy of logit > 0 (sigmoid > 0.5), as BinaryAccuracy(threshold=0.0) in Keras;
+        # integer predictions, so torchmetrics applies no threshold of its own.
+        acc_metric.update((logits.detach() > 0).long(), labels)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, self.train_loss, self.train_acc, augment=True)
+        self.log("loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("accuracy", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.val_loss, self.val_acc, augment=False)
+        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val_accuracy", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.test_loss, self.test_acc, augment=False)
+        self.log("test_loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test_accuracy", self.test_acc, on_step=False, on_epoch=True)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return torch.sigmoid(self(images))
+
+
+class TwoPhaseFineTuning(Callback):
+    """Switch from feature extraction to fine-tuning when epoch ``initial_epochs`` begins:
+    unfreeze from ``fine_tune_at`` and replace Adam by RMSprop (Lightning's fine-tuning
+    callbacks freeze in a callback the same way, but keep BatchNorm in training mode)."""
+
+    def __init__(self, initial_epochs: int) -> None:
+        self.initial_epochs = initial_epochs
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: TransferModule) -> None:
+        if trainer.current_epoch < self.initial_epochs or pl_module.phase == "fine_tuning":
+            return
+        pl_module.set_phase("fine_tuning")
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            # DDP registers the parameters that need gradients when it wraps the model; wrap
+            # again so the newly unfrozen ones are synchronised too.
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
+        counts = pl_module.counts()
+        trainer.print(format_layer_table(layer_table(pl_module.base)))
+        trainer.print(format_counts("fine_tuning", counts["trainable"], counts["non_trainable"]))

@@ -1,0 +1,90 @@
+"""Classify image files with a model trained by ``python -m tl_torch.train``.
+
+Run ``python -m tl_torch.predict RUN_DIR IMAGE_OR_FOLDER [...]``: prints, per image, the class
+name and the probability of that class (the sigmoid of the logit for class 1, one minus it for
+class 0), with the class order of the training data's folders (from ``RUN_DIR/metrics.json``).
+Folders are searched recursively for the image types Keras reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from tl_common.errors import UserError, run_main
+from tl_common.files import IMAGE_EXTENSIONS
+from tl_common.outputs import read_metrics
+from tl_torch.data import load_images
+from tl_torch.module import TransferModule
+
+#: Images per forward pass.
+PREDICT_BATCH = 32
+
+
+def image_paths(inputs: Sequence[str]) -> list[Path]:
+    """Files as given, and the image files under folders, sorted; unknown paths are an error."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and
+                            not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{item} is neither an image file nor a folder")
+    if not found:
+        raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
+    return found
+
+
+def load_run(run_dir: str | Path) -> tuple[TransferModule, tuple[str, ...], int]:
+    """The trained module of a finished run, its class names and its image size."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    checkpoint = run_dir / "model.ckpt"
+    if not checkpoint.exists():
+        raise UserError(f"{run_dir} has no model.ckpt: expected the output folder of "
+                        "python -m tl_torch.train")
+    from tl_torch.model import MobileNetV2Base
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    hparams = state["hyper_parameters"]
+    pad = "symmetric" if metrics["weights"]["source"] == "torchvision" else "same"
+    base = MobileNetV2Base(pad_type=pad, bn_eps=1e-5 if pad == "symmetric" else 1e-3,
+                           preprocessing="torchvision" if pad == "symmetric" else "keras")
+    module = TransferModule(base, **hparams)
+    module.load_state_dict(state["state_dict"])
+    return module.eval(), tuple(metrics["data"]["class_names"]), metrics["settings"]["image_size"]
+
+
+def predict(module: TransferModule, paths: Sequence[Path], class_names: Sequence[str],
+            image_size: int) -> Iterator[tuple[Path, str, float]]:
+    """(path, class name, probability of that class) per image."""
+    for start in range(0, len(paths), PREDICT_BATCH):
+        chunk = paths[start:start + PREDICT_BATCH]
+        with torch.no_grad():
+            p_one = torch.sigmoid(module(load_images([str(p) for p in chunk], image_size)))
+        for path, p in zip(chunk, p_one.tolist(), strict=True):
+            label = int(p > 0.5)
+            yield path, class_names[label], p if label else 1.0 - p
+
+
+def main(argv: list[str] | None = None) -> list[tuple[Path, str, float]]:
+    parser = argparse.ArgumentParser(prog="python -m tl_torch.predict", description=__doc__)
+    parser.add_argument("run_dir", help="output folder of python -m tl_torch.train")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    args = parser.parse_args(argv)
+    module, class_names, image_size = load_run(args.run_dir)
+    results = []
+    for path, name, prob in predict(module, image_paths(args.images), class_names, image_size):
+        print(f"{path}\t{name}\t{prob:.4f}")
+        results.append((path, name, prob))
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

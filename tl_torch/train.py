@@ -1,0 +1,209 @@
+"""The recipe in PyTorch Lightning: feature extraction, then fine-tuning from Keras layer 100.
+
+Run ``python -m tl_torch.train --demo --output-dir runs/torch-demo`` (offline), or
+``python -m tl_torch.train`` for cats_and_dogs_filtered with the ImageNet weights (online).
+The flags are ``tl_keras.train``'s (see ``--help``; ``--config exp.yaml`` drives either trainer)
+plus Lightning's ``--accelerator``, ``--devices``, ``--strategy`` and ``--precision``; e.g.
+``--accelerator cpu --devices 2 --strategy ddp`` trains in two processes.
+
+Outputs in ``--output-dir``, in the Keras reference's schema: ``metrics.json``,
+``learning_curves.png``, ``layer_table.csv``; plus ``model.ckpt`` (the trained Lightning
+checkpoint), ``base.weights.h5`` (the fine-tuned base as a Keras weights file), ``checkpoints/
+last.ckpt`` (for ``--resume``) and ``logs/`` (Lightning's CSV log).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from tl_common.download import sha256_of
+from tl_common.errors import run_main
+from tl_common.outputs import (
+    RunDir,
+    format_counts,
+    history_entry,
+    metrics_document,
+    plot_learning_curves,
+    write_json,
+    write_layer_table,
+)
+from tl_common.settings import Settings, build_parser, parse, settings_from
+from tl_torch.data import ImageFolderDataModule, load_images
+from tl_torch.freezing import layer_table
+from tl_torch.keras_weights import save_keras_weights
+from tl_torch.module import TransferModule, TwoPhaseFineTuning
+from tl_torch.weights import build_base
+
+LAST_CHECKPOINT = "last"
+
+
+class KerasHistory(Callback):
+    """``History`` as Keras' ``fit`` returns it: per epoch, the training metrics averaged over
+    the epoch and the validation metrics computed after it; kept in checkpoints for --resume."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.seconds = {"feature_extraction": 0.0, "fine_tuning": 0.0}
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: TransferModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: TransferModule) -> None:
+        logs = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        entry = history_entry(trainer.current_epoch + 1, pl_module.phase, logs)
+        self.history = [h for h in self.history if h["epoch"] != entry["epoch"]] + [entry]
+        self.seconds[pl_module.phase] += time.perf_counter() - self._start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history, self.seconds = state_dict["history"], state_dict["seconds"]
+
+
+def build_arg_parser():
+    parser = build_parser("torch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--accelerator", type=str, default="auto",
+                        help="Lightning accelerator: cpu, gpu, auto...")
+    parser.add_argument("--devices", type=str, default="auto",
+                        help="Lightning devices: a count, a list, or auto")
+    parser.add_argument("--strategy", type=str, default="auto",
+                        help="Lightning strategy: auto, ddp, ddp_spawn...")
+    parser.add_argument("--precision", type=str, default="32-true",
+                        help="Lightning precision: 32-true (the Keras reference's); bf16-mixed "
+                             "and 16-mixed change the numbers")
+    return parser
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    ns = parse(build_arg_parser(), argv)
+    settings = settings_from(ns, "torch")
+    run_dir = RunDir(Path(settings.output_dir))
+    last = run_dir.path / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    is_zero = rank_zero_only.rank == 0
+    if is_zero:  # DDP's other processes rerun this script; the checks are rank 0's
+        run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite,
+                        has_state=last.exists())
+        if settings.overwrite:
+            shutil.rmtree(run_dir.path / "checkpoints", ignore_errors=True)
+    started = time.perf_counter()
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+
+    data = ImageFolderDataModule(settings)
+    data.prepare_data()
+    data.setup()
+    splits = data.splits
+    rank_zero_only(print)(f"classes {list(splits.class_names)}: " + ", ".join(
+        f"{split} {len(splits[split])}" for split in ("train", "validation", "test")))
+
+    base = build_base(settings.weights_source, settings.image_size,
+                      generator=torch.Generator().manual_seed(settings.seed))
+    module = TransferModule(base, learning_rate=settings.learning_rate,
+                            fine_tune_learning_rate=settings.fine_tuning_lr,
+                            fine_tune_at=settings.fine_tune_at, dropout=settings.dropout,
+                            seed=settings.seed)
+    counts = {}
+    for phase in ("fine_tuning", "feature_extraction"):
+        module.set_phase(phase)
+        counts[phase] = module.counts()
+    table = layer_table(module.base)
+    rank_zero_only(print)(format_counts("feature_extraction", **counts["feature_extraction"]))
+
+    history = KerasHistory()
+    resume_from = str(last) if settings.resume and last.exists() else None
+    if settings.resume and resume_from is None:
+        rank_zero_only(print)(f"nothing to resume in {run_dir.path}: starting a new run")
+    limit = settings.limit_batches if settings.limit_batches is not None else 1.0
+    trainer = L.Trainer(
+        max_epochs=settings.total_epochs,
+        accelerator=ns.accelerator, devices=_devices(ns.devices), strategy=ns.strategy,
+        precision=ns.precision,
+        callbacks=[TwoPhaseFineTuning(settings.initial_epochs), history,
+                   ModelCheckpoint(dirpath=run_dir.path / "checkpoints", filename=LAST_CHECKPOINT,
+                                   save_top_k=0, save_last=False, save_on_train_epoch_end=True,
+                                   every_n_epochs=1, enable_version_counter=False)],
+        logger=CSVLogger(run_dir.path, name="logs", version=""),
+        limit_train_batches=limit, limit_val_batches=limit, limit_test_batches=limit,
+        num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    test = {"loss": float(test["test_loss"]), "accuracy": float(test["test_accuracy"])}
+    rank_zero_only(print)(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}")
+    model_path = run_dir.path / "model.ckpt"
+    trainer.save_checkpoint(model_path)
+    if not trainer.is_global_zero:
+        return None
+
+    _print_predictions(module, splits.test.paths[: settings.batch_size], splits.class_names,
+                       settings.image_size)
+    save_keras_weights(module.base, run_dir.path / "base.weights.h5")
+    write_layer_table(run_dir.layer_table, table)
+    plot_learning_curves(run_dir.curves, {"torch": history.history},
+                         title=f"PyTorch port, {settings.weights_source} weights")
+    weights_path = _weights_file(settings)
+    doc = metrics_document(
+        framework="torch",
+        versions={"torch": torch.__version__, "lightning": L.__version__},
+        settings={**settings.to_dict(), "accelerator": ns.accelerator, "devices": ns.devices,
+                  "strategy": ns.strategy, "precision": ns.precision},
+        data=splits.summary(),
+        weights={"source": settings.weights_source, "path": weights_path,
+                 "sha256": sha256_of(weights_path) if weights_path else None},
+        counts=counts, history=history.history, test=test,
+        timings={"feature_extraction_s": history.seconds["feature_extraction"],
+                 "fine_tuning_s": history.seconds["fine_tuning"],
+                 "total_s": time.perf_counter() - started},
+        status="complete",
+    )
+    write_json(run_dir.metrics, doc)
+    print(f"outputs in {run_dir.path}")
+    return doc
+
+
+def _weights_file(settings: Settings) -> str | None:
+    source = settings.weights_source
+    if source == "demo":
+        from tl_common.demo import demo_weights_path
+
+        return str(demo_weights_path())
+    if source == "imagenet":
+        from tl_torch.weights import imagenet_weights_path
+
+        return str(imagenet_weights_path(settings.image_size))
+    if source in ("none", "torchvision"):
+        return None
+    return os.path.abspath(source)
+
+
+def _print_predictions(module: TransferModule, paths: list[str], class_names: tuple[str, ...],
+                       image_size: int) -> None:
+    """The recipe's last step: sigmoid of the logit, above 0.5 is class 1."""
+    if not paths:
+        return
+    module.eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(module(load_images(paths, image_size).to(module.device)))
+    print("predictions on the first test batch (probability of "
+          f"{class_names[1]!r}):")
+    for path, p in zip(paths, probs.tolist(), strict=True):
+        print(f"  {Path(path).name:32s} {class_names[int(p > 0.5)]:10s} {p:.4f}")
+
+
+if __name__ == "__main__":
+    run_main(main)
