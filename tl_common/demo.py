@@ -35,9 +35,9 @@ from tl_common.errors import UserError
 # ---- data -----------------------------------------------------------------------------------
 
 #: Bump when the drawing changes, so a stale cache is not reused.
-DEMO_DATA_VERSION = 1
+DEMO_DATA_VERSION = 2
 #: Images per class and split: small enough for a two-phase demo in well under 3 minutes on 2 CPUs.
-DEMO_IMAGES_PER_CLASS = {"train": 60, "validation": 30}
+DEMO_IMAGES_PER_CLASS = {"train": 160, "validation": 30}
 DEMO_CLASSES = ("cats", "dogs")
 DEMO_SEED = 20240501
 
@@ -90,12 +90,13 @@ def draw_animal(rng: np.random.Generator, *, dog: bool) -> Image.Image:
     s = min(w, h) * rng.uniform(0.55, 0.8)  # animal scale
     cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.45, 0.6)
     facing = 1 if rng.random() < 0.5 else -1
+    # Palettes that differ as much as the patterns: ginger tabby cats, black-and-white dogs.
     if dog:
-        coat = rng.choice([[235, 230, 220], [200, 160, 110], [150, 110, 70]]) + rng.integers(-15, 15, 3)
-        mark = rng.choice([[25, 20, 20], [90, 55, 30]]) + rng.integers(-10, 10, 3)
+        coat = rng.choice([[240, 238, 230], [225, 220, 205]]) + rng.integers(-10, 10, 3)
+        mark = rng.choice([[20, 20, 20], [60, 40, 30]]) + rng.integers(-10, 10, 3)
     else:
-        coat = rng.choice([[225, 140, 60], [150, 150, 150], [205, 175, 120]]) + rng.integers(-15, 15, 3)
-        mark = (np.asarray(coat) * rng.uniform(0.35, 0.55)).astype(int)
+        coat = rng.choice([[230, 140, 50], [215, 120, 40], [240, 165, 80]]) + rng.integers(-15, 15, 3)
+        mark = (np.asarray(coat) * rng.uniform(0.35, 0.5)).astype(int)
     coat_c = tuple(int(v) for v in np.clip(coat, 0, 255))
     mark_c = tuple(int(v) for v in np.clip(mark, 0, 255))
 

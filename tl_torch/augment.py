@@ -1,14 +1,16 @@
 """Keras' ``RandomFlip("horizontal")`` + ``RandomRotation(0.2)``, batched, on the images' device.
 
 The recipe augments inside the model: a left-right flip with probability 1/2, then a rotation by
-an angle drawn uniformly in ±0.2·360° about the image centre, bilinear, with ``fill_mode="reflect"``
-(d c b a | a b c d | d c b a). Keras (TensorFlow backend) does the rotation with
-``tf.raw_ops.ImageProjectiveTransformV3``; :func:`affine_transform` re-implements that kernel
-(``tensorflow/core/kernels/image/image_ops.h``) with the same float32 operations in the same order,
-and :func:`keras_rotation_transform` computes the 8 numbers with TF's own float32 sin/cos: given
-the same angles the pixels are the same, bit for bit (measured on 160×160 images, all fill modes).
-``grid_sample`` was not used: its round trip through normalised coordinates moves each sample by
-~1e-5 pixel, which is up to 4e-3 on 0..255 images with sharp edges.
+an angle drawn uniformly in ±0.2·360° about the image centre ((w−1)/2, (h−1)/2), bilinear, with
+``fill_mode="reflect"`` (d c b a | a b c d | d c b a). Keras (TensorFlow backend) computes 8
+transform numbers (:func:`keras_rotation_transform`, its ``_compute_affine_matrix``) and applies them
+with ``tf.raw_ops.ImageProjectiveTransformV3``: output pixel (x, y), integer indices, reads input
+(a0·x + a1·y + a2, b0·x + b1·y + b2), the coordinate folded into the image by the fill mode, then
+interpolated bilinearly. :func:`affine_transform` does the same with ``F.affine_grid`` and
+``F.grid_sample`` (``align_corners=False``: its reflection about the pixel borders −0.5 and
+len − 0.5, followed by clamping, is TF's reflect). The round trip through normalised coordinates
+and torch's float32 sin/cos move a sample by ~1e-5 pixel: pixel values agree with Keras' to
+~1e-3 on smooth images and ~1e-2 at sharp edges (0..255 scale; the parity suite measures it).
 
 The random draws cannot follow Keras' (different generators); the distribution is the same. Draws
 are made on the CPU so that a seeded run gives the same augmentation on any device.
@@ -25,64 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: ``fill_mode`` values of Keras' ``RandomRotation`` (and of ImageProjectiveTransformV3).
-FILL_MODES = ("reflect", "wrap", "constant", "nearest")
-
-
-# Eigen's float32 sin/cos (``psincos_float``, GenericPacketMathFunctions.h, the build without FMA),
-# which TensorFlow's CPU kernels use: 2/pi, the rounding constant 2^23 + 2^22, the 4-part
-# Cody-Waite split of pi/2 and the two minimax polynomials, copied as float32 numbers.
-_TWO_OVER_PI = 0.636619746685028076171875
-_ROUNDING_MAGIC = 12582912.0
-_PIO2_PARTS = (-1.5703125, -0.000483989715576171875, 1.62865035235881805419921875e-07,
-               5.5644315544167710640977020375430583953857421875e-11)
-_COS_POLY = (2.4372266125283204019069671630859375e-05, -0.00138865201734006404876708984375,
-             0.041666619479656219482421875, -0.5, 1.0)
-_SIN_POLY = (-0.0001959234114083702898469196984621021329076029360294342041015625,
-             0.0083326873655616851693794799871284340042620897293090820312500000,
-             -0.1666666203982298255503735617821803316473960876464843750000000000)
-#: Eigen's huge-argument threshold without FMA (cos's, the smaller): beyond, TF reduces differently.
-_SINCOS_MAX_RADIANS = 18838.0
-
-
-def tf_sincos(radians: Tensor) -> tuple[Tensor, Tensor]:
-    """float32 (sin, cos) bit for bit as TensorFlow's CPU ``tf.sin``/``tf.cos`` (Eigen, vectorised).
-
-    torch's own float32 sin/cos differ from TF's by one ulp for ~15% of angles, and CUDA's from
-    both; that ulp moves a rotation's offset by up to 3e-5 pixel and a pixel of a sharp-edged image
-    by up to ~7e-3. The same float32 multiplications and additions give the same numbers on any
-    device. TF computes whole packets of 8 floats this way and a batch's last ``n % 8`` elements
-    with libm's sinf/cosf, which differ from these by an ulp for ~1 angle in 4.
-    """
-    if radians.dtype != torch.float32:
-        raise TypeError(f"radians must be float32 (as TF computes them); got {radians.dtype}")
-    if radians.numel() and radians.abs().max() >= _SINCOS_MAX_RADIANS:
-        raise ValueError(f"|radians| must be below {_SINCOS_MAX_RADIANS}; got max {radians.abs().max()}")
-
-    def const(value: float) -> Tensor:
-        return torch.tensor(value, dtype=torch.float32, device=radians.device)
-
-    magnitude = radians.abs()
-    # Nearest multiple of pi/2 by the 2^23 rounding trick (ties to even, as the FPU rounds).
-    quadrant = (magnitude * const(_TWO_OVER_PI) + const(_ROUNDING_MAGIC)) - const(_ROUNDING_MAGIC)
-    q = quadrant.to(torch.int32)
-    r = magnitude
-    for part in _PIO2_PARTS:  # r = |x| - quadrant * pi/2, in |r| <= pi/4
-        r = quadrant * const(part) + r
-    r2 = r * r
-    cos_r = const(_COS_POLY[0])
-    for coefficient in _COS_POLY[1:]:
-        cos_r = cos_r * r2 + const(coefficient)
-    sin_r = const(_SIN_POLY[0])
-    for coefficient in _SIN_POLY[1:]:
-        sin_r = sin_r * r2 + const(coefficient)
-    sin_r = (sin_r * r2) * r + r
-    even = (q & 1) == 0
-    sin = torch.where(even, sin_r, cos_r)
-    sin = torch.where(((q & 2) != 0) ^ (radians < 0), -sin, sin)
-    cos = torch.where(even, cos_r, sin_r)
-    cos = torch.where(((q + 1) & 2) != 0, -cos, cos)
-    return sin, cos
+#: ``fill_mode`` values supported, and grid_sample's name for each.
+FILL_MODES = {"reflect": "reflection", "constant": "zeros", "nearest": "border"}
 
 
 def keras_rotation_transform(angles_deg: Tensor, height: int, width: int) -> Tensor:
@@ -90,116 +36,52 @@ def keras_rotation_transform(angles_deg: Tensor, height: int, width: int) -> Ten
 
     A rotation about ((w−1)/2, (h−1)/2) mapping output pixel (x, y) to input
     (a0·x + a1·y + a2, b0·x + b1·y + b2); a positive angle turns the picture counter-clockwise
-    on screen. float32, with ``_compute_affine_matrix``'s operations in its order and TF's sin/cos
-    (:func:`tf_sincos`): equal to Keras' numbers bit for bit (see its note on batch tails).
+    on screen. float32, in ``_compute_affine_matrix``'s order of operations.
     """
     if angles_deg.ndim != 1:
         raise ValueError(f"angles_deg must be 1-D (one angle per image); got shape {tuple(angles_deg.shape)}")
     if height < 1 or width < 1:
         raise ValueError(f"height and width must be positive; got height={height}, width={width}")
     angles = angles_deg.to(torch.float32)
-    # Keras multiplies by the float32 rounding of pi/180, not by a float64 constant.
+    # Keras multiplies by the float32 rounding of pi/180.
     radians = angles * torch.tensor(math.pi / 180.0, dtype=torch.float32, device=angles.device)
-    cx = 0.5 * (float(width) - 1.0)  # exact in float32 for any image size
-    cy = 0.5 * (float(height) - 1.0)
-    sin, cos = tf_sincos(radians)
-    # Zero shear, unit scale and zero translation leave a0 = cos, a1 = -sin, b0 = sin, b1 = cos
-    # exactly; the offsets keep Keras' left-to-right order ((cx - cx*a0) - cy*a1).
-    a0, a1, b0, b1 = cos, -sin, sin, cos
+    cx, cy = 0.5 * (width - 1), 0.5 * (height - 1)
+    sin, cos = torch.sin(radians), torch.cos(radians)
+    a0, a1, b0, b1 = cos, -sin, sin, cos   # zero shear, unit scale
     a2 = (cx - cx * a0) - cy * a1
     b2 = (cy - cx * b0) - cy * b1
     zeros = torch.zeros_like(radians)
     return torch.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], dim=1)  # (N, 8)
 
 
-def _map_coordinate(coord: Tensor, length: int, fill_mode: str) -> Tensor:
-    """TF's ``MapCoordinate<FILL_*>``: bring input coordinates into [0, length − 1]."""
-    if fill_mode == "constant":
-        return coord  # out-of-range neighbours read the fill value instead
-    if length <= 1:
-        return torch.zeros_like(coord)
-    last = float(length - 1)
-    if fill_mode == "nearest":
-        return coord.clamp(0.0, last)
-    if fill_mode == "reflect":
-        period = 2 * length
-        # Below 0: fold into (−2·len, 0], then x → −x − 1 (or + 2·len below −len).
-        low = period * torch.trunc(-coord / period) + coord
-        low = torch.where(low < -length, low + period, -low - 1)
-        # Above len − 1: fold into [0, 2·len), then x → 2·len − x − 1 in the upper half.
-        high = coord - period * torch.trunc(coord / period)
-        high = torch.where(high >= length, (period - high) - 1, high)
-    else:  # "wrap", with TF's own formula (period len − 1 in the fold count, len in the shift)
-        low = coord + length * (torch.trunc(-coord / last) + 1)
-        high = coord - length * torch.trunc(coord / last)
-    mapped = torch.where(coord < 0, low, torch.where(coord > last, high, coord))
-    # The clamp keeps e.g. 3.5 with len 4 inside, so that floor + 1 is the only neighbour outside.
-    return mapped.clamp(0.0, last)
+def affine_transform(images: Tensor, transforms: Tensor, fill_mode: str = "reflect") -> Tensor:
+    """Bilinear affine transform of NCHW images with TF's convention (see the module docstring).
 
-
-def affine_transform(
-    images: Tensor, transforms: Tensor, fill_mode: str = "reflect", fill_value: float = 0.0
-) -> Tensor:
-    """Bilinear projective transform of NCHW images, as TF's ``ImageProjectiveTransformV3``.
-
-    ``transforms`` is (N, 8) or (8,) / (1, 8) for the whole batch: [a0, a1, a2, b0, b1, b2, c0, c1]
-    maps output pixel (x, y) (integer indices, no half-pixel shift) to input
-    ((a0·x + a1·y + a2) / k, (b0·x + b1·y + b2) / k) with k = c0·x + c1·y + 1. The input coordinate
-    is brought into range by ``fill_mode``, then interpolated between its floor and floor + 1;
-    neighbours outside the image read ``fill_value``. Arithmetic in float32, in TF's order; the
-    result has the images' dtype.
+    ``transforms``: (N, 8) or (8,) for the whole batch; projective terms (c0, c1) must be 0.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be NCHW (4-D); got shape {tuple(images.shape)}")
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"fill_mode must be one of {tuple(FILL_MODES)}; got {fill_mode!r}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor; got dtype {images.dtype}")
-    if fill_mode not in FILL_MODES:
-        raise ValueError(f"fill_mode must be one of {FILL_MODES}; got {fill_mode!r}")
-    n, c, h, w = images.shape
-    transforms = transforms.to(device=images.device, dtype=torch.float32)
-    if transforms.ndim == 1:
-        transforms = transforms[None]
-    if transforms.ndim != 2 or transforms.shape[1] != 8 or transforms.shape[0] not in (1, n):
-        raise ValueError(
-            f"transforms must be (8,), (1, 8) or (N, 8) with N = {n} images; "
-            f"got shape {tuple(transforms.shape)}"
-        )
-    t = transforms[:, :, None, None].unbind(1)  # 8 × (N or 1, 1, 1)
-    # TF multiplies the float transform by the int64 output index, converted to float.
-    xs = torch.arange(w, device=images.device, dtype=torch.float32)[None, None, :]  # (1, 1, W)
-    ys = torch.arange(h, device=images.device, dtype=torch.float32)[None, :, None]  # (1, H, 1)
-    projection = t[6] * xs + t[7] * ys + 1.0
-    x_in = (t[0] * xs + t[1] * ys + t[2]) / projection  # (N, H, W)
-    y_in = (t[3] * xs + t[4] * ys + t[5]) / projection
-    # A zero projection sends the pixel to infinity: TF returns the fill value there. The
-    # coordinate (inf or nan) is replaced by 0 only so that it can be turned into an index.
-    at_infinity = (projection == 0).expand(n, h, w)
-    x = _map_coordinate(torch.where(at_infinity, 0.0, x_in.expand(n, h, w)), w, fill_mode)
-    y = _map_coordinate(torch.where(at_infinity, 0.0, y_in.expand(n, h, w)), h, fill_mode)
-
-    x_floor, y_floor = torch.floor(x), torch.floor(y)
-    x_ceil, y_ceil = x_floor + 1, y_floor + 1
-    # A one-pixel frame of the fill value around the image: any neighbour outside the image,
-    # its index clamped to the frame, reads the fill value, without a mask per neighbour.
-    framed = F.pad(images.to(torch.float32), (1, 1, 1, 1), value=fill_value)
-    flat = framed.reshape(n, c, (h + 2) * (w + 2))
-
-    def read(yi: Tensor, xi: Tensor) -> Tensor:
-        """Pixels at integer-valued (yi, xi), (N, C, H·W); the fill value outside the image."""
-        # Clamped before the integer conversion, so that far-out coordinates cannot overflow.
-        index = (yi.clamp(-1, h) + 1).long() * (w + 2) + (xi.clamp(-1, w) + 1).long()
-        return torch.gather(flat, 2, index.reshape(n, 1, h * w).expand(n, c, h * w))
-
-    def flat_(v: Tensor) -> Tensor:
-        return v.reshape(n, 1, h * w)
-
-    wx0, wx1 = flat_(x_ceil - x), flat_(x - x_floor)
-    wy0, wy1 = flat_(y_ceil - y), flat_(y - y_floor)
-    value_yfloor = wx0 * read(y_floor, x_floor) + wx1 * read(y_floor, x_ceil)
-    value_yceil = wx0 * read(y_ceil, x_floor) + wx1 * read(y_ceil, x_ceil)
-    out = wy0 * value_yfloor + wy1 * value_yceil  # (N, C, H·W)
-    out = torch.where(flat_(at_infinity), fill_value, out)
-    return out.reshape(n, c, h, w).to(images.dtype)
+    n, _, h, w = images.shape
+    if transforms.shape not in ((8,), (1, 8), (n, 8)):
+        raise ValueError(f"transforms must be (8,), (1, 8) or (N, 8) with N = {n} images; "
+                         f"got shape {tuple(transforms.shape)}")
+    t = transforms.to(device=images.device, dtype=torch.float32).reshape(-1, 8).expand(n, 8)
+    if bool((t[:, 6:] != 0).any()):
+        raise ValueError("only affine transforms are supported (c0 = c1 = 0)")
+    a0, a1, a2, b0, b1, b2 = t[:, :6].unbind(1)
+    # TF maps pixel indices, grid_sample normalised pixel centres u = (2x + 1)/w − 1: substitute
+    # x = (w(u + 1) − 1)/2 and y = (h(v + 1) − 1)/2 into TF's map and normalise its result.
+    theta = torch.stack([
+        torch.stack([a0, a1 * h / w, (a0 * (w - 1) + a1 * (h - 1) + 2 * a2 + 1) / w - 1], 1),
+        torch.stack([b0 * w / h, b1, (b0 * (w - 1) + b1 * (h - 1) + 2 * b2 + 1) / h - 1], 1),
+    ], 1)                                                                   # (N, 2, 3)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)          # (N, H, W, 2)
+    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear",
+                         padding_mode=FILL_MODES[fill_mode], align_corners=False)
 
 
 def flip_horizontal(images: Tensor, flips: Tensor) -> Tensor:
@@ -242,7 +124,7 @@ class RandomFlipRotation(nn.Module):
         else:
             raise ValueError(f"factor must be a number in [-1, 1] or a pair of them; got {factor!r}")
         if fill_mode not in FILL_MODES:
-            raise ValueError(f"fill_mode must be one of {FILL_MODES}; got {fill_mode!r}")
+            raise ValueError(f"fill_mode must be one of {tuple(FILL_MODES)}; got {fill_mode!r}")
         self.factor = (lower, upper)
         self.fill_mode = fill_mode
 

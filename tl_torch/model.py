@@ -108,6 +108,9 @@ class MobileNetV2Base(nn.Module):
         self._types: dict[str, str] = {}
         self._order: list[str] = []
         self.frozen_below = 0  # layers with a Keras index below this are frozen (see tl_torch.freeze)
+        # Replacement modules for frozen layers, by Keras name, set by whoever trains the base
+        # (tl_torch.fast); not registered, so not in the state dict, counts or exports.
+        self.fast_layers: dict[str, nn.Module] | None = None
 
         def add(name: str, keras_type: str, module: nn.Module) -> str:
             self.add_module(name, module)
@@ -191,14 +194,21 @@ class MobileNetV2Base(nn.Module):
         return (images / 255.0 - self._mean) / self._std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.Conv1_relu(self.bn_Conv1(self.Conv1(x)))       # (N, 32, H/2, W/2)
+        fast = self.fast_layers
+        if fast:
+            def layer(name: str) -> nn.Module:
+                return fast.get(name) or getattr(self, name)
+        else:
+            def layer(name: str) -> nn.Module:
+                return getattr(self, name)
+        x = layer("Conv1_relu")(layer("bn_Conv1")(layer("Conv1")(x)))   # (N, 32, H/2, W/2)
         for block in self._blocks:
             shortcut = x
             for name in block.layers:
-                x = getattr(self, name)(x)
+                x = layer(name)(x)
             if block.add is not None:
-                x = getattr(self, block.add)(shortcut, x)
-        return self.out_relu(self.Conv_1_bn(self.Conv_1(x)))    # (N, 1280, H/32, W/32)
+                x = layer(block.add)(shortcut, x)
+        return layer("out_relu")(layer("Conv_1_bn")(layer("Conv_1")(x)))  # (N, 1280, H/32, W/32)
 
     # ---- BatchNorm always in inference mode ------------------------------------------------
     def train(self, mode: bool = True) -> MobileNetV2Base:

@@ -27,6 +27,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from tl_common.outputs import PHASES, format_counts, format_layer_table
 from tl_torch.augment import RandomFlipRotation
+from tl_torch.fast import folded_modules
 from tl_torch.freezing import count_params, freeze, layer_table
 from tl_torch.model import LAST_FILTERS, MobileNetV2Base
 from tl_torch.optim import KerasAdam, KerasRMSprop
@@ -53,7 +54,8 @@ class TransferModule(L.LightningModule):
 
     def __init__(self, base: MobileNetV2Base, *, learning_rate: float = 1e-4,
                  fine_tune_learning_rate: float = 1e-5, fine_tune_at: int = 100,
-                 dropout: float = 0.2, seed: int = 42, augment: bool = True) -> None:
+                 dropout: float = 0.2, seed: int = 42, augment: bool = True,
+                 fast: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["base"])
         self.base = base
@@ -67,6 +69,8 @@ class TransferModule(L.LightningModule):
         self.phase = "feature_extraction"
         self.set_phase("feature_extraction")
         self._generator: torch.Generator | None = None
+        if fast:  # oneDNN's convolutions are fastest on channels-last tensors
+            self.base.to(memory_format=torch.channels_last)
 
     # ---- phases ------------------------------------------------------------------------------
     def set_phase(self, phase: str) -> None:
@@ -95,8 +99,24 @@ class TransferModule(L.LightningModule):
         self.set_phase(checkpoint.get("phase", "feature_extraction"))
 
     # ---- forward -----------------------------------------------------------------------------
+    def refresh_fast_layers(self) -> None:
+        """Fold the frozen layers again (tl_torch.fast): at each epoch start, as weights may have
+        been loaded or unfrozen since."""
+        self.base.fast_layers = folded_modules(self.base) if self.hparams.fast else None
+
+    def on_validation_epoch_start(self) -> None:
+        self.refresh_fast_layers()
+
+    def on_test_epoch_start(self) -> None:
+        self.refresh_fast_layers()
+
+    def on_predict_epoch_start(self) -> None:
+        self.refresh_fast_layers()
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 255] images -> pooled base features (N, 1280)."""
+        if self.hparams.fast:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = self.base(self.base.preprocess(images))            # (N, 1280, H/32, W/32)
         return x.mean(dim=(2, 3))                               # (N, 1280)
 
@@ -105,6 +125,7 @@ class TransferModule(L.LightningModule):
         return self.classifier(self.dropout(self.features(images))).squeeze(-1)
 
     def on_train_epoch_start(self) -> None:
+        self.refresh_fast_layers()
         # Dropout and augmentation draw from per-epoch seeds: see epoch_seed.
         seed = epoch_seed(self.hparams.seed, self.current_epoch, self.global_rank)
         torch.manual_seed(seed)

@@ -39,6 +39,7 @@ from tl_common.outputs import (
 )
 from tl_common.settings import Settings, build_parser, parse, settings_from
 from tl_torch.data import ImageFolderDataModule, load_images
+from tl_torch.fast import keep_freed_memory
 from tl_torch.freezing import layer_table
 from tl_torch.keras_weights import save_keras_weights
 from tl_torch.module import TransferModule, TwoPhaseFineTuning
@@ -93,6 +94,7 @@ def _devices(value: str) -> int | str:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
+    keep_freed_memory()  # about 2x on CPU: see tl_torch/fast.py
     run_dir = RunDir(Path(settings.output_dir))
     last = run_dir.path / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
     is_zero = rank_zero_only.rank == 0
