@@ -216,8 +216,9 @@ def _find_base_layers(model: keras.Model, reference: list[tuple[str, str]]) -> l
     if _signature(model.layers[:len(reference)]) == reference:
         return model.layers[:len(reference)]
     for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found = _find_base_layers(layer, reference)
+        inner = layer.model if isinstance(layer, InferenceMode) else layer
+        if isinstance(inner, keras.Model):
+            found = _find_base_layers(inner, reference)
             if found is not None:
                 return found
     return None
@@ -241,6 +242,39 @@ def _copy_from_model(base: keras.Model, path: Path) -> None:
 
 # ---- the model around it ---------------------------------------------------------------------
 
+@keras.saving.register_keras_serializable(package="tl_keras")
+class InferenceMode(keras.layers.Layer):
+    """Calls a model with ``training=False`` always: the recipe's ``base(x, training=False)``.
+
+    In a Keras 3 functional model that call does not hold: during ``fit`` the outer model's
+    ``training=True`` replaces the ``training=False`` recorded for the nested call
+    (``keras.src.models.functional.operation_fn``; keras-team/keras#20285), so once the base is
+    unfrozen its trainable BatchNormalization layers normalise with batch statistics and update
+    their moving statistics, which the recipe says they must not. Inside a layer's ``call`` an
+    explicit ``training=False`` is kept: BatchNorm stays in inference mode in both phases, and
+    the unfrozen gamma/beta still train.
+    """
+
+    def __init__(self, model: keras.Model, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, inputs):
+        return self.model(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.model.compute_output_shape(input_shape)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "model": keras.saving.serialize_keras_object(self.model)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> InferenceMode:
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)
+
+
 def data_augmentation(seed: int) -> keras.Sequential:
     """Flip left-right with probability 1/2, then rotate by up to ±0.2 turns (reflect fill)."""
     return keras.Sequential([
@@ -250,17 +284,20 @@ def data_augmentation(seed: int) -> keras.Sequential:
     ], name="data_augmentation")
 
 
-def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int) -> keras.Model:
+def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int,
+                augment: bool = True) -> keras.Model:
     """augmentation → ``x / 127.5 − 1`` → base (inference mode) → pooling → dropout → one logit.
 
     The logit is positive for class 1 (dogs). ``base`` is called with ``training=False`` in both
-    phases, so its BatchNormalization layers always normalise with their moving statistics.
+    phases (through :class:`InferenceMode`: Keras 3 would override a plain nested call), so its
+    BatchNormalization layers always normalise with their moving statistics.
+    ``augment=False`` leaves the augmentation out (comparisons of training trajectories).
     """
     size = base.input_shape[1]
     inputs = keras.Input((size, size, 3))
-    x = data_augmentation(seed)(inputs)
+    x = data_augmentation(seed)(inputs) if augment else inputs
     x = keras.applications.mobilenet_v2.preprocess_input(x)
-    x = base(x, training=False)                                     # (N, s/32, s/32, 1280)
+    x = InferenceMode(base, name="base_inference_mode")(x)          # (N, s/32, s/32, 1280)
     x = layers.GlobalAveragePooling2D(name="global_average_pooling2d")(x)   # (N, 1280)
     x = layers.Dropout(dropout, seed=seed + 2, name="dropout")(x)
     outputs = layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3),

@@ -49,6 +49,11 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63)
 
 
+def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """The seed of torch's global generator (dropout) for one training step on one process."""
+    return (epoch_seed(seed, epoch, rank) * 1_000_033 + 2 * batch + 1) % (2**63)
+
+
 class TransferModule(L.LightningModule):
     """Base + head, trained in two phases; logs Keras' history keys."""
 
@@ -126,10 +131,17 @@ class TransferModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.refresh_fast_layers()
-        # Dropout and augmentation draw from per-epoch seeds: see epoch_seed.
+        # Augmentation draws from its own generator, seeded per epoch: see epoch_seed.
         seed = epoch_seed(self.hparams.seed, self.current_epoch, self.global_rank)
-        torch.manual_seed(seed)
         self._generator = torch.Generator().manual_seed(seed + 1)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout draws from torch's global generator, which Lightning's DataLoader iterators
+        # also draw from (one number each) -- after on_train_epoch_start in an uninterrupted run,
+        # before it in the first epoch of a resumed one. Seeding per step makes each step's
+        # masks depend on (seed, epoch, batch, rank) alone, so a resumed run draws the same.
+        torch.manual_seed(step_seed(self.hparams.seed, self.current_epoch, batch_idx,
+                                    self.global_rank))
 
     def _step(self, batch, loss_metric: MeanMetric, acc_metric: BinaryAccuracy,
               augment: bool) -> torch.Tensor:

@@ -67,10 +67,13 @@ def predict(module: TransferModule, paths: Sequence[Path], class_names: Sequence
     for start in range(0, len(paths), PREDICT_BATCH):
         chunk = paths[start:start + PREDICT_BATCH]
         with torch.no_grad():
-            p_one = torch.sigmoid(module(load_images([str(p) for p in chunk], image_size)))
-        for path, p in zip(chunk, p_one.tolist(), strict=True):
-            label = int(p > 0.5)
-            yield path, class_names[label], p if label else 1.0 - p
+            logits = module(load_images([str(p) for p in chunk], image_size))
+        # The class by the logit's sign, as the accuracy metric decides it: sigmoid rounds every
+        # |logit| below ~3e-8 to exactly 0.5 in float32, where "p > 0.5" would say class 0.
+        # The probability of the class chosen is sigmoid(|logit|), without 1 - p's cancellation.
+        labels, probs = (logits > 0).tolist(), torch.sigmoid(logits.abs()).tolist()
+        for path, label, prob in zip(chunk, labels, probs, strict=True):
+            yield path, class_names[int(label)], prob
 
 
 def main(argv: list[str] | None = None) -> list[tuple[Path, str, float]]:

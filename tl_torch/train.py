@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     for phase in ("fine_tuning", "feature_extraction"):
         module.set_phase(phase)
         counts[phase] = module.counts()
-    table = layer_table(module.base)
+        if phase == "fine_tuning":  # the recipe's table: frozen for fine-tuning (from fine_tune_at)
+            table = layer_table(module.base)
     rank_zero_only(print)(format_counts("feature_extraction", **counts["feature_extraction"]))
 
     history = KerasHistory()
@@ -136,15 +137,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         accelerator=ns.accelerator, devices=_devices(ns.devices), strategy=ns.strategy,
         precision=ns.precision,
         callbacks=[TwoPhaseFineTuning(settings.initial_epochs), history,
+                   # save_top_k=1 without a monitor: the latest epoch, overwritten each time
+                   # (save_top_k=0 would save nothing at all).
                    ModelCheckpoint(dirpath=run_dir.path / "checkpoints", filename=LAST_CHECKPOINT,
-                                   save_top_k=0, save_last=False, save_on_train_epoch_end=True,
+                                   save_top_k=1, save_last=False, save_on_train_epoch_end=True,
                                    every_n_epochs=1, enable_version_counter=False)],
         logger=CSVLogger(run_dir.path, name="logs", version=""),
         limit_train_batches=limit, limit_val_batches=limit, limit_test_batches=limit,
         num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    test_started = time.perf_counter()
     test = trainer.test(module, datamodule=data, verbose=False)[0]
+    test_seconds = time.perf_counter() - test_started
     test = {"loss": float(test["test_loss"]), "accuracy": float(test["test_accuracy"])}
     rank_zero_only(print)(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}")
     model_path = run_dir.path / "model.ckpt"
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         counts=counts, history=history.history, test=test,
         timings={"feature_extraction_s": history.seconds["feature_extraction"],
                  "fine_tuning_s": history.seconds["fine_tuning"],
-                 "total_s": time.perf_counter() - started},
+                 "test_s": test_seconds, "total_s": time.perf_counter() - started},
         status="complete",
     )
     write_json(run_dir.metrics, doc)
