@@ -1,0 +1,274 @@
+"""Checks 1-4 and 10: architecture, trainable counts, preprocessing, numerics, the head's init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import torch
+from scipy import stats
+
+from parity_tests import pairs
+from parity_tests.rows import Row, close, equal, verdict
+from tl_common.settings import KERAS_BASE_LAYERS
+from tl_keras import model as kmodel
+from tl_torch import count_params, freeze, layer_table
+from tl_torch.module import TransferModule
+
+# ---- tolerances ----------------------------------------------------------------------------
+
+#: Contract: the base's output and logits with the same weights, float32.
+FLOAT32_TOL = 1e-4
+#: Per layer, float32: the contract's 1e-4 for activations of order 1, scaled by the layer's
+#: largest |activation| when larger. Rounding errors are relative: pre-BatchNorm activations of
+#: the demo weights reach ~70, where the same relative precision is ~70 times 1e-4 in absolute
+#: terms. (The float64 rows show that what remains is rounding.)
+FLOAT32_LAYER_TOL = 1e-4
+#: Both frameworks in float64: only rounding at 1e-16 relative separates them (measured ~1e-13
+#: at layers of magnitude ~70); any difference in the function itself shows up far above this.
+FLOAT64_TOL = 1e-9
+#: Activations smaller than this at some layer make a comparison meaningless (Keras' random init
+#: with inference-mode BatchNorm: ~1e-12).
+ACTIVATION_FLOOR = 1e-2
+#: A Kolmogorov-Smirnov test of a distribution is failed below this p-value.
+KS_P_MIN = 1e-3
+
+
+# ---- 1 architecture --------------------------------------------------------------------------
+
+def check_architecture(sizes=pairs.SHAPE_SIZES) -> list[Row]:
+    group = "1 architecture"
+    kbase, tbase = kmodel.build_base("none", 160), pairs.torch_base("none", 160)
+    klayers = [(type(layer).__name__, layer.name) for layer in kbase.layers]
+    tlayers = [(layer.type, layer.name) for layer in tbase.keras_layers]
+    first = next((i for i, (a, b) in enumerate(zip(klayers, tlayers, strict=False)) if a != b), None)
+    rows = [
+        equal(group, "number of layers", len(klayers), len(tlayers)),
+        verdict(group, "layer names, types and order", f"{len(klayers)} layers",
+                f"{len(tlayers)} layers", klayers == tlayers, tolerance="exact",
+                note="" if first is None else f"first difference at {first}: {klayers[first]} vs "
+                                               f"{tlayers[first]}"),
+        equal(group, "layers[100] (fine_tune_at)", kbase.layers[100].name,
+              tbase.keras_layers[100].name),
+    ]
+    for size in sizes:
+        kbase = kmodel.build_base("none", size)
+        kshapes = [tuple(layer.output.shape[1:]) for layer in kbase.layers[1:]]
+        zeros = np.zeros((1, size, size, 3), np.float32)
+        touts = pairs.torch_layer_outputs(tbase, zeros)
+        tshapes = [touts[layer.name].shape[1:] for layer in tbase.keras_layers[1:]]
+        bad = [kbase.layers[i + 1].name for i, (a, b) in enumerate(zip(kshapes, tshapes, strict=True))
+               if a != b]
+        rows.append(verdict(group, f"every layer's output shape at {size}x{size}",
+                            f"out {kshapes[-1]}", f"out {tshapes[-1]}", not bad, tolerance="exact",
+                            note=f"differ: {bad[:3]}" if bad else "153 layers"))
+    return rows
+
+
+# ---- 2 trainable counts ----------------------------------------------------------------------
+
+def _keras_model(size: int = 96):
+    base = kmodel.build_base("none", size)
+    return base, kmodel.build_model(base, seed=0)
+
+
+def _torch_module():
+    return TransferModule(pairs.torch_base("none", 96), fast=False)
+
+
+def check_counts(fine_tune_at: int = 100) -> list[Row]:
+    group = "2 trainable counts"
+    kbase, kmodel_ = _keras_model()
+    module = _torch_module()
+    rows = []
+    for phase in ("feature_extraction", "fine_tuning"):
+        kmodel.set_phase(kbase, phase, fine_tune_at)
+        module.hparams.fine_tune_at = fine_tune_at
+        module.set_phase(phase)
+        kt, knt = kmodel.count_params(kmodel_)
+        tt, tnt = count_params(module)
+        rows.append(equal(group, f"{phase}: trainable", kt, tt))
+        rows.append(equal(group, f"{phase}: non-trainable", knt, tnt))
+        ktable = [row[3] for row in kmodel.layer_table(kbase)]
+        ttable = [row[3] for row in layer_table(module.base)]
+        rows.append(verdict(group, f"{phase}: layer table's trainable column",
+                            f"{sum(ktable)} trainable", f"{sum(ttable)} trainable",
+                            ktable == ttable, tolerance="exact"))
+    # every fine_tune_at: Keras' loop over base.layers[:k] against tl_torch.freeze
+    mismatches = []
+    for k in range(KERAS_BASE_LAYERS + 1):
+        kmodel.set_phase(kbase, "fine_tuning", k)
+        freeze(module.base, k)
+        if kmodel.count_params(kmodel_) != count_params(module):
+            mismatches.append((k, kmodel.count_params(kmodel_), count_params(module)))
+    rows.append(verdict(group, f"(trainable, non-trainable) for every fine_tune_at in "
+                               f"0..{KERAS_BASE_LAYERS}", f"{KERAS_BASE_LAYERS + 1} settings",
+                        f"{KERAS_BASE_LAYERS + 1 - len(mismatches)} equal", not mismatches,
+                        tolerance="exact",
+                        note=f"first difference: {mismatches[0]}" if mismatches else ""))
+    return rows
+
+
+# ---- 3 preprocessing -------------------------------------------------------------------------
+
+def check_preprocessing(size: int = 96) -> list[Row]:
+    group = "3 preprocessing"
+    module = _torch_module()
+    kbase, kmodel_ = _keras_model(size)
+    endpoints = np.array([0.0, 127.5, 255.0], np.float32).reshape(1, 1, 1, 3)
+    kend = pairs.preprocess(endpoints).ravel()
+    tend = module.base.preprocess(pairs.nchw(endpoints)).numpy().ravel()
+    rows = [close(group, "0, 127.5, 255 -> -1, 0, 1", kend, tend, 0.0, tolerance_name="exact"),
+            verdict(group, "endpoints are -1, 0, 1", str(kend.tolist()), str(tend.tolist()),
+                    np.array_equal(kend, [-1, 0, 1]) and np.array_equal(tend, [-1, 0, 1]),
+                    tolerance="exact")]
+    images = pairs.demo_images(size)
+    rows.append(close(group, "a batch of demo images", pairs.preprocess(images),
+                      pairs.nhwc(module.base.preprocess(pairs.nchw(images))), 0.0,
+                      tolerance_name="exact"))
+    # What reaches the base: after augmentation (training) and without it (inference).
+    augment = kmodel_.get_layer("data_augmentation")
+    for training in (True, False):
+        x = images if not training else keras.ops.convert_to_numpy(augment(images, training=True))
+        kx = pairs.preprocess(x)
+        module.train(training)
+        t = module.augment(pairs.nchw(images), generator=torch.Generator().manual_seed(0)) \
+            if training else pairs.nchw(images)
+        tx = module.base.preprocess(t).numpy()
+        mode = "training (augmented)" if training else "inference"
+        inside = (-1 <= kx.min() and kx.max() <= 1 and -1 <= tx.min() and tx.max() <= 1)
+        rows.append(verdict(group, f"range reaching the base, {mode}",
+                            f"[{kx.min():.4f}, {kx.max():.4f}]", f"[{tx.min():.4f}, {tx.max():.4f}]",
+                            inside, tolerance="within [-1, 1]"))
+    return rows
+
+
+# ---- 4 numerics ------------------------------------------------------------------------------
+
+def _layer_rows(group: str, label: str, kouts: dict, touts: dict, tol: float, *,
+                scaled: bool) -> list[Row]:
+    worst_name, worst_ratio, worst = None, -1.0, (0.0, 0.0)
+    missing = [name for name in kouts if name not in touts]
+    for name, k in kouts.items():
+        if name in missing:
+            continue
+        t = touts[name]
+        diff = float(np.max(np.abs(k.astype(np.float64) - t))) if k.shape == t.shape else np.inf
+        scale = max(1.0, float(np.max(np.abs(k)))) if scaled else 1.0
+        if diff / scale > worst_ratio:
+            worst_name, worst_ratio, worst = name, diff / scale, (diff, scale)
+    tolerance = f"{tol:g}{' x max(1, |act|)' if scaled else ''}"
+    return [Row(group, f"{label}: all {len(kouts)} layers", f"worst {worst_name}",
+                f"|act| up to {worst[1]:.3g}", worst[0], tolerance,
+                bool(not missing and worst_ratio <= tol),
+                note=f"missing in torch: {missing[:3]}" if missing else "")]
+
+
+def check_numerics(directory: Path, sizes=pairs.NUMERIC_SIZES,
+                   only: tuple[str, ...] | None = None, float64: bool = True) -> list[Row]:
+    """Same weights, same inputs (demo images): every layer, the base's output and the logits.
+
+    float64 (both frameworks) shows that the two compute the same function: what separates them
+    there is rounding at ~1e-13. float32 is held to the contract's 1e-4 per unit of activation
+    at every layer, to 1e-4 on the logits, and, for pretrained weights, to 1e-4 on the base's
+    output. Random weights (even calibrated ones) amplify float32 rounding through the 52
+    convolutions more than trained weights do (their base output parts by ~3e-4 of 6, while the
+    float64 rows agree to 4e-13), so for them the base output is held to the per-unit rule.
+    ``only`` restricts the weight sets (by label prefix); ``float64=False`` skips those rows.
+    """
+    group = "4 numerics"
+    rows = []
+    head = _head_weights()
+    for label, path in pairs.weight_sets(directory).items():
+        if only and not label.startswith(only):
+            continue
+        for size in sizes:
+            where = f"{label} {size}px"
+            x = pairs.preprocess(pairs.demo_images(size, 2))
+            kbase, tbase = pairs.keras_base(path, size), pairs.torch_base(path, size)
+            k32, t32 = pairs.keras_layer_outputs(kbase, x), pairs.torch_layer_outputs(tbase, x)
+            std = min(float(np.std(v)) for v in k32.values())
+            rows.append(verdict(group, f"{where}: activations not vanishing",
+                                f"min layer std {std:.3g}", "", std >= ACTIVATION_FLOOR,
+                                tolerance=f">= {ACTIVATION_FLOOR:g}"))
+            rows += _layer_rows(group, f"{where} float32", k32, t32, FLOAT32_LAYER_TOL, scaled=True)
+            if not label.startswith("calibrated random"):
+                rows.append(close(group, f"{where} float32: base output", k32["out_relu"],
+                                  t32["out_relu"], FLOAT32_TOL))
+            rows.append(close(group, f"{where} float32: logits", *_logits(kbase, tbase, x, head),
+                              FLOAT32_TOL))
+            if float64:
+                x64 = x.astype(np.float64)
+                k64 = pairs.keras_layer_outputs(pairs.keras_base(path, size, float64=True), x64)
+                t64 = pairs.torch_layer_outputs(pairs.torch_base(path, size, float64=True), x64)
+                rows += _layer_rows(group, f"{where} float64", k64, t64, FLOAT64_TOL, scaled=False)
+    return rows
+
+
+def _head_weights(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A Keras Dense(1) initialisation (kernel (1280, 1), bias (1,)), float32."""
+    init = keras.initializers.GlorotUniform(seed=seed)
+    return keras.ops.convert_to_numpy(init((1280, 1))), np.zeros(1, np.float32)
+
+
+def _logits(kbase, tbase, x: np.ndarray, head: tuple[np.ndarray, np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The recipe's head on both bases, the same weights in both, in the input's precision."""
+    dtype = "float64" if x.dtype == np.float64 else "float32"
+    kernel, bias = (w.astype(dtype) for w in head)
+    dense = keras.layers.Dense(1, dtype=dtype)
+    kfeat = keras.layers.GlobalAveragePooling2D(dtype=dtype)(kbase(x, training=False))
+    dense.build(kfeat.shape)
+    dense.set_weights([kernel, bias])
+    klogits = keras.ops.convert_to_numpy(dense(kfeat))[:, 0]
+    linear = torch.nn.Linear(1280, 1).to(torch.float64 if dtype == "float64" else torch.float32)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(kernel.T))
+        linear.bias.copy_(torch.from_numpy(bias))
+        features = tbase(pairs.nchw(x).to(linear.weight.dtype)).mean(dim=(2, 3))
+        tlogits = linear(features)[:, 0].numpy()
+    return klogits, tlogits
+
+
+def check_degenerate_weights_are_detected(size: int = 96) -> list[Row]:
+    """Keras' own random init gives vanishing features; the floor above must catch it."""
+    group = "4 numerics"
+    x = pairs.preprocess(pairs.demo_images(size, 4))
+    kstd = float(np.std(keras.ops.convert_to_numpy(kmodel.build_base("none", size)(x, training=False))))
+    with torch.no_grad():
+        tstd = float(pairs.torch_base("none", size)(pairs.nchw(x)).std())
+    return [verdict(group, "random init, BN at mean 0 / var 1: features vanish (not compared on)",
+                    f"std {kstd:.2g}", f"std {tstd:.2g}",
+                    kstd < ACTIVATION_FLOOR and tstd < ACTIVATION_FLOOR,
+                    tolerance=f"< {ACTIVATION_FLOOR:g}")]
+
+
+# ---- 10 head ---------------------------------------------------------------------------------
+
+def check_head() -> list[Row]:
+    group = "10 head"
+    bound = float(np.sqrt(6.0 / (1280 + 1)))
+    kbase, tbase = kmodel.build_base("none", 96), pairs.torch_base("none", 96)
+    kweights, tweights = [], []
+    for seed in range(20):  # 20 inits of each: 25,600 weights for the distribution tests
+        kernel, kbias = kmodel.build_model(kbase, seed=seed).get_layer("dense").get_weights()
+        kweights.append(kernel.ravel())
+        module = TransferModule(tbase, seed=seed, fast=False)
+        tweights.append(module.classifier.weight.detach().numpy().ravel())
+        tbias = module.classifier.bias.detach().numpy()
+    kw, tw = np.concatenate(kweights), np.concatenate(tweights)
+    kp = stats.kstest(kw, stats.uniform(-bound, 2 * bound).cdf).pvalue
+    tp = stats.kstest(tw, stats.uniform(-bound, 2 * bound).cdf).pvalue
+    two = stats.ks_2samp(kw, tw).pvalue
+    return [
+        verdict(group, f"kernel max |w| within the Glorot bound {bound:.4f}",
+                f"{np.abs(kw).max():.4f}", f"{np.abs(tw).max():.4f}",
+                np.abs(kw).max() <= bound and np.abs(tw).max() <= bound, tolerance="<= bound"),
+        verdict(group, "kernel ~ U(-bound, bound): KS p-value (20 inits)", f"p={kp:.3g}",
+                f"p={tp:.3g}", kp > KS_P_MIN and tp > KS_P_MIN, tolerance=f"p > {KS_P_MIN:g}"),
+        verdict(group, "Keras and torch kernels from one distribution: KS p-value", "",
+                f"p={two:.3g}", two > KS_P_MIN, tolerance=f"p > {KS_P_MIN:g}"),
+        verdict(group, "bias zeros", str(kbias.tolist()), str(tbias.tolist()),
+                not kbias.any() and not tbias.any(), tolerance="exact"),
+    ]

@@ -1,0 +1,340 @@
+"""Checks 5, 8 and 9: BatchNorm through training, optimizer steps, training trajectories."""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import torch
+
+from parity_tests import pairs
+from parity_tests.rows import Row, close, verdict
+from tl_common.demo import demo_weights_path
+from tl_keras import model as kmodel
+from tl_torch.keras_weights import KERAS_VARIABLES, torch_to_keras
+from tl_torch.module import TransferModule
+
+#: Contract: one optimizer step from the same weights and gradients, relative to the update.
+OPTIMIZER_RTOL = 1e-6
+#: Contract: 20 + 20 steps, same weights and batches, no augmentation or dropout.
+TRAJECTORY_LOSS_TOL = 1e-4
+TRAJECTORY_WEIGHT_TOL = 1e-4
+#: torch's own optimizers, given Keras' arguments, must miss Keras' update by more than this
+#: (relative): the trap the Keras-rule optimizers exist for.
+TORCH_DEFAULT_MISS = 1e-3
+
+FINE_TUNE_AT = 100
+PHASES = (("feature_extraction", 1e-4), ("fine_tuning", 1e-5))
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _torch_module(size: int, **kwargs) -> TransferModule:
+    module = TransferModule(pairs.torch_base(demo_weights_path(), size), fine_tune_at=FINE_TUNE_AT,
+                            learning_rate=PHASES[0][1], fine_tune_learning_rate=PHASES[1][1],
+                            **kwargs)
+    return module.train()
+
+
+def _torch_phase(module: TransferModule, phase: str) -> torch.optim.Optimizer:
+    """Enter a phase as training does: freeze, fold the frozen layers again, new optimizer."""
+    module.set_phase(phase)
+    module.refresh_fast_layers()
+    return module.configure_optimizers()
+
+
+def _torch_step(module: TransferModule, optimizer, images: np.ndarray, labels: np.ndarray) -> float:
+    logits = module(pairs.nchw(images))
+    loss = module.loss_fn(logits, torch.from_numpy(labels).to(logits.dtype))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _keras_phase(base, model, phase: str, lr: float) -> None:
+    kmodel.set_phase(base, phase, FINE_TUNE_AT)
+    kmodel.compile_for(model, phase, lr)
+    # Eagerly: the same kernels, without tracing a training graph per phase (~20 s each here).
+    model.run_eagerly = True
+
+
+def _bn_state(kbase=None, tbase=None) -> dict[str, dict[str, np.ndarray]]:
+    """{BN layer name: {gamma, beta, moving_mean, moving_variance}} of either framework."""
+    out = {}
+    if kbase is not None:
+        for layer in kbase.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                out[layer.name] = dict(zip(("gamma", "beta", "moving_mean", "moving_variance"),
+                                           (w.copy() for w in layer.get_weights()), strict=True))
+    else:
+        for layer in tbase.keras_layers:
+            if layer.type == "BatchNormalization":
+                m = layer.module
+                out[layer.name] = {"gamma": m.weight.detach().clone().numpy(),
+                                   "beta": m.bias.detach().clone().numpy(),
+                                   "moving_mean": m.running_mean.clone().numpy(),
+                                   "moving_variance": m.running_var.clone().numpy()}
+    return out
+
+
+def _bn_changes(before: dict, after: dict, index: dict[str, int]) -> dict[str, list[str]]:
+    changed = {"stats": [], "affine_unfrozen": [], "affine_frozen": []}
+    for name in before:
+        if any(not np.array_equal(before[name][k], after[name][k])
+               for k in ("moving_mean", "moving_variance")):
+            changed["stats"].append(name)
+        if any(not np.array_equal(before[name][k], after[name][k]) for k in ("gamma", "beta")):
+            changed["affine_unfrozen" if index[name] >= FINE_TUNE_AT else "affine_frozen"].append(name)
+    return changed
+
+
+# ---- 5 BatchNorm -----------------------------------------------------------------------------
+
+def check_batchnorm(size: int = 96, steps: int = 2,
+                    frameworks: tuple[str, ...] = ("keras", "torch")) -> list[Row]:
+    """BatchNorm's settings, and what training steps in each phase do to its variables.
+
+    ``frameworks`` restricts the training part (the planted-mistake tests train the port only).
+    """
+    group = "5 BatchNorm"
+    images, labels = pairs.demo_images(size), pairs.demo_labels()
+    kbase = pairs.keras_base(demo_weights_path(), size)
+    module = _torch_module(size)
+    module._generator = torch.Generator().manual_seed(0)
+    index = {layer.name: i for i, layer in enumerate(kbase.layers)}
+    kbns = [layer for layer in kbase.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    tbns = [layer.module for layer in module.base.keras_layers if layer.type == "BatchNormalization"]
+    n = len(kbns)
+    unfrozen = sum(index[b.name] >= FINE_TUNE_AT for b in kbns)
+    rows = [
+        verdict(group, "epsilon of every BatchNorm", f"{sorted({b.epsilon for b in kbns})}",
+                f"{sorted({b.eps for b in tbns})}",
+                all(k.epsilon == t.eps for k, t in zip(kbns, tbns, strict=True)), tolerance="exact"),
+        verdict(group, "momentum: torch = 1 - Keras for every BatchNorm",
+                f"{sorted({b.momentum for b in kbns})}", f"{sorted({round(b.momentum, 12) for b in tbns})}",
+                all(abs((1 - k.momentum) - t.momentum) < 1e-12 for k, t in zip(kbns, tbns, strict=True)),
+                tolerance="exact"),
+    ]
+    kmodel_ = kmodel.build_model(kbase, seed=0)
+    for phase, lr in PHASES:
+        changes = {}
+        if "keras" in frameworks:
+            _keras_phase(kbase, kmodel_, phase, lr)
+            before = _bn_state(kbase=kbase)
+            for _ in range(steps):
+                kmodel_.train_on_batch(images, labels)
+            changes["keras"] = _bn_changes(before, _bn_state(kbase=kbase), index)
+        if "torch" in frameworks:
+            optimizer = _torch_phase(module, phase)
+            before = _bn_state(tbase=module.base)
+            for _ in range(steps):
+                loss = module._step((pairs.nchw(images), torch.from_numpy(labels)),
+                                    module.train_loss, module.train_acc, augment=True)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            changes["torch"] = _bn_changes(before, _bn_state(tbase=module.base), index)
+        kc, tc = changes.get("keras"), changes.get("torch")
+
+        def stats(c):
+            return "not run" if c is None else f"{n - len(c['stats'])}/{n} unchanged"
+
+        def affine(c):
+            return ("not run" if c is None else
+                    f"{len(c['affine_unfrozen'])} changed, {len(c['affine_frozen'])} frozen changed")
+
+        ran = [c for c in (kc, tc) if c is not None]
+        rows.append(verdict(group, f"{phase}, {steps} training steps: moving statistics unchanged",
+                            stats(kc), stats(tc), all(not c["stats"] for c in ran),
+                            tolerance="bitwise"))
+        expected = unfrozen if phase == "fine_tuning" else 0
+        rows.append(verdict(group, f"{phase}: gamma/beta changed exactly in the unfrozen layers "
+                                   f"({expected} of {n})", affine(kc), affine(tc),
+                            all(len(c["affine_unfrozen"]) == expected and not c["affine_frozen"]
+                                for c in ran), tolerance="exact"))
+    if "keras" in frameworks:
+        rows.append(_keras_nested_training_trap(size, images, labels))
+    return rows
+
+
+def _keras_nested_training_trap(size: int, images: np.ndarray, labels: np.ndarray) -> Row:
+    """The recipe as written (``x = base(x, training=False)`` in a functional model) under Keras 3:
+    ``fit``'s ``training=True`` overrides the nested ``training=False`` (keras-team/keras#20285),
+    so the unfrozen BatchNorm layers update their moving statistics in fine-tuning. Why
+    ``tl_keras`` calls the base through ``InferenceMode``."""
+    base = pairs.keras_base(demo_weights_path(), size)
+    inputs = keras.Input((size, size, 3))
+    x = base(keras.applications.mobilenet_v2.preprocess_input(inputs), training=False)
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(x)))
+    _keras_phase(base, model, "fine_tuning", PHASES[1][1])
+    before = _bn_state(kbase=base)
+    model.train_on_batch(images, labels)
+    index = {layer.name: i for i, layer in enumerate(base.layers)}
+    changed = _bn_changes(before, _bn_state(kbase=base), index)["stats"]
+    return verdict("5 BatchNorm", "trap: the recipe's plain nested base(x, training=False), "
+                                  "fine-tuning, 1 step: moving statistics updated",
+                   f"{len(changed)}/{len(before)} changed", "n/a (always inference mode)",
+                   bool(changed), tolerance="> 0 changed",
+                   note="Keras 3 overrides the nested training=False (keras-team/keras#20285); "
+                        "tl_keras wraps the base in InferenceMode")
+
+
+# ---- 8 optimizers ----------------------------------------------------------------------------
+
+def _optimizer_case(seed: int = 0) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """Zero weights (the update is then the weight itself: no cancellation hides differences),
+    and 5 steps of gradients of the head's and a depthwise kernel's shapes, some tiny (where
+    Adam's and RMSprop's epsilon placement matters)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(1280, 1), (1,), (3, 3, 96, 1)]
+    weights = [np.zeros(s, np.float32) for s in shapes]
+    grads = []
+    for _ in range(5):
+        g = [rng.normal(0, 1e-2, s).astype(np.float32) for s in shapes]
+        g[0][: 64] *= 1e-4  # |g| ~ 1e-6
+        grads.append(g)
+    return weights, grads
+
+
+def _keras_steps(optimizer, weights, grads) -> list[list[np.ndarray]]:
+    variables = [keras.Variable(w) for w in weights]
+    out = []
+    for g in grads:
+        optimizer.apply_gradients(zip([keras.ops.convert_to_tensor(x) for x in g], variables, strict=True))
+        out.append([v.numpy().copy() for v in variables])
+    return out
+
+
+def _torch_steps(make, weights, grads) -> list[list[np.ndarray]]:
+    params = [torch.nn.Parameter(torch.from_numpy(w.copy())) for w in weights]
+    optimizer = make(params)
+    out = []
+    for g in grads:
+        for p, x in zip(params, g, strict=True):
+            p.grad = torch.from_numpy(x.copy())
+        optimizer.step()
+        out.append([p.detach().numpy().copy() for p in params])
+    return out
+
+
+def _relative(keras_w: list[np.ndarray], torch_w: list[np.ndarray]) -> float:
+    scale = max(float(np.max(np.abs(w))) for w in keras_w)
+    return max(float(np.max(np.abs(k - t))) for k, t in zip(keras_w, torch_w, strict=True)) / scale
+
+
+def check_optimizers() -> list[Row]:
+    """The optimizers the port configures in each phase, against Keras' Adam and RMSprop."""
+    group = "8 optimizers"
+    weights, grads = _optimizer_case()
+    module = TransferModule(pairs.torch_base("none", 32), fast=False, learning_rate=PHASES[0][1],
+                            fine_tune_learning_rate=PHASES[1][1])
+    rows = []
+    for (phase, lr), keras_cls, torch_own in (
+            (PHASES[0], keras.optimizers.Adam,
+             lambda p, lr=PHASES[0][1]: torch.optim.Adam(p, lr=lr, eps=1e-7)),
+            (PHASES[1], keras.optimizers.RMSprop,
+             lambda p, lr=PHASES[1][1]: torch.optim.RMSprop(p, lr=lr, alpha=0.9, eps=1e-7))):
+        module.set_phase(phase)
+        port = module.configure_optimizers()
+        make = lambda params, port=port: type(port)(params, **port.defaults)  # noqa: E731
+        kw = _keras_steps(keras_cls(learning_rate=lr), weights, grads)
+        tw = _torch_steps(make, weights, grads)
+        name = f"{keras_cls.__name__}(learning_rate={lr:g}) vs {type(port).__name__}"
+        for steps in (1, 5):
+            diff = _relative(kw[steps - 1], tw[steps - 1])
+            rows.append(Row(group, f"{name}: {steps} step{'s' * (steps > 1)}",
+                            f"max |w| {max(float(np.abs(w).max()) for w in kw[steps - 1]):.3g}",
+                            f"max |w| {max(float(np.abs(w).max()) for w in tw[steps - 1]):.3g}",
+                            diff, f"{OPTIMIZER_RTOL:g} rel", diff <= OPTIMIZER_RTOL,
+                            note="relative to the largest update; weights start at 0"))
+        own = _relative(kw[0], _torch_steps(torch_own, weights, grads)[0])
+        rows.append(Row(group, f"trap: torch.optim.{'Adam' if phase == 'feature_extraction' else 'RMSprop'}"
+                               " with Keras' arguments misses Keras' step", "", f"{own:.3g}", own,
+                        f"> {TORCH_DEFAULT_MISS:g} rel", own > TORCH_DEFAULT_MISS,
+                        note="why the port has its own optimizers"))
+    return rows
+
+
+# ---- 9 training trajectory -------------------------------------------------------------------
+
+def _batches(size: int, steps: int, batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``steps`` fixed batches of demo training images (decoded once, cycled), both classes in
+    each, in a fixed shuffled order."""
+    images, labels = _demo_train(size)
+    order = np.random.default_rng(0).permutation(len(labels))
+    out = []
+    for i in range(steps):
+        j = (i * batch) % (len(order) - batch + 1)
+        idx = order[j:j + batch]
+        out.append((images[idx], labels[idx]))
+    return out
+
+
+@functools.cache
+def _demo_train(size: int) -> tuple[np.ndarray, np.ndarray]:
+    from tl_keras.data import make_dataset
+
+    files = pairs.demo_splits().train
+    batches = list(make_dataset(files, size, 64, shuffle=False, seed=0).as_numpy_iterator())
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def _trajectories(size: int, steps: int, batch: int) -> dict[str, np.ndarray]:
+    """Keras and torch trained side by side: losses per phase and all weights at the end."""
+    batches = _batches(size, 2 * steps, batch)
+    kbase = pairs.keras_base(demo_weights_path(), size)
+    kmodel_ = kmodel.build_model(kbase, dropout=0.0, seed=0, augment=False)
+    module = _torch_module(size, dropout=0.0, augment=False)
+    kernel, bias = kmodel_.get_layer("dense").get_weights()
+    with torch.no_grad():  # the same head init in both: Keras'
+        module.classifier.weight.copy_(torch.from_numpy(kernel.T))
+        module.classifier.bias.copy_(torch.from_numpy(bias))
+    out = {}
+    for p, (phase, lr) in enumerate(PHASES):
+        _keras_phase(kbase, kmodel_, phase, lr)
+        optimizer = _torch_phase(module, phase)
+        klosses, tlosses = [], []
+        for images, labels in batches[p * steps:(p + 1) * steps]:
+            klosses.append(float(kmodel_.train_on_batch(images, labels)[0]))
+            tlosses.append(_torch_step(module, optimizer, images, labels))
+        out[f"keras {phase}"], out[f"torch {phase}"] = np.array(klosses), np.array(tlosses)
+    out["keras weights"], out["torch weights"] = _all_weights(kbase, kmodel_, module)
+    return out
+
+
+def check_trajectory(size: int = 160, steps: int = 20, batch: int = 32) -> list[Row]:
+    """Same start (demo weights, the Keras head's init), same batches of the recipe's size, no
+    augmentation, no dropout: ``steps`` steps of feature extraction, then ``steps`` of
+    fine-tuning from layer 100, in float32 as trained."""
+    group = "9 training trajectory"
+    r = _trajectories(size, steps, batch)
+    rows = []
+    for phase, _ in PHASES:
+        k, t = r[f"keras {phase}"], r[f"torch {phase}"]
+        rows.append(close(group, f"{phase}: loss at each of {steps} steps (batch {batch})", k, t,
+                          TRAJECTORY_LOSS_TOL, note=f"keras loss {k[0]:.4f} -> {k[-1]:.4f}"))
+    rows.append(close(group, f"weights after {2 * steps} steps (base and head, all "
+                             f"{r['keras weights'].size:,} numbers)",
+                      r["keras weights"], r["torch weights"], TRAJECTORY_WEIGHT_TOL))
+    return rows
+
+
+def _all_weights(kbase, kmodel_, module) -> tuple[np.ndarray, np.ndarray]:
+    """Every base and head tensor, flattened in one order, Keras' layout for both."""
+    kparts, tparts = [], []
+    for layer in module.base.keras_layers:
+        if not layer.has_weights:
+            continue
+        state = dict(layer.module.named_parameters()) | dict(layer.module.named_buffers())
+        kvalues = kbase.get_layer(layer.name).get_weights()
+        for (_, torch_name), kv in zip(KERAS_VARIABLES[layer.type], kvalues, strict=True):
+            kparts.append(np.ravel(kv))
+            tparts.append(np.ravel(torch_to_keras(layer.type, state[torch_name].detach().numpy())))
+    kernel, bias = kmodel_.get_layer("dense").get_weights()
+    kparts += [kernel.ravel(), bias.ravel()]
+    tparts += [module.classifier.weight.detach().numpy().T.ravel(),
+               module.classifier.bias.detach().numpy().ravel()]
+    return np.concatenate(kparts), np.concatenate(tparts)
+

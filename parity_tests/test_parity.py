@@ -1,0 +1,64 @@
+"""The parity suite: each check of the Keras reference against the port, recorded for the report.
+
+Run with the rest of the tests (``python -m pytest tests parity_tests``) or alone with its report
+files: ``python -m parity_tests``. The checks live in ``checks_*.py``; each returns rows and this
+file asserts that every row passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parity_tests import checks_data, checks_e2e, checks_model, checks_training
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("parity")
+
+
+def test_1_architecture(parity) -> None:
+    parity.check(checks_model.check_architecture())
+
+
+def test_2_trainable_counts(parity) -> None:
+    parity.check(checks_model.check_counts())
+
+
+def test_3_preprocessing(parity) -> None:
+    parity.check(checks_model.check_preprocessing())
+
+
+def test_4_numerics(parity, workdir: Path) -> None:
+    parity.check(checks_model.check_degenerate_weights_are_detected()
+                 + checks_model.check_numerics(workdir))
+
+
+def test_5_batchnorm(parity) -> None:
+    parity.check(checks_training.check_batchnorm())
+
+
+def test_6_input_pipeline(parity) -> None:
+    parity.check(checks_data.check_pipeline())
+
+
+def test_7_augmentation(parity) -> None:
+    parity.check(checks_data.check_augmentation())
+
+
+def test_8_optimizers(parity) -> None:
+    parity.check(checks_training.check_optimizers())
+
+
+def test_9_training_trajectory(parity) -> None:
+    parity.check(checks_training.check_trajectory())
+
+
+def test_10_head(parity) -> None:
+    parity.check(checks_model.check_head())
+
+
+def test_11_end_to_end(parity, workdir: Path) -> None:
+    parity.check(checks_e2e.check_end_to_end(workdir))
