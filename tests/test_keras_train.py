@@ -115,7 +115,6 @@ def test_finished_run_is_not_overwritten(finished_run, data_dir):
     (["--fine-tune-at", "200"], "--fine-tune-at=200"),
     (["--image-size", "16"], "--image-size=16"),
     (["--epochs", "3"], "--epochs"),
-    (["--skip-bad-images"], "--skip-bad-images"),
     (["--weights", "missing.h5"], "missing.h5"),
 ])
 def test_bad_arguments_are_one_line(data_dir, tmp_path, capsys, argv, expected):

@@ -14,6 +14,13 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+def non_finite_loss(loss: object, epoch: int, step: int) -> UserError:
+    """The error both trainers stop with when the training loss turns NaN or infinite
+    (``epoch`` from 1, as Keras prints it; ``step`` from 1 within the epoch)."""
+    return UserError(f"loss became {loss} at epoch {epoch} step {step}; lower --learning-rate "
+                     "or check the data")
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr and exit with :data:`USER_ERROR_EXIT`."""
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -5,6 +5,10 @@ the same order. The layout is the recipe's: ``ROOT/train/<class>/...`` and
 ``ROOT/validation/<class>/...``; the test split is carved out of validation by file, per class,
 with a seed, so it is deterministic and disjoint from what stays for validation (the original
 recipe takes batches of a reshuffling dataset instead, which overlaps).
+
+Every listed file is decoded once before training (:func:`tl_common.images.scan_images`): a file
+neither framework can read stops the run with one line naming it, or, with ``--skip-bad-images``,
+is dropped from both frameworks' lists alike.
 """
 
 from __future__ import annotations
@@ -16,11 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl_common.errors import UserError
+from tl_common.images import BadImage, scan_images
+from tl_common.outputs import atomic_write_text
 
 #: ``keras.src.utils.image_dataset_utils.ALLOWLIST_FORMATS``: matched case-insensitively.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 
 SPLITS = ("train", "validation", "test")
+
+#: Where a run lists every unreadable file it found (in ``--output-dir``), one per line.
+BAD_IMAGES_FILE = "bad_images.txt"
+#: Unreadable files named in the one-line message; the rest are counted (and listed in the file).
+BAD_IMAGES_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -138,12 +149,13 @@ def split_test(validation: FileList, fraction: float, seed: int) -> tuple[FileLi
 
 @dataclass(frozen=True)
 class DataSplits:
-    """The three file lists of a run."""
+    """The three file lists of a run, and the unreadable files left out of them."""
 
     root: Path
     train: FileList
     validation: FileList
     test: FileList
+    skipped: tuple[BadImage, ...] = ()
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -155,7 +167,8 @@ class DataSplits:
         return getattr(self, split)
 
     def summary(self) -> dict[str, object]:
-        """The data section of ``metrics.json``: root, classes, counts and digests per split."""
+        """The data section of ``metrics.json``: root, classes, counts and digests per split,
+        and the files skipped as unreadable (``--skip-bad-images``)."""
         return {
             "root": str(self.root),
             "class_names": list(self.class_names),
@@ -164,28 +177,71 @@ class DataSplits:
                         "sha256": self[split].digest()}
                 for split in SPLITS
             },
+            "skipped": [{"path": b.path, "reason": b.reason} for b in self.skipped],
         }
 
 
-def load_splits(root: str | os.PathLike[str], test_fraction: float, seed: int) -> DataSplits:
-    """Read ``root/train`` and ``root/validation`` and carve the test split out of validation."""
+def describe_bad_images(bad: list[BadImage] | tuple[BadImage, ...], root: Path,
+                        listed_in: Path | None = None) -> str:
+    """``N unreadable image file(s): PATH (reason), ... and K more (all listed in FILE)``."""
+    shown = ", ".join(f"{root / b.path} ({b.reason})" for b in bad[:BAD_IMAGES_SHOWN])
+    more = len(bad) - BAD_IMAGES_SHOWN
+    if more > 0:
+        shown += f" and {more} more" + (f" (all listed in {listed_in})" if listed_in else "")
+    return f"{len(bad)} unreadable image file{'s' * (len(bad) != 1)}: {shown}"
+
+
+def _write_bad_list(bad: list[BadImage], root: Path, path: Path | None) -> None:
+    if path is None:
+        return
+    if bad:
+        atomic_write_text(path, "".join(f"{root / b.path}\t{b.reason}\n" for b in bad))
+    else:  # a list left by an earlier run of this folder is no longer true
+        path.unlink(missing_ok=True)
+
+
+def load_splits(root: str | os.PathLike[str], test_fraction: float, seed: int, *,
+                skip_bad_images: bool = False, check_images: bool = True,
+                bad_list: Path | None = None) -> DataSplits:
+    """Read ``root/train`` and ``root/validation``, check that every file decodes, and carve the
+    test split out of validation.
+
+    Unreadable files stop the run with a :class:`UserError` naming them, or with
+    ``skip_bad_images`` are left out (before the split, so they take no test place) and recorded
+    in :attr:`DataSplits.skipped`. ``bad_list``: a file to list them all in (the message names
+    only the first few). ``check_images=False`` skips the decoding (the files are trusted).
+    """
     root = Path(root)
     for sub in ("train", "validation"):
         if not (root / sub).is_dir():
             raise UserError(f"{root} has no {sub}/ folder: expected {root}/train/<class>/... "
                             f"and {root}/validation/<class>/... (the cats_and_dogs_filtered layout)")
-    train = find_images(root / "train")
-    validation = find_images(root / "validation")
+    # File lists are relative to the data root, so the same tree elsewhere gives equal digests.
+    train = _rebase(find_images(root / "train"), root, "train")
+    validation = _rebase(find_images(root / "validation"), root, "validation")
     if train.class_names != validation.class_names:
         raise UserError(f"class folders differ: train has {list(train.class_names)}, "
                         f"validation has {list(validation.class_names)}")
+    bad: list[BadImage] = []
+    if check_images:
+        bad = scan_images(FileList(root, train.class_names, train.files + validation.files))
+        _write_bad_list(bad, root, bad_list)
+    if bad:
+        if not skip_bad_images:
+            raise UserError(f"{describe_bad_images(bad, root, bad_list)}; fix or remove "
+                            f"{'them' if len(bad) > 1 else 'it'}, or pass --skip-bad-images to "
+                            "train without them")
+        dropped = {b.path for b in bad}
+        train, validation = train.without(dropped), validation.without(dropped)
+        for name, count in train.class_counts().items():
+            if count == 0:
+                raise UserError(f"every image of class {name!r} in {root / 'train'} is "
+                                f"unreadable ({describe_bad_images(bad, root, bad_list)})")
     validation, test = split_test(validation, test_fraction, seed)
     if len(test) == 0 or len(validation) == 0:
         raise UserError(f"{root / 'validation'} holds too few images to set aside a test split of "
                         f"{test_fraction:g} per class and keep some for validation")
-    # File lists are relative to the data root, so the same tree elsewhere gives equal digests.
-    return DataSplits(root, _rebase(train, root, "train"), _rebase(validation, root, "validation"),
-                      _rebase(test, root, "validation"))
+    return DataSplits(root, train, validation, test, tuple(bad))
 
 
 def _rebase(files: FileList, root: Path, sub: str) -> FileList:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,9 @@ class RunDir:
         except OSError as err:
             raise UserError(f"--output-dir={str(self.path)!r} is not writable "
                             f"({err.strerror}): choose a folder you can write to") from None
+        if resume and self.is_finished():
+            raise UserError(f"{self.path} holds a finished run: nothing to resume; pass "
+                            "--overwrite to run it again")
         if resume or overwrite:
             return
         if self.is_finished():
@@ -100,6 +104,19 @@ class RunDir:
         if has_state:
             raise UserError(f"{self.path} holds an unfinished run: pass --resume to continue it, "
                             "or --overwrite to start afresh")
+
+
+    def clear_outputs(self, *others: str) -> None:
+        """Remove a finished run's outputs before an ``--overwrite`` run starts: ``metrics.json``
+        first, so that from here on a killed run never leaves a folder that reads as finished,
+        then the shared outputs and ``others`` (the framework's own files and folders)."""
+        self.metrics.unlink(missing_ok=True)
+        for name in (CURVES_FILE, LAYER_TABLE_FILE, *others):
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 # ---- metrics.json ----------------------------------------------------------------------------

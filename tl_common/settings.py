@@ -9,10 +9,12 @@ any work starts, and a bad one ends the run with one line naming the flag and wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,18 @@ class Settings:
 def flag(name: str) -> str:
     """The command-line spelling of a settings field: ``fine_tune_at`` -> ``--fine-tune-at``."""
     return "--" + name.replace("_", "-")
+
+
+@contextlib.contextmanager
+def naming_flag(name: str, value: object) -> Iterator[None]:
+    """Make a :class:`UserError` raised inside name the flag it is about: a weights file that does
+    not fit says ``--weights='x.h5': ...``, whichever loader found the fault."""
+    try:
+        yield
+    except UserError as err:
+        if str(err).startswith(flag(name)):
+            raise
+        raise UserError(f"{flag(name)}={value!r}: {err}") from None
 
 
 def validate(settings: Settings) -> Settings:

@@ -2,7 +2,8 @@
 
 ``build_base`` makes ``keras.applications.MobileNetV2(include_top=False)`` and fills it from
 ImageNet (Keras' own download), the offline demo file, or any Keras weights or model file;
-``build_model`` puts the recipe's augmentation, preprocessing and one-logit head around it;
+``build_model`` puts the recipe's augmentation, preprocessing and one-logit head around it (or a
+head of N logits for N > 2 classes);
 ``set_phase`` freezes it for feature extraction or fine-tuning; ``compile_for`` picks each phase's
 optimizer. Used by ``python -m tl_keras.train``; the PyTorch port mirrors it in tl_torch/model.py.
 """
@@ -284,11 +285,19 @@ def data_augmentation(seed: int) -> keras.Sequential:
     ], name="data_augmentation")
 
 
-def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int,
-                augment: bool = True) -> keras.Model:
-    """augmentation → ``x / 127.5 − 1`` → base (inference mode) → pooling → dropout → one logit.
+def head_units(num_classes: int) -> int:
+    """Logits of the head: the recipe's single logit for two classes, one per class beyond."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2")
+    return 1 if num_classes == 2 else num_classes
 
-    The logit is positive for class 1 (dogs). ``base`` is called with ``training=False`` in both
+
+def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int,
+                augment: bool = True, num_classes: int = 2) -> keras.Model:
+    """augmentation → ``x / 127.5 − 1`` → base (inference mode) → pooling → dropout → logits.
+
+    Two classes: one logit, positive for class 1 (dogs), as in the recipe; N > 2 classes:
+    ``Dense(N)``, one logit per class. ``base`` is called with ``training=False`` in both
     phases (through :class:`InferenceMode`: Keras 3 would override a plain nested call), so its
     BatchNormalization layers always normalise with their moving statistics.
     ``augment=False`` leaves the augmentation out (comparisons of training trajectories).
@@ -300,8 +309,9 @@ def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int,
     x = InferenceMode(base, name="base_inference_mode")(x)          # (N, s/32, s/32, 1280)
     x = layers.GlobalAveragePooling2D(name="global_average_pooling2d")(x)   # (N, 1280)
     x = layers.Dropout(dropout, seed=seed + 2, name="dropout")(x)
-    outputs = layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3),
-                           name="dense")(x)                         # (N, 1)
+    outputs = layers.Dense(head_units(num_classes),
+                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3),
+                           name="dense")(x)                         # (N, 1) or (N, classes)
     return keras.Model(inputs, outputs)
 
 
@@ -328,14 +338,20 @@ def set_phase(base: keras.Model, phase: str, fine_tune_at: int = RECIPE_FINE_TUN
 
 
 def compile_for(model: keras.Model, phase: str, learning_rate: float) -> None:
-    """Adam for feature extraction, RMSprop for fine-tuning; accuracy of ``logit > 0``."""
+    """Adam for feature extraction, RMSprop for fine-tuning. One logit: binary cross-entropy
+    and accuracy of ``logit > 0``; N logits: sparse categorical cross-entropy and accuracy of
+    the largest logit."""
     _check_phase(phase)
     optimizer = (keras.optimizers.Adam if phase == "feature_extraction"
                  else keras.optimizers.RMSprop)(learning_rate=learning_rate)
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                  # The recipe's metrics=["accuracy"] would threshold the logit at 0.5.
-                  metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
+    if model.output_shape[-1] == 1:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        # The recipe's metrics=["accuracy"] would threshold the logit at 0.5.
+        accuracy = keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
 
 
 def count_params(model: keras.Model) -> tuple[int, int]:

@@ -8,10 +8,11 @@ Run::
     python -m tl_keras.train --help
 
 Writes ``metrics.json``, ``learning_curves.png``, ``layer_table.csv`` and ``model.keras`` to
-``--output-dir`` (default ``runs/keras``). Until the run finishes the folder also holds what
-``--resume`` needs: Keras' ``BackupAndRestore`` backup of the last finished epoch
-(``backup/<phase>/``), the history so far (``history.json``) and, once feature extraction is done,
-its weights and record (``phase_a.weights.h5``, ``phase_a.json``).
+``--output-dir`` (default ``runs/keras``), and ``bad_images.txt`` when some files cannot be read
+(the run stops before training, or with ``--skip-bad-images`` trains without them). Until the
+run finishes the folder also holds what ``--resume`` needs: Keras' ``BackupAndRestore`` backup of
+the last finished epoch (``backup/<phase>/``), the history so far (``history.json``) and, once
+feature extraction is done, its weights and record (``phase_a.weights.h5``, ``phase_a.json``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ import tensorflow as tf
 
 from tl_common.data import resolve_data_root
 from tl_common.download import sha256_of
-from tl_common.errors import UserError, run_main
-from tl_common.files import SPLITS, load_splits
+from tl_common.errors import non_finite_loss, run_main
+from tl_common.files import BAD_IMAGES_FILE, SPLITS, describe_bad_images, load_splits
 from tl_common.outputs import (
     RunDir,
     format_counts,
@@ -41,7 +43,7 @@ from tl_common.outputs import (
     write_json,
     write_layer_table,
 )
-from tl_common.settings import WEIGHT_SOURCES, build_parser, parse, settings_from
+from tl_common.settings import WEIGHT_SOURCES, build_parser, naming_flag, parse, settings_from
 from tl_keras.data import make_dataset
 from tl_keras.model import (
     build_base,
@@ -104,6 +106,25 @@ class EpochLog(keras.callbacks.Callback):
         write_json(self.path, self.history)
 
 
+class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
+    """Keras' callback, raising at the first batch whose loss is NaN or infinite: the run stops
+    at once with one line, before the epoch's end writes its history and backs up the broken
+    weights (which ``--resume`` would restore); the last backup stays that of a sound epoch."""
+
+    def __init__(self) -> None:
+        super().__init__(raise_error=True)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            raise non_finite_loss(float((logs or {})["loss"]), self.epoch + 1, batch + 1) from None
+
+
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' callback with its backup written atomically.
 
@@ -126,6 +147,7 @@ def fit(model: keras.Model, data: dict[str, tf.data.Dataset], phase: str, *, ini
         epochs: int, history: list[dict[str, Any]], state: RunState) -> float:
     """Train one phase, backed up after every epoch; return the seconds it took."""
     callbacks = [
+        TerminateOnNaN(),
         # Before the backup, so that the saved history never lags behind the saved epoch.
         EpochLog(history, phase, state.history),
         # Kept after the fit (Keras deletes it by default) until the phase's result is saved:
@@ -153,42 +175,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser("keras", "Train the transfer-learning recipe with Keras 3 (the "
                                    "reference): feature extraction, then fine-tuning.")
     settings = settings_from(parse(parser, argv), "keras")
-    if settings.skip_bad_images:
-        raise UserError("--skip-bad-images is not supported by tl_keras yet (both trainers must "
-                        "drop the same files, so the check belongs in tl_common): remove the "
-                        "unreadable files instead")
     started = time.perf_counter()
     run_dir, state = RunDir(Path(settings.output_dir)), RunState(Path(settings.output_dir))
-    if settings.resume and run_dir.is_finished():
-        raise UserError(f"{run_dir.path} holds a finished run: nothing to resume; pass "
-                        "--overwrite to run it again")
     run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite, has_state=state.exists())
-    if settings.overwrite:  # else BackupAndRestore would restore the old run's backup
+    if settings.overwrite:
+        # The old outputs first (metrics.json before anything), then the old backup, which
+        # BackupAndRestore would otherwise restore.
+        run_dir.clear_outputs(MODEL_FILE, BAD_IMAGES_FILE)
         state.clear()
-        for output in (run_dir.metrics, run_dir.curves, run_dir.layer_table,
-                       run_dir.path / MODEL_FILE):
-            output.unlink(missing_ok=True)
     if settings.resume and not state.exists():
         print(f"--resume: nothing to resume in {run_dir.path}; starting from the beginning")
     keras.utils.set_random_seed(settings.seed)
 
+    # ---- the base first: a weights file that does not fit stops the run before the data ------
+    with naming_flag("weights", settings.weights_source):
+        base = build_base(settings.weights_source, settings.image_size)
+
     # ---- data -------------------------------------------------------------------------------
-    splits = load_splits(resolve_data_root(settings), settings.test_fraction, settings.seed)
+    splits = load_splits(resolve_data_root(settings), settings.test_fraction, settings.seed,
+                         skip_bad_images=settings.skip_bad_images,
+                         bad_list=run_dir.path / BAD_IMAGES_FILE)
+    if splits.skipped:
+        print(f"warning: --skip-bad-images: left out "
+              f"{describe_bad_images(splits.skipped, splits.root, run_dir.path / BAD_IMAGES_FILE)}",
+              file=sys.stderr)
     print(f"data: {splits.root}\nclasses: {list(splits.class_names)}")
     for split in SPLITS:
         print(f"  {split}: {len(splits[split])} images {splits[split].class_counts()}")
-    if len(splits.class_names) != 2:
-        raise UserError(f"{splits.root} has {len(splits.class_names)} classes "
-                        f"{list(splits.class_names)}: this trainer has a one-logit head and "
-                        "needs exactly 2 class folders")
     data = {split: make_dataset(splits[split], settings.image_size, settings.batch_size,
                                 shuffle=split == "train", seed=settings.seed,
                                 limit_batches=settings.limit_batches)
             for split in SPLITS}
 
     # ---- model ------------------------------------------------------------------------------
-    base = build_base(settings.weights_source, settings.image_size)
-    model = build_model(base, dropout=settings.dropout, seed=settings.seed)
+    model = build_model(base, dropout=settings.dropout, seed=settings.seed,
+                        num_classes=len(splits.class_names))
     history: list[dict[str, Any]] = []
     if settings.resume and state.history.exists():
         history = json.loads(state.history.read_text())
@@ -242,11 +263,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings["test_s"] = time.perf_counter() - start
     print(f"test loss: {test_loss:.4f}  test accuracy: {test_accuracy:.4f}")
     images, labels = next(iter(data["test"]))
-    probabilities = tf.sigmoid(model.predict_on_batch(images))[:, 0].numpy()
+    logits = model.predict_on_batch(images)
     names = splits.class_names
-    print(f"predictions on the first test batch (p = probability of {names[1]}):")
-    for path, label, p in zip(splits.test.paths, labels.numpy(), probabilities, strict=False):
-        print(f"  {Path(path).name}: {names[label]}, predicted {names[int(p > 0.5)]} (p={p:.3f})")
+    if len(names) == 2:
+        probabilities = tf.sigmoid(logits)[:, 0].numpy()
+        predicted = (probabilities > 0.5).astype(int)
+        print(f"predictions on the first test batch (p = probability of {names[1]}):")
+    else:
+        softmax = tf.nn.softmax(logits).numpy()
+        predicted, probabilities = softmax.argmax(axis=-1), softmax.max(axis=-1)
+        print("predictions on the first test batch (p = probability of the class predicted):")
+    for path, label, k, p in zip(splits.test.paths, labels.numpy(), predicted, probabilities,
+                                 strict=False):
+        print(f"  {Path(path).name}: {names[label]}, predicted {names[k]} (p={p:.3f})")
     extractor = keras.Model(base.input, keras.layers.Flatten()(base.output))
     features = extractor(keras.applications.mobilenet_v2.preprocess_input(images), training=False)
     print(f"feature extractor (base output, flattened): {tuple(images.shape)} -> "

@@ -1,9 +1,11 @@
 """Images for the port, as ``keras.utils.image_dataset_from_directory`` delivers them.
 
 The file lists, labels and test split come from :mod:`tl_common.files`, so they are the Keras
-reference's. Each file is decoded to RGB (Pillow; grayscale, palette and RGBA converted, a GIF's
-first frame) and resized like ``tf.image.resize(..., "bilinear")``: half-pixel centres, no
-antialiasing, no crop (the aspect ratio is not kept), float32 values in [0, 255].
+reference's, checked and (with ``--skip-bad-images``) cleaned the same way. Each file is decoded
+to RGB as ``tf.image.decode_image`` decodes it (:func:`tl_common.images.decode_rgb`: JPEG with
+TensorFlow's fast IDCT, grayscale, palette and RGBA converted, a GIF's first frame) and resized
+like ``tf.image.resize(..., "bilinear")``: half-pixel centres, no antialiasing, no crop (the
+aspect ratio is not kept), float32 values in [0, 255].
 
 Decoding and resizing are the slow part of an epoch on a CPU, and augmentation comes after them,
 so when the resized images fit in a memory budget they are computed once, in parallel, and kept
@@ -12,50 +14,28 @@ so when the resized images fit in a memory budget they are computed once, in par
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import lightning as L
 import numpy as np
-import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from tl_common.data import resolve_data_root
-from tl_common.files import DataSplits, FileList, load_splits
+from tl_common.files import BAD_IMAGES_FILE, DataSplits, FileList, load_splits
+from tl_common.images import decode_rgb
 from tl_common.settings import Settings
+
+__all__ = ["ImageCache", "ImageFiles", "ImageFolderDataModule", "decode_rgb", "load_image",
+           "load_images", "resize_bilinear"]
 
 #: Resized images are cached in memory up to this many bytes (float32, 3 x size x size each).
 CACHE_BUDGET_BYTES = int(os.environ.get("TL_PARITY_CACHE_BYTES", 4 << 30))
-
-
-def decode_rgb(path: str) -> np.ndarray:
-    """A file's pixels as uint8 (H, W, 3), the way ``tf.io.decode_image(channels=3)`` gives them.
-
-    JPEGs are decoded as TensorFlow decodes them by default: libjpeg-turbo with the fast integer
-    IDCT (``dct_method="INTEGER_FAST"``) and fancy upsampling, through simplejpeg (measured: the
-    same pixels, bit for bit). Pillow's decoder uses the accurate IDCT, up to ~7 grey levels
-    away at sharp edges. Other formats (PNG, BMP, GIF) are lossless and go through Pillow.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\xff\xd8":  # JPEG, recognised by content as TensorFlow does
-        try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
-        except ValueError:
-            pass  # e.g. CMYK, which libjpeg-turbo does not turn into RGB: Pillow converts it
-    with Image.open(io.BytesIO(data)) as img:
-        img.seek(0)  # first frame of an animation, as expand_animations=False
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit PNG: TF converts to uint8 by dropping the low byte.
-            wide = np.asarray(img, dtype=np.uint32) >> 8
-            img = Image.fromarray(wide.astype(np.uint8), mode="L")
-        return np.asarray(img.convert("RGB"))
 
 
 def resize_bilinear(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -148,7 +128,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             s = self.settings
-            self.splits = load_splits(resolve_data_root(s), s.test_fraction, s.seed)
+            bad_list = None if s.output_dir is None else Path(s.output_dir) / BAD_IMAGES_FILE
+            self.splits = load_splits(resolve_data_root(s), s.test_fraction, s.seed,
+                                      skip_bad_images=s.skip_bad_images, bad_list=bad_list)
 
     @property
     def class_names(self) -> tuple[str, ...]:

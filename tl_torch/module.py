@@ -2,7 +2,9 @@
 
 Model: augmentation (training steps only) -> ``x / 127.5 - 1`` -> base (BatchNorm in inference
 mode, always) -> global average pooling -> Dropout(0.2) -> Linear(1280, 1), a logit (class 1 is
-positive), initialised like Keras' ``Dense``: Glorot-uniform kernel, zero bias.
+positive), initialised like Keras' ``Dense``: Glorot-uniform kernel, zero bias. With N > 2
+classes the head is Linear(1280, N), trained with cross-entropy, as the Keras reference's
+``Dense(N)`` with sparse categorical cross-entropy from logits.
 
 Phases, as in the recipe:
 - ``feature_extraction``: base frozen; ``Adam(learning_rate)`` with Keras' update rule;
@@ -22,8 +24,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
-from torchmetrics.classification import BinaryAccuracy
+from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from tl_common.outputs import PHASES, format_counts, format_layer_table
 from tl_torch.augment import RandomFlipRotation
@@ -54,23 +57,37 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
     return (epoch_seed(seed, epoch, rank) * 1_000_033 + 2 * batch + 1) % (2**63)
 
 
+def head_units(num_classes: int) -> int:
+    """Logits of the head: the recipe's single logit for two classes, one per class beyond."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2")
+    return 1 if num_classes == 2 else num_classes
+
+
 class TransferModule(L.LightningModule):
     """Base + head, trained in two phases; logs Keras' history keys."""
 
     def __init__(self, base: MobileNetV2Base, *, learning_rate: float = 1e-4,
                  fine_tune_learning_rate: float = 1e-5, fine_tune_at: int = 100,
                  dropout: float = 0.2, seed: int = 42, augment: bool = True,
-                 fast: bool = True) -> None:
+                 fast: bool = True, num_classes: int = 2) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["base"])
         self.base = base
         self.augment = RandomFlipRotation(0.2) if augment else None
         self.dropout = nn.Dropout(dropout)
-        self.classifier = keras_dense_init_(nn.Linear(LAST_FILTERS, 1),
+        self.classifier = keras_dense_init_(nn.Linear(LAST_FILTERS, head_units(num_classes)),
                                             torch.Generator().manual_seed(seed))
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.binary = num_classes == 2
+        self.loss_fn = nn.BCEWithLogitsLoss() if self.binary else nn.CrossEntropyLoss()
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.train_acc, self.val_acc, self.test_acc = BinaryAccuracy(), BinaryAccuracy(), BinaryAccuracy()
+
+        def accuracy() -> Metric:
+            # Keras' BinaryAccuracy(threshold=0) / SparseCategoricalAccuracy: a share of images.
+            return (BinaryAccuracy() if self.binary
+                    else MulticlassAccuracy(num_classes=num_classes, average="micro"))
+
+        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
         self.phase = "feature_extraction"
         self.set_phase("feature_extraction")
         self._generator: torch.Generator | None = None
@@ -126,8 +143,20 @@ class TransferModule(L.LightningModule):
         return x.mean(dim=(2, 3))                               # (N, 1280)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 255] images (N, 3, H, W) -> logits (N,)."""
-        return self.classifier(self.dropout(self.features(images))).squeeze(-1)
+        """[0, 255] images (N, 3, H, W) -> logits: (N,) for two classes, (N, classes) beyond."""
+        logits = self.classifier(self.dropout(self.features(images)))
+        return logits.squeeze(-1) if self.binary else logits
+
+    def probabilities(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class index, probability of that class) per image, from :meth:`forward`'s logits.
+
+        Two classes: by the logit's sign, as the accuracy counts it (sigmoid rounds every
+        |logit| below ~3e-8 to exactly 0.5 in float32, where "p > 0.5" would say class 0), with
+        sigmoid(|logit|), free of 1 - p's cancellation. N classes: the largest logit, softmax."""
+        if self.binary:
+            return (logits > 0).long(), torch.sigmoid(logits.abs())
+        probs, labels = torch.softmax(logits, dim=-1).max(dim=-1)
+        return labels, probs
 
     def on_train_epoch_start(self) -> None:
         self.refresh_fast_layers()
@@ -143,17 +172,22 @@ class TransferModule(L.LightningModule):
         torch.manual_seed(step_seed(self.hparams.seed, self.current_epoch, batch_idx,
                                     self.global_rank))
 
-    def _step(self, batch, loss_metric: MeanMetric, acc_metric: BinaryAccuracy,
+    def _step(self, batch, loss_metric: MeanMetric, acc_metric: Metric,
               augment: bool) -> torch.Tensor:
         images, labels = batch
         if augment and self.augment is not None:
             images = self.augment(images, generator=self._generator)
         logits = self(images)
-        loss = self.loss_fn(logits, labels.float())
+        if self.binary:
+            loss = self.loss_fn(logits, labels.float())
+            # Accuracy of logit > 0 (sigmoid > 0.5), as BinaryAccuracy(threshold=0.0) in Keras;
+            # integer predictions, so torchmetrics applies no threshold of its own.
+            predicted = (logits.detach() > 0).long()
+        else:
+            loss = self.loss_fn(logits, labels.long())
+            predicted = logits.detach().argmax(dim=-1)
         loss_metric.update(loss.detach(), weight=labels.numel())
-        # Accuracy of logit > 0 (sigmoid > 0.5), as BinaryAccuracy(threshold=0.0) in Keras;
-        # integer predictions, so torchmetrics applies no threshold of its own.
-        acc_metric.update((logits.detach() > 0).long(), labels)
+        acc_metric.update(predicted, labels)
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -173,8 +207,10 @@ class TransferModule(L.LightningModule):
         self.log("test_accuracy", self.test_acc, on_step=False, on_epoch=True)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Probabilities: of class 1 per image (two classes), of each class (N classes)."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.sigmoid(self(images))
+        logits = self(images)
+        return torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=-1)
 
 
 class TwoPhaseFineTuning(Callback):

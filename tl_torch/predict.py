@@ -1,8 +1,9 @@
 """Classify image files with a model trained by ``python -m tl_torch.train``.
 
 Run ``python -m tl_torch.predict RUN_DIR IMAGE_OR_FOLDER [...]``: prints, per image, the class
-name and the probability of that class (the sigmoid of the logit for class 1, one minus it for
-class 0), with the class order of the training data's folders (from ``RUN_DIR/metrics.json``).
+name and the probability of that class (two classes: the sigmoid of the logit for class 1, one
+minus it for class 0; N classes: the largest softmax probability), with the class order of the
+training data's folders (from ``RUN_DIR/metrics.json``).
 Folders are searched recursively for the image types Keras reads.
 """
 
@@ -56,9 +57,15 @@ def load_run(run_dir: str | Path) -> tuple[TransferModule, tuple[str, ...], int]
     pad = "symmetric" if metrics["weights"]["source"] == "torchvision" else "same"
     base = MobileNetV2Base(pad_type=pad, bn_eps=1e-5 if pad == "symmetric" else 1e-3,
                            preprocessing="torchvision" if pad == "symmetric" else "keras")
+    # Checkpoints from before N-class support hold no num_classes: they have the one-logit head.
     module = TransferModule(base, **hparams)
     module.load_state_dict(state["state_dict"])
-    return module.eval(), tuple(metrics["data"]["class_names"]), metrics["settings"]["image_size"]
+    class_names = tuple(metrics["data"]["class_names"])
+    if module.hparams.num_classes != len(class_names):
+        raise UserError(f"{checkpoint} has a head for {module.hparams.num_classes} classes, but "
+                        f"{run_dir / 'metrics.json'} lists {len(class_names)}: the two files "
+                        "come from different runs")
+    return module.eval(), class_names, metrics["settings"]["image_size"]
 
 
 def predict(module: TransferModule, paths: Sequence[Path], class_names: Sequence[str],
@@ -68,10 +75,8 @@ def predict(module: TransferModule, paths: Sequence[Path], class_names: Sequence
         chunk = paths[start:start + PREDICT_BATCH]
         with torch.no_grad():
             logits = module(load_images([str(p) for p in chunk], image_size))
-        # The class by the logit's sign, as the accuracy metric decides it: sigmoid rounds every
-        # |logit| below ~3e-8 to exactly 0.5 in float32, where "p > 0.5" would say class 0.
-        # The probability of the class chosen is sigmoid(|logit|), without 1 - p's cancellation.
-        labels, probs = (logits > 0).tolist(), torch.sigmoid(logits.abs()).tolist()
+        # As the accuracy counts it: the logit's sign (two classes), the largest logit (N).
+        labels, probs = (t.tolist() for t in module.probabilities(logits))
         for path, label, prob in zip(chunk, labels, probs, strict=True):
             yield path, class_names[int(label)], prob
 

@@ -9,27 +9,34 @@ plus Lightning's ``--accelerator``, ``--devices``, ``--strategy`` and ``--precis
 Outputs in ``--output-dir``, in the Keras reference's schema: ``metrics.json``,
 ``learning_curves.png``, ``layer_table.csv``; plus ``model.ckpt`` (the trained Lightning
 checkpoint), ``base.weights.h5`` (the fine-tuned base as a Keras weights file), ``checkpoints/
-last.ckpt`` (for ``--resume``) and ``logs/`` (Lightning's CSV log).
+last.ckpt`` (for ``--resume``), ``logs/`` (Lightning's CSV log) and ``bad_images.txt`` when some
+files cannot be read (the run stops before training, or with ``--skip-bad-images`` trains
+without them). Every file is written beside its name and renamed over it, so a killed run leaves
+the last complete version or none; ``metrics.json`` is written last and marks a finished run.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from tl_common.download import sha256_of
-from tl_common.errors import run_main
+from tl_common.errors import non_finite_loss, run_main
+from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
 from tl_common.outputs import (
     RunDir,
+    atomic_write_bytes,
     format_counts,
     history_entry,
     metrics_document,
@@ -37,7 +44,7 @@ from tl_common.outputs import (
     write_json,
     write_layer_table,
 )
-from tl_common.settings import Settings, build_parser, parse, settings_from
+from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.fast import keep_freed_memory
 from tl_torch.freezing import layer_table
@@ -46,6 +53,8 @@ from tl_torch.module import TransferModule, TwoPhaseFineTuning
 from tl_torch.weights import build_base
 
 LAST_CHECKPOINT = "last"
+MODEL_FILE = "model.ckpt"
+BASE_WEIGHTS_FILE = "base.weights.h5"
 
 
 class KerasHistory(Callback):
@@ -71,6 +80,41 @@ class KerasHistory(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history, self.seconds = state_dict["history"], state_dict["seconds"]
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Keras' ``TerminateOnNaN`` for the port: the run stops with one line at the first training
+    step whose loss is NaN or infinite, before the epoch's checkpoint saves the broken weights.
+    Under DDP every process learns that one of them saw it, so all stop together."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            value = float(loss.detach()) if not torch.isfinite(loss.detach()).all() else "non-finite"
+            raise non_finite_loss(value, trainer.current_epoch + 1, batch_idx + 1)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside their name, fsynced, then renamed over it.
+
+    Lightning stages a checkpoint in the system's temporary folder and moves it into place,
+    which across file systems is a copy that a kill can cut short; here a kill leaves the last
+    complete checkpoint, or none."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def build_arg_parser():
@@ -101,24 +145,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if is_zero:  # DDP's other processes rerun this script; the checks are rank 0's
         run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite,
                         has_state=last.exists())
-        if settings.overwrite:
-            shutil.rmtree(run_dir.path / "checkpoints", ignore_errors=True)
+        if settings.overwrite:  # metrics.json first: see RunDir.clear_outputs
+            run_dir.clear_outputs(MODEL_FILE, BASE_WEIGHTS_FILE, BAD_IMAGES_FILE, "checkpoints",
+                                  "logs")
     started = time.perf_counter()
     L.seed_everything(settings.seed, workers=True, verbose=False)
+
+    # The base first: a weights file that does not fit stops the run before the data is read.
+    with naming_flag("weights", settings.weights_source):
+        base = build_base(settings.weights_source, settings.image_size,
+                          generator=torch.Generator().manual_seed(settings.seed))
 
     data = ImageFolderDataModule(settings)
     data.prepare_data()
     data.setup()
     splits = data.splits
+    if splits.skipped and is_zero:
+        print(f"warning: --skip-bad-images: left out "
+              f"{describe_bad_images(splits.skipped, splits.root, run_dir.path / BAD_IMAGES_FILE)}",
+              file=sys.stderr)
     rank_zero_only(print)(f"classes {list(splits.class_names)}: " + ", ".join(
         f"{split} {len(splits[split])}" for split in ("train", "validation", "test")))
 
-    base = build_base(settings.weights_source, settings.image_size,
-                      generator=torch.Generator().manual_seed(settings.seed))
     module = TransferModule(base, learning_rate=settings.learning_rate,
                             fine_tune_learning_rate=settings.fine_tuning_lr,
                             fine_tune_at=settings.fine_tune_at, dropout=settings.dropout,
-                            seed=settings.seed)
+                            seed=settings.seed, num_classes=len(splits.class_names))
     counts = {}
     for phase in ("fine_tuning", "feature_extraction"):
         module.set_phase(phase)
@@ -136,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         max_epochs=settings.total_epochs,
         accelerator=ns.accelerator, devices=_devices(ns.devices), strategy=ns.strategy,
         precision=ns.precision,
-        callbacks=[TwoPhaseFineTuning(settings.initial_epochs), history,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[StopOnNonFiniteLoss(), TwoPhaseFineTuning(settings.initial_epochs), history,
                    # save_top_k=1 without a monitor: the latest epoch, overwritten each time
                    # (save_top_k=0 would save nothing at all).
                    ModelCheckpoint(dirpath=run_dir.path / "checkpoints", filename=LAST_CHECKPOINT,
@@ -152,14 +205,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     test_seconds = time.perf_counter() - test_started
     test = {"loss": float(test["test_loss"]), "accuracy": float(test["test_accuracy"])}
     rank_zero_only(print)(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}")
-    model_path = run_dir.path / "model.ckpt"
+    model_path = run_dir.path / MODEL_FILE
     trainer.save_checkpoint(model_path)
     if not trainer.is_global_zero:
         return None
 
     _print_predictions(module, splits.test.paths[: settings.batch_size], splits.class_names,
                        settings.image_size)
-    save_keras_weights(module.base, run_dir.path / "base.weights.h5")
+    save_keras_weights(module.base, run_dir.path / BASE_WEIGHTS_FILE)
     write_layer_table(run_dir.layer_table, table)
     plot_learning_curves(run_dir.curves, {"torch": history.history},
                          title=f"PyTorch port, {settings.weights_source} weights")
@@ -200,16 +253,22 @@ def _weights_file(settings: Settings) -> str | None:
 
 def _print_predictions(module: TransferModule, paths: list[str], class_names: tuple[str, ...],
                        image_size: int) -> None:
-    """The recipe's last step: sigmoid of the logit, above 0.5 is class 1."""
+    """The recipe's last step: sigmoid of the logit, above 0.5 is class 1 (N classes: the
+    largest softmax probability)."""
     if not paths:
         return
     module.eval()
     with torch.no_grad():
-        probs = torch.sigmoid(module(load_images(paths, image_size).to(module.device)))
-    print("predictions on the first test batch (probability of "
-          f"{class_names[1]!r}):")
-    for path, p in zip(paths, probs.tolist(), strict=True):
-        print(f"  {Path(path).name:32s} {class_names[int(p > 0.5)]:10s} {p:.4f}")
+        logits = module(load_images(paths, image_size).to(module.device))
+    if module.binary:
+        probs, labels = torch.sigmoid(logits).tolist(), None
+        print(f"predictions on the first test batch (probability of {class_names[1]!r}):")
+    else:
+        labels, probs = (t.tolist() for t in module.probabilities(logits))
+        print("predictions on the first test batch (probability of the class predicted):")
+    for i, (path, p) in enumerate(zip(paths, probs, strict=True)):
+        name = class_names[int(p > 0.5) if labels is None else labels[i]]
+        print(f"  {Path(path).name:32s} {name:10s} {p:.4f}")
 
 
 if __name__ == "__main__":

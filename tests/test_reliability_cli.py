@@ -1,0 +1,269 @@
+"""Both trainers on what users actually have: a corrupt file, bad arguments, a NaN loss, a
+finished run resumed or overwritten, N classes for predict; one-line errors and nothing lost.
+
+Each case runs ``python -m tl_keras.train`` and ``python -m tl_torch.train`` in-process
+(``run_main(main, argv)``, as the command line does) on folders generated here, and checks the
+exit status, that stderr holds exactly one ``error: ...`` line and no traceback, and what the
+output folder holds afterwards. Run: ``python -m pytest tests/test_reliability_cli.py -q``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tl_keras.train as keras_train
+import tl_torch.predict as predict
+import tl_torch.train as torch_train
+from tl_common.demo import draw_animal
+from tl_common.errors import USER_ERROR_EXIT, UserError, run_main
+from tl_common.files import BAD_IMAGES_FILE
+from tl_common.outputs import METRICS_FILE, RunDir, write_json
+from tl_torch.module import TransferModule
+from tl_torch.weights import build_base
+
+FRAMEWORKS = {"keras": keras_train.main, "torch": torch_train.main}
+#: A real-looking folder: drawn cats and dogs (the demo's drawing), 6 + 6 to train, 5 + 5 to
+#: validate; small images so that the runs that do train are quick.
+PER_CLASS = {"train": 6, "validation": 5}
+NAN_LEARNING_RATE = "1e38"   # Adam's first step moves every head weight by ~1e38: logits overflow
+NAN_ERROR = re.compile(r"error: loss became (nan|inf|-inf) at epoch 1 step 2; lower "
+                       r"--learning-rate or check the data")
+
+
+@pytest.fixture(scope="module")
+def cats_and_dogs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cats_and_dogs_filtered")
+    for s, (split, count) in enumerate(PER_CLASS.items()):
+        for label, name in enumerate(("cats", "dogs")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                rng = np.random.default_rng([7, s, label, i])
+                image = draw_animal(rng, dog=bool(label)).resize((64, 56))
+                image.save(root / split / name / f"{name[:-1]}.{i:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keras_eagerly():
+    """Keras trains eagerly here: tracing MobileNetV2's train step costs seconds per phase and
+    nothing checked here depends on it (as in tests/test_keras_train.py)."""
+    compile_for = keras_train.compile_for
+
+    def compile_eagerly(model: keras.Model, phase: str, learning_rate: float) -> None:
+        compile_for(model, phase, learning_rate)
+        model.run_eagerly = True
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(keras_train, "compile_for", compile_eagerly)
+        yield
+
+
+def argv(data: Path, out: Path, *extra: str, weights: str = "none") -> list[str]:
+    return ["--data-dir", str(data), "--weights", weights, "--image-size", "32", "--batch-size",
+            "4", "--limit-batches", "2", "--initial-epochs", "1", "--fine-tune-epochs", "1",
+            "--output-dir", str(out), *extra]
+
+
+def one_error_line(framework: str, args: list[str], capsys) -> str:
+    """Run a trainer's command line; it must exit 2 with one ``error:`` line and no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(FRAMEWORKS[framework], args)
+    assert exit_info.value.code == USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def fake_finished_run(out: Path, framework: str) -> None:
+    """What a finished run leaves that matters here: a complete metrics.json and the model."""
+    out.mkdir(parents=True)
+    write_json(out / METRICS_FILE, {"schema_version": 1, "status": "complete"})
+    (out / ("model.keras" if framework == "keras" else "model.ckpt")).write_bytes(b"old model")
+
+
+# ---- the Done-when: a corrupt file in a real-looking folder ------------------------------------
+
+def test_corrupt_file_stops_both_trainers_before_training(cats_and_dogs, tmp_path, capsys):
+    data = tmp_path / "cats_and_dogs_filtered"
+    shutil.copytree(cats_and_dogs, data)
+    corrupt = data / "train" / "cats" / "cat.0666.jpg"
+    good = (cats_and_dogs / "train" / "cats" / "cat.0000.jpg").read_bytes()
+    corrupt.write_bytes(good[:len(good) * 3 // 5])   # cut off mid-download
+    lines = {}
+    for framework in FRAMEWORKS:
+        out = tmp_path / framework
+        line = one_error_line(framework, argv(data, out), capsys)
+        assert line == (f"error: 1 unreadable image file: {corrupt} (truncated JPEG (the data ends "
+                        "before the image does)); fix or remove it, or pass --skip-bad-images to "
+                        "train without them")
+        # Stopped before training: no checkpoint, backup, history or model; only the list.
+        assert sorted(p.name for p in out.iterdir()) == [BAD_IMAGES_FILE]
+        lines[framework] = line
+    assert lines["keras"] == lines["torch"]   # the same list, the same words
+
+
+# ---- bad arguments -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wrong_weights(tmp_path_factory) -> Path:
+    """A Keras weights file of another model (two Dense layers)."""
+    path = tmp_path_factory.mktemp("weights") / "other_model.weights.h5"
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.save_weights(path)
+    return path
+
+
+BAD_ARGUMENTS = [
+    (["--fine-tune-at", "155"], "--fine-tune-at=155 is not accepted: expected a Keras layer index "
+                                "in 0..154"),
+    (["--fine-tune-at", "-1"], "--fine-tune-at=-1 is not accepted"),
+    (["--initial-epochs", "0"], "--initial-epochs=0 is not accepted: expected a positive integer"),
+    (["--fine-tune-epochs", "-2"], "--fine-tune-epochs=-2 is not accepted"),
+    (["--batch-size", "0"], "--batch-size=0 is not accepted: expected a positive integer"),
+    (["--image-size", "31"], "--image-size=31 is not accepted: MobileNetV2 needs at least 32"),
+    (["--weights", "imagenett"], "--weights='imagenett' is not accepted: expected one of imagenet, "
+                                 "demo, none"),
+    (["--learning-rate", "0"], "--learning-rate=0.0 is not accepted: expected a positive number"),
+]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize(("extra", "expected"), BAD_ARGUMENTS,
+                         ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_one_line_before_any_work(framework, extra, expected, cats_and_dogs,
+                                                  tmp_path, capsys):
+    out = tmp_path / "out"
+    line = one_error_line(framework, argv(cats_and_dogs, out) + extra, capsys)
+    assert expected in line
+    assert not out.exists()   # refused before anything was created
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_weights_file_of_another_model_is_one_line(framework, wrong_weights, cats_and_dogs,
+                                                   tmp_path, capsys):
+    out = tmp_path / "out"
+    line = one_error_line(framework, argv(cats_and_dogs, out, weights=str(wrong_weights)), capsys)
+    assert line.startswith(f"error: --weights={str(wrong_weights)!r}: ")
+    assert "MobileNetV2" in line or "does not fit the base" in line
+    assert list(out.iterdir()) == []   # before the data was read
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_unwritable_output_dir_is_one_line(framework, cats_and_dogs, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    line = one_error_line(framework, argv(cats_and_dogs, blocker / "out"), capsys)
+    assert line.startswith(f"error: --output-dir={str(blocker / 'out')!r} is not writable")
+
+
+# ---- finished runs: --resume refuses, --overwrite clears first ---------------------------------
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_of_a_finished_run_is_refused_alike(framework, cats_and_dogs, tmp_path, capsys):
+    out = tmp_path / "out"
+    fake_finished_run(out, framework)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = one_error_line(framework, argv(cats_and_dogs, out, "--resume"), capsys)
+    assert line == (f"error: {out} holds a finished run: nothing to resume; pass --overwrite to "
+                    "run it again")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_nan_loss_stops_an_overwrite_run_that_never_looks_finished(framework, cats_and_dogs,
+                                                                  tmp_path, capsys):
+    """--overwrite removes the old metrics.json first; the new run's loss turns infinite at its
+    second step and the run stops with one line: nothing in the folder reads as finished, and no
+    checkpoint or backup of the broken weights is left for --resume."""
+    out = tmp_path / "out"
+    fake_finished_run(out, framework)
+    line = one_error_line(framework, argv(cats_and_dogs, out, "--overwrite", "--learning-rate",
+                                          NAN_LEARNING_RATE, weights="demo"), capsys)
+    assert NAN_ERROR.fullmatch(line), line
+    assert not RunDir(out).is_finished() and not (out / METRICS_FILE).exists()
+    assert not (out / "model.keras").exists() and not (out / "model.ckpt").exists()
+    assert not (out / "checkpoints").exists()                 # torch: no epoch checkpoint
+    assert not (out / "backup").exists() and not (out / "history.json").exists()   # keras
+
+
+# ---- checkpoints are written atomically ---------------------------------------------------------
+
+def test_checkpoint_write_cut_short_leaves_the_last_one(tmp_path, monkeypatch):
+    """A kill during a checkpoint write (here: torch.save failing half-way) leaves the previous
+    checkpoint whole and no temporary file behind; the temporary file is in the same folder."""
+    io_plugin = torch_train.AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io_plugin.save_checkpoint({"epoch": 1}, path)
+    assert torch.load(path)["epoch"] == 1
+    save = torch.save
+
+    def save_half(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        save(obj, buf)
+        f.write(buf.getvalue()[:20])
+        raise OSError("killed")
+
+    monkeypatch.setattr(torch, "save", save_half)
+    with pytest.raises(OSError, match="killed"):
+        io_plugin.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+# ---- N classes in predict ------------------------------------------------------------------------
+
+def test_predict_with_three_classes(tmp_path, capsys):
+    """predict prints the largest softmax probability's class and that probability."""
+    classes = ["birds", "cats", "dogs"]
+    module = TransferModule(build_base("none", 32), num_classes=3, seed=1).eval()
+    with torch.no_grad():   # a head that tells the three apart by colour
+        module.classifier.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+               run / "model.ckpt")
+    write_json(run / METRICS_FILE, {"schema_version": 1, "status": "complete",
+                                    "weights": {"source": "none"},
+                                    "data": {"class_names": classes},
+                                    "settings": {"image_size": 32}})
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(((250, 10, 10), (10, 250, 10), (10, 10, 250))):
+        Image.new("RGB", (40, 30), colour).save(images / f"{i}.png")
+    run_main(predict.main, [str(run), str(images)])
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    loaded, names, size = predict.load_run(run)
+    from tl_torch.data import load_images
+
+    with torch.no_grad():
+        probs = torch.softmax(loaded(load_images(sorted(map(str, images.iterdir())), size)), -1)
+    assert [p for p, _, _ in printed] == [str(images / f"{i}.png") for i in range(3)]
+    for (_, name, prob), row in zip(printed, probs, strict=True):
+        assert name == classes[int(row.argmax())]
+        assert float(prob) == pytest.approx(float(row.max()), abs=5e-5)   # 4 decimals printed
+
+
+def test_predict_refuses_a_head_that_does_not_fit_the_classes(tmp_path):
+    module = TransferModule(build_base("none", 32), num_classes=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+               run / "model.ckpt")
+    write_json(run / METRICS_FILE, {"schema_version": 1, "weights": {"source": "none"},
+                                    "data": {"class_names": ["cats", "dogs"]},
+                                    "settings": {"image_size": 32}})
+    with pytest.raises(UserError, match="has a head for 3 classes, but .* lists 2"):
+        predict.load_run(run)
