@@ -13,13 +13,15 @@ FRAMEWORK_KEYS = {"keras": {"versions.tensorflow", "versions.keras"},
                   "torch": {"versions.torch", "versions.lightning", "settings.accelerator",
                             "settings.devices", "settings.strategy", "settings.precision"}}
 EPOCHS = (1, 1)
-#: Validation accuracy after 1 + 1 epochs on the demo data (48 images): both runs must learn...
-MIN_VAL_ACCURACY = 0.75
+#: Validation accuracy after 1 + 1 epochs on the demo data (48 images): both runs must learn
+#: (the Done-when of the trainers asks 0.90 after the full demo)...
+MIN_VAL_ACCURACY = 0.9
 #: ...and land close to each other. The two runs draw their head init, shuffling, augmentation
-#: and dropout from different generators, so they are two samples of one training outcome: the
-#: band covers the spread measured over seeds 0-4 in each framework (see the closing note of
-#: the parity report's README section) plus the sampling error of an accuracy on 48 images.
-VAL_ACCURACY_BAND = 0.25
+#: and dropout from different generators: two samples of one training outcome. Measured over
+#: seeds 0-4, 1 + 1 epochs: 1.000 in all ten runs (Keras and torch). The band allows 5 of the 48
+#: validation images: three binomial standard deviations at a true accuracy of 0.95
+#: (3 * sqrt(0.95 * 0.05 / 48) = 0.094).
+VAL_ACCURACY_BAND = 0.1
 
 
 def _key_paths(doc: dict[str, Any], prefix: str = "") -> set[str]:

@@ -53,11 +53,12 @@ def _torch_step(module: TransferModule, optimizer, images: np.ndarray, labels: n
     return float(loss.detach())
 
 
-def _keras_phase(base, model, phase: str, lr: float) -> None:
+def _keras_phase(base, model, phase: str, lr: float, *, eager: bool = True) -> None:
     kmodel.set_phase(base, phase, FINE_TUNE_AT)
     kmodel.compile_for(model, phase, lr)
-    # Eagerly: the same kernels, without tracing a training graph per phase (~20 s each here).
-    model.run_eagerly = True
+    # Eager runs the same kernels without tracing a training graph per phase (~20 s each here):
+    # cheaper for a few steps, dearer for many.
+    model.run_eagerly = eager
 
 
 def _bn_state(kbase=None, tbase=None) -> dict[str, dict[str, np.ndarray]]:
@@ -293,7 +294,7 @@ def _trajectories(size: int, steps: int, batch: int) -> dict[str, np.ndarray]:
         module.classifier.bias.copy_(torch.from_numpy(bias))
     out = {}
     for p, (phase, lr) in enumerate(PHASES):
-        _keras_phase(kbase, kmodel_, phase, lr)
+        _keras_phase(kbase, kmodel_, phase, lr, eager=False)
         optimizer = _torch_phase(module, phase)
         klosses, tlosses = [], []
         for images, labels in batches[p * steps:(p + 1) * steps]:
