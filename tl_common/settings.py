@@ -28,6 +28,8 @@ KERAS_BASE_LAYERS = 154
 
 #: Named weight sources; anything else given to ``--weights`` is read as a file path.
 WEIGHT_SOURCES = ("imagenet", "demo", "none")
+#: Sources only the PyTorch port reads: torchvision's own ImageNet weights.
+TORCH_WEIGHT_SOURCES = ("torchvision",)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -44,8 +46,8 @@ class Settings:
     demo: bool = field(default=False, metadata=_help(
         "use the offline demo: a generated two-class JPEG set and the demo weights"))
     weights: str | None = field(default=None, metadata=_help(
-        "imagenet, demo, none, or a Keras .h5/.keras/.weights.h5 file "
-        "(default: demo with --demo, else imagenet)"))
+        "imagenet, demo, none, torchvision (the PyTorch port only), or a Keras "
+        ".h5/.keras/.weights.h5 file (default: demo with --demo, else imagenet)"))
     image_size: int = field(default=160, metadata=_help("square input size in pixels (>= 32)"))
     batch_size: int = field(default=32, metadata=_help("images per batch"))
     initial_epochs: int = field(default=10, metadata=_help(
@@ -114,9 +116,10 @@ def naming_flag(name: str, value: object) -> Iterator[None]:
         raise UserError(f"{flag(name)}={value!r}: {err}") from None
 
 
-def validate(settings: Settings) -> Settings:
+def validate(settings: Settings, framework: str = "keras") -> Settings:
     """Check every value before any work starts; raise :class:`UserError` on the first bad one."""
     s = settings
+    sources = WEIGHT_SOURCES + (TORCH_WEIGHT_SOURCES if framework == "torch" else ())
 
     def bad(name: str, accepted: str) -> UserError:
         return UserError(f"{flag(name)}={getattr(s, name)!r} is not accepted: {accepted}")
@@ -143,8 +146,11 @@ def validate(settings: Settings) -> Settings:
     if s.resume and s.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     w = s.weights
-    if w is not None and w not in WEIGHT_SOURCES and not _looks_like_path(w):
-        raise bad("weights", f"expected one of {', '.join(WEIGHT_SOURCES)}, or a Keras weights "
+    if w in TORCH_WEIGHT_SOURCES and framework != "torch":
+        raise bad("weights", f"{w} weights are for the PyTorch port (python -m tl_torch.train); "
+                             f"the Keras reference takes {', '.join(WEIGHT_SOURCES)} or a file")
+    if w is not None and w not in sources and not _looks_like_path(w):
+        raise bad("weights", f"expected one of {', '.join(sources)}, or a Keras weights "
                              "or model file (.h5, .keras)")
     return s
 
@@ -183,7 +189,7 @@ def settings_from(namespace: Namespace, framework: str) -> Settings:
     values = {f.name: namespace.get(f.name) for f in dataclasses.fields(Settings)}
     if values["output_dir"] is None:
         values["output_dir"] = str(Path("runs") / framework)
-    return validate(Settings(**values))
+    return validate(Settings(**values), framework)
 
 
 def parse(parser: ArgumentParser, argv: list[str] | None) -> Namespace:
