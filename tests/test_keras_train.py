@@ -1,15 +1,27 @@
-"""Tests of ``python -m tl_keras.train``: outputs, one-line errors, refusing a finished run, resume.
+"""Tests of ``python -m tl_keras.train``: outputs, one-line errors, refusing a finished run, resume
+equal to an uninterrupted run (after a simulated crash in-process, and after ``kill -9``).
 
-Runs ``tl_keras.train.main`` in-process on a few generated JPEGs, 32×32 pixels, random weights,
-one batch per epoch. Run: ``python -m pytest tests/test_keras_train.py -q``.
+Runs ``tl_keras.train.main`` in-process (eagerly) on a few generated JPEGs, 32×32 pixels, random
+weights, one batch per epoch; the resume tests use the demo weights (a random base's features are
+~1e-12: the head would learn nothing, and the comparisons would pass trivially) and whole epochs
+of 3 batches. The runs killed with SIGKILL are subprocesses, in graph mode as users run them, of
+:data:`HOOKED_TRAIN`: ``python -m tl_keras.train`` with a test hook that is inert unless set.
+Run: ``TL_PARITY_CACHE=/tmp/tlcache python -m pytest tests/test_keras_train.py -q``.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -17,7 +29,12 @@ from PIL import Image
 
 import tl_keras.train as train
 from tl_common.errors import UserError, run_main
+from tl_common.files import load_splits
 from tl_common.outputs import METRICS_FILE, read_layer_table, read_metrics
+from tl_keras.data import TrainingData, epoch_order
+from tl_keras.model import build_base, build_model, compile_for, set_phase
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Images per class: 4 to train on; 5 in validation, of which round(5 * 0.2) = 1 goes to test.
 PER_CLASS = {"train": 4, "validation": 5}
@@ -184,3 +201,252 @@ def test_resume_after_crashes_in_both_phases(data_dir, tmp_path, monkeypatch, ca
         (1, "feature_extraction"), (2, "feature_extraction"), (3, "fine_tuning"),
         (4, "fine_tuning")]
     assert not (out / "backup").exists() and not (out / "phase_a.json").exists()
+
+
+# ---- resume equals an uninterrupted run ------------------------------------------------------
+
+#: The resume runs: demo weights; 8 training images in batches of 3, so each epoch has 3 steps
+#: (3, 3, 2 images), each drawing its own flips, rotations and dropout masks.
+RESUME_SEED = 5
+
+
+def resume_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data_dir), "--weights", "demo", "--image-size", "32",
+            "--batch-size", "3", "--initial-epochs", "2", "--fine-tune-epochs", "2",
+            "--seed", str(RESUME_SEED), "--output-dir", str(out), *extra]
+
+
+def saved_arrays(out: Path) -> dict[str, np.ndarray]:
+    """Every array in the run's model.keras: the weights, and the optimizer's step count and slots."""
+    with zipfile.ZipFile(out / "model.keras") as zf:
+        data = zf.read("model.weights.h5")
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(io.BytesIO(data), "r") as f:
+        f.visititems(lambda name, obj: arrays.update({name: obj[()]})
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def assert_same_model(out: Path, reference: Path) -> None:
+    """The two runs' model.keras hold the same arrays, bitwise."""
+    got, expected = saved_arrays(out), saved_arrays(reference)
+    assert got.keys() == expected.keys()
+    different = [k for k in got if not np.array_equal(got[k], expected[k])]
+    assert not different, f"{len(different)} of {len(got)} arrays differ, e.g. {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(data_dir, demo_weights, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return out, train.main(resume_args(data_dir, out))
+
+
+def test_epoch_orders_depend_on_seed_and_epoch_only(data_dir):
+    files = load_splits(data_dir, 0.2, RESUME_SEED).train
+    assert len(files) == 8
+    orders = [epoch_order(8, RESUME_SEED, e) for e in range(4)]
+    assert all(sorted(order) == list(range(8)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 4  # a new order every epoch
+    assert np.array_equal(epoch_order(8, RESUME_SEED, 2), orders[2])
+    data = TrainingData(files, 32, 3, RESUME_SEED)
+    assert data.steps_per_epoch == 3 and TrainingData(files, 32, 3, RESUME_SEED, 2).steps_per_epoch == 2
+
+    def labels(dataset) -> list[list[int]]:
+        return [batch.tolist() for _, batch in dataset.as_numpy_iterator()]
+
+    # Epochs 1..3 in one dataset are the epochs built one by one: batches never straddle two.
+    together = labels(data.epochs(range(1, 4)))
+    assert [len(batch) for batch in together] == [3, 3, 2] * 3
+    assert together == sum((labels(data.one_epoch(e)) for e in range(1, 4)), [])
+    expected = np.asarray(files.labels)[orders[2]]
+    assert sum(together[3:6], []) == expected.tolist()
+    # --limit-batches keeps the first batches of each epoch's order.
+    limited = labels(TrainingData(files, 32, 3, RESUME_SEED, 2).epochs(range(2, 3)))
+    assert sum(limited, []) == expected[:6].tolist()
+
+
+def test_only_the_seed_states_are_not_backed_up(demo_weights, tmp_path):
+    """Everything a training step changes is in the backup (weights, optimizer) except the
+    SeedGenerator states, which EpochSeeds sets from the epoch; nothing else holds randomness."""
+    base = build_base("demo", 32)
+    model = build_model(base, seed=RESUME_SEED)
+    set_phase(base, "feature_extraction")
+    compile_for(model, "feature_extraction", 1e-4)
+    model.optimizer.build(model.trainable_variables)
+    saved = {id(v) for v in model.weights}
+    unsaved = [v for v in model.variables if id(v) not in saved]
+    assert [v.path for v in unsaved] == [v.path for v in train.seed_states(model)]
+    assert [v.numpy().tolist() for v in unsaved] == [
+        [RESUME_SEED, 0], [RESUME_SEED + 1, 0], [RESUME_SEED + 2, 0]]  # flip, rotation, dropout
+    seeds = train.EpochSeeds()
+    seeds.set_model(model)
+    seeds.on_epoch_begin(3)
+    assert [v.numpy().tolist() for v in unsaved] == [
+        [RESUME_SEED + i, 3 * train.SEED_DRAWS_PER_EPOCH] for i in range(3)]
+    # The optimizer's state is saved with the weights (Keras' save_weights): its step count and
+    # learning rate, and Adam's m and v of the head's kernel and bias.
+    path = tmp_path / "backup.weights.h5"
+    model.save_weights(path)
+    with h5py.File(path, "r") as f:
+        assert len(f["optimizer/vars"]) == len(model.optimizer.variables) == 2 + 2 * 2
+
+
+def test_epoch_seeds_hold_in_the_compiled_train_step():
+    """In graph mode too the train step draws from the state EpochSeeds set: each step counts up
+    from ``epoch * SEED_DRAWS_PER_EPOCH``. (A small model: tracing MobileNetV2 costs seconds.)"""
+    model = keras.Sequential([
+        keras.Input((4, 4, 3)),
+        keras.layers.RandomFlip("horizontal", seed=11),
+        keras.layers.Flatten(),
+        keras.layers.Dropout(0.5, seed=12),
+        keras.layers.Dense(1),
+    ])
+    model.compile(optimizer="sgd", loss="mse")
+    assert not model.run_eagerly
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append([v.numpy().tolist() for v in train.seed_states(self.model)])
+
+    x = np.zeros((6, 4, 4, 3), np.float32)
+    model.fit(x, np.zeros((6, 1)), batch_size=2, epochs=2, shuffle=False, verbose=0,
+              callbacks=[train.EpochSeeds(), Record()])
+    n = train.SEED_DRAWS_PER_EPOCH
+    assert seen == [[[11, e * n + b], [12, e * n + b]] for e in range(2) for b in range(3)]
+    assert [v.numpy().tolist() for v in train.seed_states(model)] == [[11, n + 3], [12, n + 3]]
+
+
+@pytest.mark.parametrize("crashes", [
+    # after epoch 1, in feature extraction: resumed, the run goes on through both phases
+    (1,),
+    # at the phase boundary (phase A's last epoch backed up, its record not yet written), then
+    # again after epoch 3, in fine-tuning
+    (2, 3),
+])
+def test_resume_equals_uninterrupted_run(uninterrupted_run, data_dir, tmp_path, monkeypatch,
+                                         crashes):
+    reference, reference_doc = uninterrupted_run
+    out = tmp_path / "out"
+    for i, epoch in enumerate(crashes):
+        with monkeypatch.context() as m:
+            crash_after_epoch(m, epoch)
+            with pytest.raises(Crash):
+                train.main(resume_args(data_dir, out, *(["--resume"] if i else [])))
+        assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == list(
+            range(1, epoch + 1))
+    doc = train.main(resume_args(data_dir, out, "--resume"))
+    assert doc["history"] == reference_doc["history"]  # every float, exactly
+    assert doc["test"] == reference_doc["test"]
+    assert_same_model(out, reference)
+
+
+# ---- resume after kill -9, in graph mode -----------------------------------------------------
+
+HOOKED_TRAIN = '''\
+"""python -m tl_keras.train with a test hook (tests/test_keras_train.py), inert unless set:
+TL_TEST_PAUSE_AT="epoch,batch" (0-based): write the pid to $TL_TEST_MARKER when that training
+step is about to start and sleep there, for the test to kill -9 the process."""
+import os
+import time
+from pathlib import Path
+
+import tl_keras.train as train
+from tl_common.errors import run_main
+
+PAUSE_AT = os.environ.get("TL_TEST_PAUSE_AT")
+
+
+class PausingEpochSeeds(train.EpochSeeds):
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if PAUSE_AT and f"{self.epoch},{batch}" == PAUSE_AT:
+            marker = Path(os.environ["TL_TEST_MARKER"])
+            marker.with_suffix(".tmp").write_text(str(os.getpid()))
+            os.replace(marker.with_suffix(".tmp"), marker)  # never seen half-written
+            time.sleep(600)
+
+
+train.EpochSeeds = PausingEpochSeeds
+if __name__ == "__main__":
+    run_main(train.main)
+'''
+#: Where the run is killed (0-based epoch, batch about to start): in epoch 4, fine-tuning,
+#: after its first step; the backup holds epoch 3.
+KILL_AT = "3,1"
+#: How long a subprocess may take to reach its pause point or to finish (2 loaded CPU cores).
+SUBPROCESS_TIMEOUT_S = 300
+
+
+def start_run(script: Path, argv: list[str], log: Path, **env: str) -> subprocess.Popen:
+    environment = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    if "TL_TEST_PAUSE_AT" not in env:
+        environment.pop("TL_TEST_PAUSE_AT", None)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, env=environment,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> None:
+    try:
+        rc = proc.wait(timeout=SUBPROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"run timed out:\n{log.read_text()[-3000:]}")
+    assert rc == 0, log.read_text()[-3000:]
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, log: Path) -> None:
+    """Wait until the run sits at its pause point, then SIGKILL it: nothing runs after that."""
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"run ended (rc {proc.returncode}) or timed out before its pause point:\n"
+                        + log.read_text()[-3000:])
+        time.sleep(0.1)
+    assert int(marker.read_text()) == proc.pid
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_resume_after_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path):
+    """A graph-mode run killed with SIGKILL in fine-tuning, then resumed with --resume, ends
+    with the uninterrupted run's history, test numbers and model.keras, bitwise. Its first three
+    epochs, in another process than the uninterrupted run's, are that run's too: graph mode
+    (oneDNN on) is deterministic across processes."""
+    script = tmp_path / "hooked_train.py"
+    script.write_text(HOOKED_TRAIN)
+    runs = {name: tmp_path / name for name in ("killed", "uninterrupted")}
+    marker = tmp_path / "killed.marker"
+    procs = {"killed": start_run(script, resume_args(data_dir, runs["killed"]),
+                                 tmp_path / "killed.log", TL_TEST_PAUSE_AT=KILL_AT,
+                                 TL_TEST_MARKER=str(marker)),
+             "uninterrupted": start_run(script, resume_args(data_dir, runs["uninterrupted"]),
+                                        tmp_path / "uninterrupted.log")}
+    try:
+        kill_when_paused(procs["killed"], marker, tmp_path / "killed.log")
+        out = runs["killed"]
+        # What the kill left: phase A's record, the backup of epoch 3, no finished run.
+        assert not (out / METRICS_FILE).exists() and (out / "phase_a.json").exists()
+        assert train.BackupAndRestore(str(out / "backup" / "fine_tuning")).backed_up_epoch() == 3
+        killed_history = json.loads((out / "history.json").read_text())
+        procs["resumed"] = start_run(script, resume_args(data_dir, out, "--resume"),
+                                     tmp_path / "resumed.log")
+        for name in ("uninterrupted", "resumed"):
+            finish(procs[name], tmp_path / f"{name}.log")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "feature extraction is finished" in (tmp_path / "resumed.log").read_text()
+    reference = read_metrics(runs["uninterrupted"])
+    assert killed_history == reference["history"][:3]  # determinism: every float, exactly
+    doc = read_metrics(runs["killed"])
+    assert doc["history"] == reference["history"] and doc["test"] == reference["test"]
+    assert_same_model(runs["killed"], runs["uninterrupted"])

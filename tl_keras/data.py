@@ -4,10 +4,18 @@ Images are read exactly as ``keras.utils.image_dataset_from_directory`` reads th
 ``_load_image_tf``: decode to RGB, bilinear resize with half-pixel centres and no antialiasing,
 float32 in [0, 255]); the files, labels and test split come from :mod:`tl_common`, so the PyTorch
 port sees the same images in the same order. Used by ``python -m tl_keras.train``.
+
+Training data is :class:`TrainingData`: every epoch's order is drawn from ``(seed, epoch)`` alone,
+so that a run resumed at epoch ``e`` sees the batches an uninterrupted run sees there.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
 import tensorflow as tf
 
 from tl_common.files import FileList
@@ -28,7 +36,9 @@ def make_dataset(files: FileList, image_size: int, batch_size: int, *, shuffle: 
                  limit_batches: int | None = None) -> tf.data.Dataset:
     """Batches of ``(images (N, s, s, 3) float32, labels (N,) int32)`` in the file list's order.
 
-    ``shuffle``: a new order on every pass (training data), drawn from ``seed``.
+    ``shuffle``: a new order on every pass, drawn from ``seed`` and from how many passes this
+    process has made (tf.data's state): a resumed run would draw other orders. The trainer
+    shuffles with :class:`TrainingData` instead.
     ``limit_batches``: keep only the first batches of each pass (quick runs).
     """
     labels = tf.constant(files.labels, dtype=tf.int32)  # label_mode="int"
@@ -42,3 +52,53 @@ def make_dataset(files: FileList, image_size: int, batch_size: int, *, shuffle: 
     if limit_batches is not None:
         dataset = dataset.take(limit_batches)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``size`` training files in epoch ``epoch`` (from 0): a permutation drawn
+    from ``(seed, epoch)`` alone, never from how many epochs this process has run."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The training batches of a range of epochs, each epoch in the order of :func:`epoch_order`.
+
+    ``tf.data``'s ``shuffle(reshuffle_each_iteration=True)`` draws each pass's order from
+    state that starts afresh in every process, so a run resumed at epoch ``e`` would see
+    another order than an uninterrupted one; a dataset reseeded from a callback would race
+    with Keras, which opens the next epoch's iterator (and prefetches) before
+    ``on_epoch_begin``. Here the orders are fixed before ``fit``: the dataset is the epochs'
+    batches one after another, batches never straddle two epochs, and ``fit`` takes
+    :attr:`steps_per_epoch` batches per epoch.
+    """
+
+    files: FileList
+    image_size: int
+    batch_size: int
+    seed: int
+    limit_batches: int | None = None  # the first batches of each epoch only (quick runs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        batches = math.ceil(len(self.files) / self.batch_size)  # the last one may be smaller
+        return batches if self.limit_batches is None else min(batches, self.limit_batches)
+
+    def one_epoch(self, epoch: int) -> tf.data.Dataset:
+        """Epoch ``epoch``'s batches of ``(images (N, s, s, 3) float32, labels (N,) int32)``."""
+        # Cut before decoding: --limit-batches reads only the images it trains on.
+        order = epoch_order(len(self.files), self.seed, epoch)
+        order = order[:self.steps_per_epoch * self.batch_size]
+        paths = np.asarray(self.files.paths)[order]
+        labels = np.asarray(self.files.labels, dtype=np.int32)[order]  # label_mode="int"
+        dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+        dataset = dataset.map(lambda path, label: (load_image(path, self.image_size), label),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.batch(self.batch_size)
+
+    def epochs(self, epochs: range) -> tf.data.Dataset:
+        """The batches of ``epochs`` (from 0), in turn: ``len(epochs) * steps_per_epoch``."""
+        if not epochs:
+            raise ValueError(f"epochs={epochs}: expected at least one epoch")
+        dataset = reduce(tf.data.Dataset.concatenate, (self.one_epoch(e) for e in epochs))
+        return dataset.prefetch(tf.data.AUTOTUNE)

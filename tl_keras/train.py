@@ -11,8 +11,14 @@ Writes ``metrics.json``, ``learning_curves.png``, ``layer_table.csv`` and ``mode
 ``--output-dir`` (default ``runs/keras``), and ``bad_images.txt`` when some files cannot be read
 (the run stops before training, or with ``--skip-bad-images`` trains without them). Until the
 run finishes the folder also holds what ``--resume`` needs: Keras' ``BackupAndRestore`` backup of
-the last finished epoch (``backup/<phase>/``), the history so far (``history.json``) and, once
-feature extraction is done, its weights and record (``phase_a.weights.h5``, ``phase_a.json``).
+the last finished epoch (``backup/<phase>/latest.weights.h5``, weights and optimizer state, the
+epoch number inside), the history so far (``history.json``) and, once feature extraction is
+done, its weights and record (``phase_a.weights.h5``, ``phase_a.json``).
+
+A run killed at any point and resumed ends with the same weights and history, bit for bit, as
+an uninterrupted one with the same seed: every random draw of an epoch depends on the seed and
+the epoch alone, never on how many epochs ran in this process. The data order comes from
+:class:`tl_keras.data.TrainingData`; augmentation and dropout from :class:`EpochSeeds`.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import keras
 import tensorflow as tf
 
 from tl_common.data import resolve_data_root
 from tl_common.download import sha256_of
-from tl_common.errors import non_finite_loss, run_main
+from tl_common.errors import UserError, non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, describe_bad_images, load_splits
 from tl_common.outputs import (
     RunDir,
@@ -44,7 +51,7 @@ from tl_common.outputs import (
     write_layer_table,
 )
 from tl_common.settings import WEIGHT_SOURCES, build_parser, naming_flag, parse, settings_from
-from tl_keras.data import make_dataset
+from tl_keras.data import TrainingData, make_dataset
 from tl_keras.model import (
     build_base,
     build_model,
@@ -56,6 +63,12 @@ from tl_keras.model import (
 )
 
 MODEL_FILE = "model.keras"
+
+#: Each epoch's random state starts at draw ``epoch * SEED_DRAWS_PER_EPOCH`` of every
+#: SeedGenerator (see :class:`EpochSeeds`), so epochs draw from ranges of their own as long as
+#: an epoch has fewer steps than this (each generator draws once per step). TensorFlow reduces
+#: the count modulo 2**31 - 2 (Keras' ``_cast_seed``): the ranges stay apart for 2047 epochs.
+SEED_DRAWS_PER_EPOCH = 2**20
 
 
 @dataclass(frozen=True)
@@ -125,42 +138,99 @@ class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
             raise non_finite_loss(float((logs or {})["loss"]), self.epoch + 1, batch + 1) from None
 
 
-class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' callback with its backup written atomically.
+def seed_states(model: keras.Model) -> list[keras.Variable]:
+    """The state of every SeedGenerator in the model (augmentation, dropout), ``[seed, draws]``:
+    in ``model.variables`` ("including random seeds", says Keras), not in what it saves."""
+    return [v for v in model.variables if v.name == "seed_generator_state"]
 
-    Keras writes ``latest.weights.h5`` in place, about half a second per epoch: a kill meanwhile
-    leaves a file that stops ``--resume`` with an OSError. Here each file is written beside and
-    renamed over, weights first: a kill leaves the last backup or the new one. (Between the two
-    renames it leaves the new weights with the last epoch number: that epoch is then redone.)
+
+class EpochSeeds(keras.callbacks.Callback):
+    """Sets the model's random state from the epoch as each epoch begins.
+
+    RandomFlip, RandomRotation and Dropout draw from Keras SeedGenerators, whose state
+    (:func:`seed_states`) counts up by one per training step and is not in the backup: a
+    resumed run would restart it at ``[seed, 0]`` and draw other flips, angles and masks. Set
+    to ``[seed, epoch * SEED_DRAWS_PER_EPOCH]`` here, the draws of step ``b`` of epoch ``e``
+    depend on (seed, e, b) alone. Per epoch is enough: a run killed mid-epoch resumes from the
+    backup of the last finished epoch and redoes the whole epoch. The compiled train step reads
+    the variable when it runs, so the assignment holds in graph mode too.
     """
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        for state in seed_states(self.model):
+            seed = state.numpy()[0]  # the generator's own seed: its draws count up the other entry
+            state.assign([seed, epoch * SEED_DRAWS_PER_EPOCH])
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' callback with its backup in one file, written atomically, the epoch inside.
+
+    Keras writes ``latest.weights.h5`` in place, about half a second per epoch, and then the
+    epoch number in ``training_metadata.json``: a kill during the first leaves a file that stops
+    ``--resume`` with an OSError, a kill between the two leaves the new weights with the last
+    epoch number, and the resumed run would train that epoch twice. Here the epoch is an
+    attribute of the weights file, written beside and renamed over: a kill leaves the last
+    backup or the new one, whole. The weights file holds the optimizer's state too (its step
+    count and slots), so training goes on as if never stopped.
+    """
+
+    EPOCH_ATTRIBUTE = "tl_keras_epoch"  # epochs finished, as Keras' training_metadata.json
+
+    def backed_up_epoch(self) -> int | None:
+        """The epochs the backup has finished, or None without a backup."""
+        if not os.path.exists(self._weights_path):
+            return None
+        with h5py.File(self._weights_path, "r") as f:
+            if self.EPOCH_ATTRIBUTE not in f.attrs:
+                raise UserError(f"{self._weights_path} does not say which epoch it backs up "
+                                "(a backup of an older version?): start the run again with "
+                                "--overwrite")
+            return int(f.attrs[self.EPOCH_ATTRIBUTE])
 
     def _save_model(self) -> None:
         os.makedirs(self.backup_dir, exist_ok=True)
         tmp = os.path.join(self.backup_dir, ".latest.tmp.weights.h5")  # Keras wants .weights.h5
         self.model.save_weights(tmp, overwrite=True)
+        with h5py.File(tmp, "a") as f:
+            f.attrs[self.EPOCH_ATTRIBUTE] = self._current_epoch
         os.replace(tmp, self._weights_path)
-        write_json(self._training_metadata_path,
-                   {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+    def _load_model(self) -> None:
+        epoch = self.backed_up_epoch()
+        if epoch is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # so that its state loads
+        self.model.load_weights(self._weights_path)
+        self.model._initial_epoch = epoch
 
 
-def fit(model: keras.Model, data: dict[str, tf.data.Dataset], phase: str, *, initial_epoch: int,
-        epochs: int, history: list[dict[str, Any]], state: RunState) -> float:
+def fit(model: keras.Model, train_data: TrainingData, validation: tf.data.Dataset, phase: str,
+        *, initial_epoch: int, epochs: int, history: list[dict[str, Any]], state: RunState) -> float:
     """Train one phase, backed up after every epoch; return the seconds it took."""
+    # Kept after the fit (Keras deletes it by default) until the phase's result is saved: a kill
+    # in between must not lose the phase.
+    backup = BackupAndRestore(str(state.backup / phase), delete_checkpoint=False)
+    # Keras restores the backup inside fit, but the data must start at its epoch already.
+    restored = backup.backed_up_epoch()
+    first = initial_epoch if restored is None else restored
     callbacks = [
+        EpochSeeds(),
         TerminateOnNaN(),
         # Before the backup, so that the saved history never lags behind the saved epoch.
         EpochLog(history, phase, state.history),
-        # Kept after the fit (Keras deletes it by default) until the phase's result is saved:
-        # a kill in between must not lose the phase.
-        BackupAndRestore(str(state.backup / phase), delete_checkpoint=False),
+        backup,
     ]
     # BackupAndRestore leaves the epoch it restored on the model, and Keras starts every later
     # fit there too: phase B would begin inside phase A's epochs.
     model._initial_epoch = None
     start = time.perf_counter()
-    # shuffle=False: the training dataset reshuffles itself; Keras would ignore True, with a warning.
-    model.fit(data["train"], validation_data=data["validation"], initial_epoch=initial_epoch,
-              epochs=epochs, callbacks=callbacks, shuffle=False)
+    # A backup of the phase's last epoch leaves nothing to train, but fit still wants data (it
+    # reads none of it) to restore the backup's weights and optimizer state.
+    batches = train_data.epochs(range(first, max(epochs, first + 1)))
+    # shuffle=False: the epochs come in their own orders; Keras would ignore True, with a warning.
+    model.fit(batches, steps_per_epoch=train_data.steps_per_epoch, validation_data=validation,
+              initial_epoch=first, epochs=epochs, callbacks=callbacks, shuffle=False)
     return time.perf_counter() - start
 
 
@@ -202,10 +272,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"data: {splits.root}\nclasses: {list(splits.class_names)}")
     for split in SPLITS:
         print(f"  {split}: {len(splits[split])} images {splits[split].class_counts()}")
+    train_data = TrainingData(splits.train, settings.image_size, settings.batch_size,
+                              settings.seed, settings.limit_batches)
     data = {split: make_dataset(splits[split], settings.image_size, settings.batch_size,
-                                shuffle=split == "train", seed=settings.seed,
+                                shuffle=False, seed=settings.seed,
                                 limit_batches=settings.limit_batches)
-            for split in SPLITS}
+            for split in ("validation", "test")}
 
     # ---- model ------------------------------------------------------------------------------
     model = build_model(base, dropout=settings.dropout, seed=settings.seed,
@@ -237,8 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss0, accuracy0 = model.evaluate(data["validation"], verbose=0)
             print(f"initial loss: {loss0:.2f}\ninitial accuracy: {accuracy0:.2f}")
         timings["feature_extraction_s"] = fit(
-            model, data, "feature_extraction", initial_epoch=0, epochs=settings.initial_epochs,
-            history=history, state=state)
+            model, train_data, data["validation"], "feature_extraction", initial_epoch=0,
+            epochs=settings.initial_epochs, history=history, state=state)
         tmp = state.phase_a_weights.with_name(".phase_a.tmp.weights.h5")
         model.save_weights(tmp)
         os.replace(tmp, state.phase_a_weights)
@@ -254,8 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The recipe's history.epoch[-1] would repeat phase A's last epoch.
     phase_a_epochs = sum(h["phase"] == "feature_extraction" for h in history)
     timings["fine_tuning_s"] = fit(
-        model, data, "fine_tuning", initial_epoch=phase_a_epochs, epochs=settings.total_epochs,
-        history=history, state=state)
+        model, train_data, data["validation"], "fine_tuning", initial_epoch=phase_a_epochs,
+        epochs=settings.total_epochs, history=history, state=state)
 
     # ---- test, predictions, the feature-extractor aside --------------------------------------
     start = time.perf_counter()
