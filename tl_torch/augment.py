@@ -79,9 +79,23 @@ def affine_transform(images: Tensor, transforms: Tensor, fill_mode: str = "refle
         torch.stack([a0, a1 * h / w, (a0 * (w - 1) + a1 * (h - 1) + 2 * a2 + 1) / w - 1], 1),
         torch.stack([b0 * w / h, b1, (b0 * (w - 1) + b1 * (h - 1) + 2 * b2 + 1) / h - 1], 1),
     ], 1)                                                                   # (N, 2, 3)
-    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)          # (N, H, W, 2)
+    grid = affine_grid(theta, h, w)                                         # (N, H, W, 2)
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear",
                          padding_mode=FILL_MODES[fill_mode], align_corners=False)
+
+
+def affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(theta, [N, 1, h, w], align_corners=False)``, as broadcast products.
+
+    ``F.affine_grid`` multiplies an (H·W, 3) grid by each 3×2 matrix with ``bmm``, which is slow
+    for an inner dimension of 3 on the CPU (~10 ms for 32 images of 160², as long as the bilinear
+    sampling itself); the same sums of three products, element by element, take ~3 ms.
+    """
+    x = (torch.arange(w, dtype=theta.dtype, device=theta.device) * 2 + 1) / w - 1  # pixel centres
+    y = (torch.arange(h, dtype=theta.dtype, device=theta.device) * 2 + 1) / h - 1
+    t = theta[:, :, :, None, None]                                               # (N, 2, 3, 1, 1)
+    grid = t[:, :, 0] * x + t[:, :, 1] * y[:, None] + t[:, :, 2]                 # (N, 2, H, W)
+    return grid.permute(0, 2, 3, 1)  # a view: grid_sample reads it strided, faster than a copy
 
 
 def flip_horizontal(images: Tensor, flips: Tensor) -> Tensor:

@@ -1,0 +1,139 @@
+"""Tests of :mod:`tl_torch.fast`: the folded base computes what the base computes, forward and
+backward, at every freezing point the recipe uses; the fused oneDNN path is taken and exact.
+
+Random weights with random BatchNorm statistics (Keras' initial ones, 0 and 1, would make
+folding an identity). Run: ``python -m pytest tests/test_torch_fast.py -q``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_torch import fast
+from tl_torch.fast import FrozenConvReLU6, LiveFoldedConvBN, folded_modules
+from tl_torch.freezing import freeze
+from tl_torch.weights import build_base
+
+#: float64: folding reorders a few products per output; the rest is the same arithmetic.
+FLOAT64_RTOL = 1e-10
+#: float32: the same reordering, over 52 layers of rounding (measured ~1e-6 relative).
+FLOAT32_RTOL = 1e-4
+SIZE = 64
+#: Input scale that takes >10 % of the stem's outputs past 6 (checked in the test).
+STEM_SATURATING_SCALE = 20.0
+
+
+def random_base(dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = build_base("none", SIZE, generator=g)
+    with torch.no_grad():
+        for bn in base.batchnorms():
+            c = bn.num_features
+            bn.weight.copy_(0.5 + torch.rand(c, generator=g))
+            bn.bias.copy_(0.1 * torch.randn(c, generator=g))
+            bn.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+            bn.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
+    return base.to(dtype)
+
+
+def images(dtype: torch.dtype, channels_last: bool, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` > 1 drives many stem outputs past ReLU6's upper bound."""
+    x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    x = (x * 2 - 1) * scale
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("fine_tune_at", [0, 100, 154])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, FLOAT64_RTOL),
+                                         (torch.float32, FLOAT32_RTOL)])
+def test_folded_base_equals_base_forward_and_backward(fine_tune_at, dtype, rtol):
+    base = random_base(dtype)
+    freeze(base, fine_tune_at)
+    stats = {k: v.clone() for k, v in base.state_dict().items()}
+    x = images(dtype, channels_last=dtype == torch.float32)
+    trainable = [p for p in base.parameters() if p.requires_grad]
+
+    def run(fast_layers):
+        base.fast_layers = fast_layers
+        base.zero_grad(set_to_none=True)
+        out = base(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)).sum().backward() \
+            if trainable else None
+        return out.detach(), [p.grad.clone() for p in trainable]
+
+    expected, expected_grads = run(None)
+    got, grads = run(folded_modules(base))
+    assert rel_err(got, expected) < rtol
+    assert len(grads) == len(expected_grads) == len(trainable)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert rel_err(g, e) < rtol
+    # Nothing of the base changed: weights and BatchNorm statistics.
+    assert all(torch.equal(v, stats[k]) for k, v in base.state_dict().items())
+
+
+def test_which_layers_are_folded_how():
+    base = random_base(torch.float32)
+    freeze(base, 100)
+    layers = folded_modules(base)
+    by_type = {name: type(module).__name__ for name, module in layers.items()}
+    assert by_type["block_10_expand"] == "FrozenConvReLU6"     # frozen conv + BN + ReLU6
+    assert by_type["block_10_project"] == "Conv2d"             # frozen conv + BN, no ReLU6
+    assert by_type["block_11_expand"] == "FrozenConvReLU6"     # BN 99 frozen, ReLU 100 weightless
+    assert by_type["block_11_depthwise"] == "LiveFoldedConvBN"  # trainable: folded at each call
+    assert by_type["block_11_depthwise_relu"] == "ReLU6"
+    assert all(by_type[layer.name] == "Identity"
+               for layer in base.keras_layers if layer.type == "BatchNormalization")
+    # The live fold reads the current parameters: a change shows in the next call.
+    module = layers["Conv_1"]
+    assert isinstance(module, LiveFoldedConvBN)
+    x = torch.rand(2, 320, 2, 2)
+    before = module(x)
+    with torch.no_grad():
+        base.Conv_1_bn.bias.add_(1.0)
+    assert torch.allclose(module(x), before + 1.0, atol=1e-5)
+
+
+@pytest.mark.skipif(not fast._FUSED_CONVOLUTION, reason="this torch has no oneDNN fused convolution")
+def test_fused_convolution_is_used_and_exact(monkeypatch):
+    base = random_base(torch.float32)
+    freeze(base, 154)
+    layers = folded_modules(base)
+    x = images(torch.float32, channels_last=True, scale=STEM_SATURATING_SCALE)
+    stem = layers["Conv1"].conv
+    with torch.no_grad():
+        assert (stem(x) > 6).float().mean() > 0.1  # the upper bound matters here
+    base.fast_layers = layers
+    with torch.no_grad():
+        fused = base(x)
+    calls = []
+    original = FrozenConvReLU6.forward
+
+    def counting(self, inp):
+        calls.append(inp.requires_grad)
+        return original(self, inp)
+
+    monkeypatch.setattr(FrozenConvReLU6, "forward", counting)
+    monkeypatch.setattr(fast, "_FUSED_CONVOLUTION", False)  # the two-operation fallback
+    with torch.no_grad():
+        unfused = base(x)
+    assert len(calls) == 35  # the stem, and each block's expand (not block 0's) and depthwise
+    assert torch.equal(fused, unfused)
+
+
+def test_fused_path_falls_back_when_the_input_needs_a_gradient():
+    """Input gradients (saliency maps...) flow through the frozen layers."""
+    base = random_base(torch.float64)
+    freeze(base, 154)
+    x = images(torch.float64, channels_last=False).requires_grad_(True)
+    base.fast_layers = folded_modules(base)
+    base(x).sum().backward()
+    fast_grad = x.grad.clone()
+    x.grad = None
+    base.fast_layers = None
+    base(x).sum().backward()
+    assert rel_err(fast_grad, x.grad) < FLOAT64_RTOL
