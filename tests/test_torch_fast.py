@@ -24,9 +24,9 @@ SIZE = 64
 STEM_SATURATING_SCALE = 20.0
 
 
-def random_base(dtype: torch.dtype, seed: int = 0):
+def random_base(dtype: torch.dtype, seed: int = 0, size: int = SIZE):
     g = torch.Generator().manual_seed(seed)
-    base = build_base("none", SIZE, generator=g)
+    base = build_base("none", size, generator=g)
     with torch.no_grad():
         for bn in base.batchnorms():
             c = bn.num_features
@@ -37,9 +37,10 @@ def random_base(dtype: torch.dtype, seed: int = 0):
     return base.to(dtype)
 
 
-def images(dtype: torch.dtype, channels_last: bool, scale: float = 1.0) -> torch.Tensor:
+def images(dtype: torch.dtype, channels_last: bool, scale: float = 1.0,
+           size: int = SIZE) -> torch.Tensor:
     """``scale`` > 1 drives many stem outputs past ReLU6's upper bound."""
-    x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
     x = (x * 2 - 1) * scale
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -49,13 +50,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("fine_tune_at", [0, 100, 154])
-@pytest.mark.parametrize("dtype, rtol", [(torch.float64, FLOAT64_RTOL),
-                                         (torch.float32, FLOAT32_RTOL)])
-def test_folded_base_equals_base_forward_and_backward(fine_tune_at, dtype, rtol):
+@pytest.mark.parametrize("dtype, rtol, channels_last", [
+    (torch.float64, FLOAT64_RTOL, False),   # convolutions only
+    (torch.float64, FLOAT64_RTOL, True),    # trainable 1x1 convolutions as matrix products
+    (torch.float32, FLOAT32_RTOL, True),    # as the port trains: oneDNN's fused convolutions too
+])
+def test_folded_base_equals_base_forward_and_backward(fine_tune_at, dtype, rtol, channels_last):
     base = random_base(dtype)
     freeze(base, fine_tune_at)
     stats = {k: v.clone() for k, v in base.state_dict().items()}
-    x = images(dtype, channels_last=dtype == torch.float32)
+    x = images(dtype, channels_last=channels_last)
     trainable = [p for p in base.parameters() if p.requires_grad]
 
     def run(fast_layers):
@@ -82,6 +86,9 @@ def test_which_layers_are_folded_how():
     layers = folded_modules(base)
     by_type = {name: type(module).__name__ for name, module in layers.items()}
     assert by_type["block_10_expand"] == "FrozenConvReLU6"     # frozen conv + BN + ReLU6
+    assert by_type["block_6_expand"] == "PaddedFrozenConvReLU6"  # ... + ZeroPadding2D
+    assert by_type["block_6_pad"] == "Identity"
+    assert "block_13_pad" not in by_type                       # after a trainable convolution
     assert by_type["block_10_project"] == "Conv2d"             # frozen conv + BN, no ReLU6
     assert by_type["block_11_expand"] == "FrozenConvReLU6"     # BN 99 frozen, ReLU 100 weightless
     assert by_type["block_11_depthwise"] == "LiveFoldedConvBN"  # trainable: folded at each call
@@ -137,3 +144,16 @@ def test_fused_path_falls_back_when_the_input_needs_a_gradient():
     base.fast_layers = None
     base(x).sum().backward()
     assert rel_err(fast_grad, x.grad) < FLOAT64_RTOL
+
+
+@pytest.mark.parametrize("size", [75, 97])
+def test_folded_base_equals_base_at_odd_sizes(size):
+    """Odd sizes pad the strided blocks 1 on each side, even ones 0 before and 1 after."""
+    base = random_base(torch.float64, size=size)
+    freeze(base, 154)
+    x = images(torch.float64, channels_last=False, size=size)
+    with torch.no_grad():
+        expected = base(x)
+        base.fast_layers = folded_modules(base)
+        got = base(x)
+    assert rel_err(got, expected) < FLOAT64_RTOL

@@ -10,8 +10,8 @@ is untouched. Trainable pairs (fine-tuning's upper layers) are folded too, on th
 forward scales the live convolution weights by the BatchNorm's live ``gamma / sqrt(var + eps)``
 (a few thousand multiplications) instead of normalising the activations, so autograd sends the
 gradients to the original parameters and skips BatchNorm's backward pass over the activations.
-Every ReLU6 then follows a convolution, whose backward pass needs its input, not its output: all
-of them run in place. Folding changes rounding only (~1e-6 relative); the parity suite's
+Every ReLU6 then follows a convolution, whose backward pass needs its input, not its output: those
+no gradient flows through run in place, and the frozen ones within oneDNN's convolution itself. Folding changes rounding only (~1e-6 relative); the parity suite's
 training trajectory runs through it.
 
 :func:`keep_freed_memory` is the other large CPU lever (about 2x on this model's forward): glibc
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_torch.model import MobileNetV2Base
-from tl_torch.padding import Conv2dSame
+from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_pad
 
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -69,6 +69,7 @@ def _has_fused_convolution() -> bool:
 
 
 _FUSED_CONVOLUTION = _has_fused_convolution()
+_LINEAR_1X1 = True
 
 
 class FrozenConvReLU6(nn.Module):
@@ -96,6 +97,41 @@ class FrozenConvReLU6(nn.Module):
         return F.relu6(c(x), inplace=True)
 
 
+class PaddedFrozenConvReLU6(FrozenConvReLU6):
+    """A frozen 1x1 convolution + ReLU6 and the ZeroPadding2D after it, the padding moved before
+    the convolution: the strided blocks pad their expanded activations (6x the channels of the
+    block's input) for the depthwise convolution, a copy of the largest tensors of the network.
+    Here the block's input is padded instead, the convolution runs on the padded input, and the
+    padded border of its output, ``relu6(bias)`` there, is set back to 0: the same values,
+    a sixth of the copying."""
+
+    def __init__(self, conv: nn.Conv2d, pad: Pad2d) -> None:
+        super().__init__(conv)
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0):
+            raise ValueError("PaddedFrozenConvReLU6: the convolution must be 1x1, stride 1, "
+                             "unpadded")
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        left, right, top, bottom = pad_amounts(h, w, self.pad.kernel, self.pad.stride,
+                                               self.pad.pad_type)
+        out = super().forward(zero_pad(x, left, right, top, bottom))
+        out[:, :, :top].zero_()
+        out[:, :, top + h:].zero_()
+        out[:, :, top:top + h, :left].zero_()
+        out[:, :, top:top + h, left + w:].zero_()
+        return out
+
+
+class ReLU6(nn.Module):
+    """ReLU6 in place where no gradient flows through it; out of place where one does, since
+    autograd would copy the input of an in-place ReLU6 first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x, inplace=not (x.requires_grad and torch.is_grad_enabled()))
+
+
 class LiveFoldedConvBN(nn.Module):
     """``bn(conv(x))``, ``bn`` in inference mode, as one convolution folded at every call from the
     two modules' current parameters: gradients reach ``conv.weight``, ``bn.weight`` and
@@ -113,6 +149,12 @@ class LiveFoldedConvBN(nn.Module):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale
+        if (_LINEAR_1X1 and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last)):
+            # A 1x1 convolution of a channels-last tensor is a matrix product over the channels:
+            # BLAS' forward and backward beat oneDNN's convolution on these small maps.
+            out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)   # (N, H, W, C_out)
+            return out.permute(0, 3, 1, 2)                                  # channels-last
         if isinstance(conv, Conv2dSame):
             x = conv.pad(x)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -136,11 +178,17 @@ def folded_modules(base: MobileNetV2Base) -> dict[str, nn.Module]:
                 if after is not None and after.type == "ReLU":  # no weights: frozen or not
                     fast[layer.name] = FrozenConvReLU6(fast[layer.name])
                     fast[after.name] = nn.Identity()
+                    pad = layers[after.index + 1] if after.index + 1 < len(layers) else None
+                    if (pad is not None and pad.type == "ZeroPadding2D"
+                            and layer.module.kernel_size == (1, 1)):
+                        fast[layer.name] = PaddedFrozenConvReLU6(fast[layer.name].conv,
+                                                                 pad.module)
+                        fast[pad.name] = nn.Identity()
             else:
                 fast[layer.name] = LiveFoldedConvBN(layer.module, bn.module)
             fast[bn.name] = nn.Identity()
         elif layer.type == "ReLU" and layer.name not in fast:
-            fast[layer.name] = nn.ReLU6(inplace=True)
+            fast[layer.name] = ReLU6()
     return fast
 
 
