@@ -11,8 +11,11 @@ forward scales the live convolution weights by the BatchNorm's live ``gamma / sq
 (a few thousand multiplications) instead of normalising the activations, so autograd sends the
 gradients to the original parameters and skips BatchNorm's backward pass over the activations.
 Every ReLU6 then follows a convolution, whose backward pass needs its input, not its output: those
-no gradient flows through run in place, and the frozen ones within oneDNN's convolution itself. Folding changes rounding only (~1e-6 relative); the parity suite's
-training trajectory runs through it.
+no gradient flows through run in place, the frozen ones within oneDNN's convolution itself
+(:class:`FrozenConvReLU6`). The strided blocks pad their (small) input rather than their expanded
+activations (:class:`PaddedFrozenConvReLU6`), and trainable 1x1 convolutions run as matrix
+products. Folding changes rounding only (~1e-6 relative); the parity suite's training trajectory
+runs through it.
 
 :func:`keep_freed_memory` is the other large CPU lever (about 2x on this model's forward): glibc
 maps every large tensor fresh from the kernel and returns it on free, so each activation costs
