@@ -128,16 +128,22 @@ def check_batchnorm(size: int = 96, steps: int = 2,
                 kmodel_.train_on_batch(images, labels)
             changes["keras"] = _bn_changes(before, _bn_state(kbase=kbase), index)
         if "torch" in frameworks:
-            optimizer = _torch_phase(module, phase)
-            before = _bn_state(tbase=module.base)
-            for _ in range(steps):
-                loss = module._step((pairs.nchw(images), torch.from_numpy(labels)),
-                                    module.train_loss, module.train_acc, augment=True)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            changes["torch"] = _bn_changes(before, _bn_state(tbase=module.base), index)
-        kc, tc = changes.get("keras"), changes.get("torch")
+            # As the trainer runs (BatchNorm folded into the convolutions: tl_torch.fast), and
+            # with the base's own BatchNorm modules running (TransferModule(fast=False)).
+            for variant, folded in (("torch", True), ("torch unfolded", False)):
+                optimizer = _torch_phase(module, phase)
+                if not folded:
+                    module.base.fast_layers = None
+                before = _bn_state(tbase=module.base)
+                for _ in range(steps):
+                    loss = module._step((pairs.nchw(images), torch.from_numpy(labels)),
+                                        module.train_loss, module.train_acc, augment=True)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                changes[variant] = _bn_changes(before, _bn_state(tbase=module.base), index)
+        kc = changes.get("keras")
+        tcs = [changes[v] for v in ("torch", "torch unfolded") if v in changes]
 
         def stats(c):
             return "not run" if c is None else f"{n - len(c['stats'])}/{n} unchanged"
@@ -146,13 +152,18 @@ def check_batchnorm(size: int = 96, steps: int = 2,
             return ("not run" if c is None else
                     f"{len(c['affine_unfrozen'])} changed, {len(c['affine_frozen'])} frozen changed")
 
-        ran = [c for c in (kc, tc) if c is not None]
+        def torch_cell(describe, tcs=tcs) -> str:
+            return ("not run" if not tcs else
+                    " | ".join(f"{label}: {describe(c)}" for label, c in zip(("folded", "unfolded"),
+                                                                           tcs, strict=False)))
+
+        ran = [c for c in (kc, *tcs) if c is not None]
         rows.append(verdict(group, f"{phase}, {steps} training steps: moving statistics unchanged",
-                            stats(kc), stats(tc), all(not c["stats"] for c in ran),
+                            stats(kc), torch_cell(stats), all(not c["stats"] for c in ran),
                             tolerance="bitwise"))
         expected = unfrozen if phase == "fine_tuning" else 0
         rows.append(verdict(group, f"{phase}: gamma/beta changed exactly in the unfrozen layers "
-                                   f"({expected} of {n})", affine(kc), affine(tc),
+                                   f"({expected} of {n})", affine(kc), torch_cell(affine),
                             all(len(c["affine_unfrozen"]) == expected and not c["affine_frozen"]
                                 for c in ran), tolerance="exact"))
     if "keras" in frameworks:

@@ -1,0 +1,101 @@
+"""What is measured, how often, and in which process configurations: the settings in one place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+BATCH_SIZE = 32           # the recipe's
+IMAGE_SIZE = 160          # the recipe's
+FINE_TUNE_AT = 100        # the recipe's phase-B freezing point (Keras layer index)
+LEARNING_RATE = 1e-4      # phase A (Adam); phase B uses a tenth (RMSprop), as both trainers do
+SEED = 42
+WEIGHTS = "none"          # random weights: throughput does not depend on their values
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each measurement runs. Defaults fit the full run in ~10 minutes on 2 CPU cores."""
+
+    repeats: int = 9          # timed repetitions per measurement (median and spread over these)
+    warmup: int = 3           # untimed calls first (the first traces Keras' graphs; the
+                              # port's heap settles over its first steps)
+    calls: int = 2            # batches timed together in one repetition (an epoch of the input
+                              # pipeline, or one matmul, is a repetition alone)
+    matmul_n: int = 4096      # the fp32 peak: an n x n by n x n matmul
+    budget_s: float = 25.0    # per measurement and worker: past it, stop after MIN_REPEATS
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+#: Repetitions a measurement always gets, even past its time budget (a median needs a few).
+MIN_REPEATS = 3
+
+FULL = Sizes()
+QUICK = Sizes(repeats=3, warmup=1, calls=1, matmul_n=2048, budget_s=8.0)
+
+#: Sections, by name. Each worker measures those of its configuration, in this order.
+TRAIN_A, TRAIN_B = "train_a", "train_b"
+INFER, INFER_B, INFER_UNFOLDED = "infer", "infer_fine_tuning", "infer_unfolded"
+BASE_FORWARD, AUGMENT, PIPELINE, MATMUL = "base_forward", "augment", "pipeline", "matmul"
+CORE = (TRAIN_A, TRAIN_B, INFER, BASE_FORWARD)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One fresh worker process: a framework and the settings it runs under."""
+
+    name: str
+    framework: str                       # "torch" or "keras"
+    label: str                           # what it is, for the report
+    sections: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    keep_freed_memory: bool = False      # glibc mallopt before anything else (tl_torch.fast)
+    bf16: bool = False                   # changes the numbers: reported apart
+    primary: bool = False                # the configuration the trainer itself runs
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+TORCH = Config("torch", "torch", "port as its trainer runs it (keep_freed_memory on)",
+               (TRAIN_A, TRAIN_B, INFER, INFER_B, INFER_UNFOLDED, BASE_FORWARD, AUGMENT, PIPELINE,
+                MATMUL), keep_freed_memory=True, primary=True)
+#: A measured suggestion, not what the trainer runs: OpenMP threads that sleep at once when idle
+#: instead of spinning, which keeps the port fast when other processes want the same cores.
+TORCH_OMP_PASSIVE = replace(TORCH, name="torch-omp-passive",
+                            label="port with OMP_WAIT_POLICY=PASSIVE (a suggestion)",
+                            sections=CORE, env={"OMP_WAIT_POLICY": "PASSIVE"}, primary=False)
+TORCH_NO_KEEP = Config("torch-no-keep", "torch", "port without keep_freed_memory", CORE)
+KERAS_ONEDNN = Config("keras-onednn", "keras", "Keras as tl_keras runs it (TF_ENABLE_ONEDNN_OPTS=1)",
+                      (TRAIN_A, TRAIN_B, INFER, BASE_FORWARD, AUGMENT, PIPELINE, MATMUL),
+                      env={"TF_ENABLE_ONEDNN_OPTS": "1"}, primary=True)
+KERAS_EIGEN = Config("keras-no-onednn", "keras", "TensorFlow's default here (TF_ENABLE_ONEDNN_OPTS=0)",
+                     CORE, env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+KERAS_ONEDNN_KEEP = Config("keras-onednn-keep", "keras", "TF_ENABLE_ONEDNN_OPTS=1 + glibc mallopt",
+                           CORE, env={"TF_ENABLE_ONEDNN_OPTS": "1"}, keep_freed_memory=True)
+KERAS_EIGEN_KEEP = Config("keras-no-onednn-keep", "keras", "TF_ENABLE_ONEDNN_OPTS=0 + glibc mallopt",
+                          CORE, env={"TF_ENABLE_ONEDNN_OPTS": "0"}, keep_freed_memory=True)
+TORCH_BF16 = replace(TORCH, name="torch-bf16", label="port, bf16 autocast (changes the numbers)",
+                     sections=(TRAIN_A, TRAIN_B, INFER), bf16=True, primary=False)
+KERAS_BF16 = replace(KERAS_ONEDNN, name="keras-bf16",
+                     label="Keras, mixed_bfloat16 policy (changes the numbers)",
+                     sections=(TRAIN_A, TRAIN_B, INFER), bf16=True, primary=False)
+
+
+def plan(*, quick: bool, bf16: bool, all_keras: bool = False) -> list[Config]:
+    """The worker processes of one round, frameworks alternating; quick runs the two primaries.
+
+    glibc's setting is tried for Keras with oneDNN on, its faster configuration here (2x); with
+    ``all_keras`` also with oneDNN off.
+    """
+    if quick:
+        configs = [TORCH, KERAS_ONEDNN]
+    else:
+        configs = [TORCH, KERAS_ONEDNN, TORCH_NO_KEEP, KERAS_EIGEN, TORCH_OMP_PASSIVE,
+                   KERAS_ONEDNN_KEEP]
+        if all_keras:
+            configs.append(KERAS_EIGEN_KEEP)
+    if bf16:
+        configs += [TORCH_BF16, KERAS_BF16]
+    return configs
