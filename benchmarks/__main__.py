@@ -1,0 +1,131 @@
+"""``python -m benchmarks``: the port against the Keras reference, on this machine, in one run.
+
+Usage::
+
+    python -m benchmarks [--quick] [--output DIR] [--repeats N] [--bf16]
+                         [--profile] [--no-demo] [--all-keras] [--wait-quiet SECONDS]
+
+Measures, each framework in fresh subprocesses of its own (kept alive side by side, their
+repetitions taken in turn: see :mod:`benchmarks.runner`), on the same demo images: (a) phase-A
+and (b) phase-B training throughput, (c) inference throughput, (d) the input pipeline on the
+demo's JPEG files, (e) peak memory, (f) the two demo runs end to end (not with ``--quick``), and
+the base's achieved GFLOP/s against a measured fp32 matmul peak. Keras is measured with oneDNN on
+(tl_keras' setting), off (TensorFlow's default on this CPU), and on with glibc's freed-memory
+setting (``--all-keras``: also off with it); the port with and without that setting, and with
+OpenMP's passive wait policy (a suggestion). ``--quick`` measures only the two primary
+configurations, briefly (~2 minutes). Writes ``DIR/benchmark.json`` and ``DIR/benchmark.md``
+(default DIR: benchmarks/results), worker logs in ``DIR/logs``. On a machine with a GPU, torch
+uses it (cuda when available), and TensorFlow uses one if it sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks import config as C
+from benchmarks import report
+from benchmarks.machine import describe, load_average
+from benchmarks.runner import REPO_ROOT, make_batch, run_demo, run_workers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="the two primary configurations only, few repetitions, no demo runs")
+    p.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results",
+                   help="folder for benchmark.json, benchmark.md and logs/")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed repetitions per measurement (default {C.FULL.repeats}, "
+                        f"quick {C.QUICK.repeats})")
+    p.add_argument("--bf16", action="store_true",
+                   help="also measure bf16 (torch autocast, Keras mixed_bfloat16): changes the "
+                        "numbers, reported apart")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the port's phase-A and phase-B steps (torch.profiler)")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo runs (f)")
+    p.add_argument("--all-keras", action="store_true",
+                   help="also measure Keras with oneDNN off and glibc's setting on")
+    p.add_argument("--wait-quiet", type=float, default=None, metavar="SECONDS",
+                   help="before each process, wait up to this long for other work on the machine "
+                        "to stop (default 10, quick 5; 0: never wait)")
+    args = p.parse_args(argv)
+    if args.wait_quiet is not None and args.wait_quiet < 0:
+        p.error(f"--wait-quiet={args.wait_quiet}: expected seconds >= 0")
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats={args.repeats}: expected a positive integer")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    sizes = C.QUICK if args.quick else C.FULL
+    if args.repeats is not None:
+        sizes = replace(sizes, repeats=args.repeats)
+    wait_quiet_s = args.wait_quiet if args.wait_quiet is not None else (5 if args.quick else 10)
+    out = args.output.resolve()
+    work, logs = out / "work", out / "logs"
+    work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    from tl_common.demo import demo_data_root
+    from tl_common.files import load_splits
+
+    machine = describe()
+    data_root = demo_data_root()
+    batch_file = work / "batch.npz"
+    make_batch(batch_file, data_root)
+    configs = C.plan(quick=args.quick, bf16=args.bf16, all_keras=args.all_keras)
+    say(f"benchmarks: {len(configs)} configurations"
+        f"{'' if args.quick or args.no_demo else ' + 2 demo runs'}; "
+        f"load average {machine['load_average_at_start']}; output {out}")
+    results = run_workers(configs, sizes=sizes, work=work, logs=logs,
+                          batch_file=batch_file, data_root=data_root,
+                          profile_dir=out / "profile" if args.profile else None,
+                          wait_quiet_s=wait_quiet_s, say=say)
+    demos = {}
+    if not (args.quick or args.no_demo):
+        for framework in ("keras", "torch"):
+            demos[framework] = run_demo(framework, logs=logs, wait_quiet_s=wait_quiet_s, say=say)
+
+    summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+    rows = report.build_rows(summary, results, demos)
+    threads = {}
+    for cfg in (C.TORCH, C.KERAS_ONEDNN):
+        run = next((r for r in results.get(cfg.name, []) if "threads" in r), None)
+        if run:
+            threads[cfg.framework] = {**run["threads"], "device": run.get("device")}
+    doc = {
+        "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in
+                                                      (sys.argv[1:] if argv is None else argv)),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick, "sizes": sizes.to_dict(),
+        "wait_quiet_s": wait_quiet_s,
+        "batch_size": C.BATCH_SIZE, "image_size": C.IMAGE_SIZE, "weights": C.WEIGHTS,
+        "train_images": len(load_splits(data_root, 0.2, C.SEED).train),
+        "machine": machine, "threads": threads,
+        "configs": {c.name: c.to_dict() for c in configs},
+        "rows": rows, "targets": report.targets(rows), "summary": summary,
+        "demos": demos, "results": results,
+        "load_average_at_end": load_average(),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    json_path, md_path = report.write(doc, out)
+    say("")
+    say(md_path.read_text())
+    say(f"wrote {json_path} and {md_path}")
+    failed = [r for runs in results.values() for r in runs if r.get("returncode")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,355 @@
+"""benchmark.json and benchmark.md from the workers' results.
+
+Each cell shows the median and the spread (interquartile range, then the extremes) of the
+per-repetition throughputs. The Keras column of the main table is, row by row, the fastest Keras
+configuration by median (the honest baseline); the port's column is the configuration its trainer
+runs (keep_freed_memory on). Ratios are torch ÷ Keras of the medians; beside them, the median of
+the paired ratios (repetition i of the port over repetition i of Keras, taken moments apart, so
+that a burst of other work on the machine falls on both) and the ratio of the best repetitions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks import config as C
+from benchmarks.flops import base_flops_per_image
+from benchmarks.stats import ratio, summarize
+
+#: The project's target: the port at least this many times Keras' throughput in (a), (b), (c).
+TARGET_RATIO = 1.25
+TARGET_ROWS = ("a", "b", "c")
+#: A repetition counts as quiet when other work used fewer cores than this meanwhile.
+QUIET_CORES = 0.3
+KERAS_CONFIGS = (C.KERAS_ONEDNN, C.KERAS_EIGEN, C.KERAS_ONEDNN_KEEP, C.KERAS_EIGEN_KEEP)
+STAT_KEYS = ("median", "q1", "q3", "min", "max")
+
+
+# ---- summaries -------------------------------------------------------------------------------
+
+def _pooled(runs: list[dict[str, Any]], section: str, key: str = "samples") -> list[float]:
+    return [v for run in runs for v in run.get("sections", {}).get(section, {}).get(key, [])]
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per section: its pooled samples summarised, cores used, peak memory, first-call time."""
+    names = sorted({name for run in runs for name in run.get("sections", {})})
+    out: dict[str, Any] = {}
+    for name in names:
+        entries = [run["sections"][name] for run in runs if name in run.get("sections", {})]
+        errors = [e["error"] for e in entries if "error" in e]
+        samples = _pooled(runs, name)
+        if not samples:
+            out[name] = {"error": errors[0] if errors else "no samples"}
+            continue
+        walls, cpus = _pooled(runs, name, "wall_s"), _pooled(runs, name, "cpu_s")
+        others = _pooled(runs, name, "other_cores")
+        quiet = [v for v, o in zip(samples, others, strict=False) if o < QUIET_CORES]
+        out[name] = {
+            **summarize(samples),
+            "unit": entries[0].get("unit"),
+            # CPU seconds of the process per wall second: the cores it actually got.
+            "cores_used": summarize([c / w for c, w in zip(cpus, walls, strict=True)])["median"],
+            # Busy cores of the machine outside this process meanwhile: other work.
+            "other_cores": summarize(others)["median"] if others else None,
+            # The repetitions during which the machine was otherwise idle.
+            "quiet": summarize(quiet) if quiet else None,
+            "peak_rss_mb": max(e.get("peak_rss_mb") or 0.0 for e in entries),
+            "peak_rise_mb": max(e.get("peak_rise_mb") or 0.0 for e in entries),
+            "first_call_s": [e.get("first_call_s") for e in entries],
+        }
+        if errors:
+            out[name]["errors"] = errors
+    return out
+
+
+def _single(value: float | None) -> dict[str, float] | None:
+    return None if value is None else {**dict.fromkeys(STAT_KEYS, value), "n": 1}
+
+
+def _scaled(s: dict | None, factor: float) -> dict | None:
+    if not s or "median" not in s:
+        return None
+    return {**{k: s[k] * factor for k in STAT_KEYS}, "n": s["n"]}
+
+
+def best_keras(summary: dict[str, Any], section: str) -> tuple[str | None, dict | None]:
+    """The (non-bf16) Keras configuration with the highest median in ``section``."""
+    best: tuple[str | None, dict | None] = (None, None)
+    for cfg in KERAS_CONFIGS:
+        s = summary.get(cfg.name, {}).get(section)
+        if s and "median" in s and (best[1] is None or s["median"] > best[1]["median"]):
+            best = (cfg.name, s)
+    return best
+
+
+def _process_rss(results: dict[str, list[dict[str, Any]]], cfg: C.Config) -> float | None:
+    values = [r["maxrss_mb"] for r in results.get(cfg.name, []) if r.get("maxrss_mb")]
+    return max(values) if values else None
+
+
+def paired_ratios(results: dict[str, list[dict[str, Any]]], torch_section: str,
+                  keras_config: str | None, keras_section: str) -> tuple[float | None, dict]:
+    """Median over repetitions i of port_i / keras_i (same measurement round, moments apart);
+    and the same over the pairs in which neither saw other work (median and count)."""
+    def by_rep(config: str | None, section: str) -> dict[int, tuple[float, float]]:
+        runs = results.get(config or "", [])
+        s = runs[0].get("sections", {}).get(section, {}) if runs else {}
+        others = s.get("other_cores") or [0.0] * len(s.get("samples", []))
+        return {i: (v, o) for i, v, o in zip(s.get("rep", []), s.get("samples", []), others,
+                                             strict=False)}
+
+    t, k = by_rep(C.TORCH.name, torch_section), by_rep(keras_config, keras_section)
+    pairs = [(t[i][0] / k[i][0], max(t[i][1], k[i][1])) for i in t if i in k and k[i][0]]
+    quiet = [r for r, other in pairs if other < QUIET_CORES]
+    return (summarize([r for r, _ in pairs])["median"] if pairs else None,
+            {"median": summarize(quiet)["median"] if quiet else None, "n": len(quiet)})
+
+
+def build_rows(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]],
+               demos: dict[str, Any]) -> list[dict[str, Any]]:
+    """The main table as data, one dict per row."""
+    torch = summary.get(C.TORCH.name, {})
+    keras = summary.get(C.KERAS_ONEDNN.name, {})
+    rows: list[dict[str, Any]] = []
+
+    def add(row: str, measure: str, t: dict | None, k: dict | None, *, keras_config: str | None,
+            unit: str = "images/s", higher_is_better: bool = True, digits: int = 1,
+            pair: tuple[str, str] | None = None) -> None:
+        ok = bool(t and k and "median" in t and "median" in k)
+        paired, quiet = (paired_ratios(results, pair[0], keras_config, pair[1]) if ok and pair
+                         else (None, {"median": None, "n": 0}))
+        rows.append({
+            "row": row, "measure": measure, "unit": unit, "keras": k, "torch": t,
+            "keras_config": keras_config, "higher_is_better": higher_is_better, "digits": digits,
+            "ratio": ratio(t["median"], k["median"]) if ok else None,
+            "ratio_paired": paired, "ratio_quiet": quiet,
+            "ratio_best": (ratio(t["max"], k["max"]) if higher_is_better
+                           else ratio(t["min"], k["min"])) if ok else None,
+        })
+
+    primary = C.KERAS_ONEDNN.name
+    for row, section, measure in (
+            ("a", C.TRAIN_A, "phase-A training step (base frozen; augment, forward, loss, "
+                             "backward, Adam)"),
+            ("b", C.TRAIN_B, "phase-B training step (fine_tune_at 100; RMSprop)"),
+            ("c", C.INFER, "inference, whole model in eval (port folded as in phase-A "
+                           "validation)")):
+        name, k = best_keras(summary, section)
+        add(row, measure, torch.get(section), k, keras_config=name, pair=(section, section))
+    name, k = best_keras(summary, C.INFER)
+    add("c'", "inference, port folded as in phase-B validation (below layer 100)",
+        torch.get(C.INFER_B), k, keras_config=name, pair=(C.INFER_B, C.INFER))
+    add("c''", "inference, port unfolded (as tl_torch.predict runs today)",
+        torch.get(C.INFER_UNFOLDED), k, keras_config=name, pair=(C.INFER_UNFOLDED, C.INFER))
+    for row, measure, t_section, k_section in (
+            ("d1", "input: decode + resize, every epoch (Keras tf.data; port DataLoader workers)",
+             "pipeline_decode", "pipeline_decode"),
+            ("d2", "input: decode + resize + augment, every epoch", "pipeline_decode_augment",
+             "pipeline_decode_augment"),
+            ("d3", "input: port's cache, built once (decode + resize on threads) vs Keras d1",
+             "pipeline_cache_build", "pipeline_decode"),
+            ("d4", "input: port's cached epoch + augment vs Keras d2", "pipeline_cached_augment",
+             "pipeline_decode_augment"),
+            ("d5", "augmentation alone (a batch in memory)", C.AUGMENT, C.AUGMENT)):
+        add(row, measure, torch.get(t_section), keras.get(k_section), keras_config=primary,
+            pair=(t_section, k_section))
+    # Per measurement the peak is not separable: a worker holds the models of all its measurements
+    # at once (benchmark.json keeps each measurement's peak all the same). The demo runs' peaks
+    # (row f') are those of one training process each.
+    add("e", "peak RSS of the worker process (it holds the models of all its measurements)",
+        _single(_process_rss(results, C.TORCH)), _single(_process_rss(results, C.KERAS_ONEDNN)),
+        keras_config=primary, unit="MB", higher_is_better=False, digits=0)
+    dk, dt = demos.get("keras"), demos.get("torch")
+    if dk or dt:
+        def demo(d: dict | None, key: str) -> dict | None:
+            return _single(d.get(key)) if d and "error" not in d else None
+
+        add("f", "demo end to end: `python -m tl_<framework>.train --demo`", demo(dt, "wall_s"),
+            demo(dk, "wall_s"), keras_config="tl_keras default", unit="s", higher_is_better=False)
+        add("f'", "demo: peak RSS", demo(dt, "maxrss_mb"), demo(dk, "maxrss_mb"),
+            keras_config="tl_keras default", unit="MB", higher_is_better=False, digits=0)
+    per_image = base_flops_per_image(C.IMAGE_SIZE)
+    name, k = best_keras(summary, C.BASE_FORWARD)
+    add("g1", f"base forward achieved GFLOP/s ({per_image / 1e9:.4f} GFLOP per 160² image, "
+              "2·MACs of the 52 convolutions)",
+        _scaled(torch.get(C.BASE_FORWARD), per_image / 1e9), _scaled(k, per_image / 1e9),
+        keras_config=name, unit="GFLOP/s", pair=(C.BASE_FORWARD, C.BASE_FORWARD))
+    t_mm, k_mm = torch.get(C.MATMUL), keras.get(C.MATMUL)
+    add("g2", "fp32 peak: n×n matmul (torch.matmul; tf.linalg.matmul)", t_mm, k_mm,
+        keras_config=primary, unit="GFLOP/s", pair=(C.MATMUL, C.MATMUL))
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the port reaches TARGET_RATIO x Keras in (a), (b), (c): by the ratio of medians,
+    and by the paired ratio over quiet repetitions where there are some."""
+    out = {}
+    for row in rows:
+        if row["row"] in TARGET_ROWS:
+            r = row["ratio"]
+            q = (row.get("ratio_quiet") or {}).get("median")
+            out[row["row"]] = {"ratio": r, "target": TARGET_RATIO,
+                               "met": None if r is None else r >= TARGET_RATIO,
+                               "ratio_quiet": q,
+                               "quiet_pairs": (row.get("ratio_quiet") or {}).get("n", 0),
+                               "met_quiet": None if q is None else q >= TARGET_RATIO}
+    return out
+
+
+# ---- Markdown --------------------------------------------------------------------------------
+
+def _num(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if abs(x) >= 1000 or digits == 0 else f"{x:.{digits}f}"
+
+
+def cell(s: dict | None, digits: int = 1) -> str:
+    """``median [q1–q3] (min–max)``; a single value alone."""
+    if not s:
+        return "n/a"
+    if "median" not in s:
+        return f"failed ({str(s.get('error', '?'))[:50]})"
+    if s["n"] == 1:
+        return _num(s["median"], digits)
+    return (f"**{_num(s['median'], digits)}** [{_num(s['q1'], digits)}–{_num(s['q3'], digits)}] "
+            f"({_num(s['min'], digits)}–{_num(s['max'], digits)})")
+
+
+def _ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}"
+
+
+def _load(values: list[float] | None) -> str:
+    return "n/a" if not values else f"{values[0]:.2f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [
+        "# Benchmark: tl_torch (port) vs tl_keras (reference)",
+        "",
+        f"`{doc['command']}` — {doc['date']}, {doc['elapsed_s']:.0f} s.",
+        "",
+        f"**Machine:** {m['cpu_model']}, {m['logical_cpus']} logical CPUs "
+        f"({', '.join(m['simd'])}), {m['memory_gib']} GiB; Python {m['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
+        f"**Load average** (1 min) at start {_load(m['load_average_at_start'])}, at end "
+        f"{_load(doc['load_average_at_end'])}"
+        f" — on a machine shared with other work, 'cores used' below shows what each process got.",
+        f"**Threads:** {doc['threads']}.",
+        f"**Method:** batch {C.BATCH_SIZE}, {C.IMAGE_SIZE}×{C.IMAGE_SIZE}, random weights; each "
+        "configuration in a fresh process of its own, all kept alive, their repetitions taken in "
+        f"turn (order rotating); per measurement {doc['sizes']['warmup']} warm-up call(s) (the "
+        f"first traces Keras' graphs), then up to {doc['sizes']['repeats']} repetitions of "
+        f"{doc['sizes']['calls']} batch(es) (input pipeline: of one epoch over the demo's "
+        f"{doc.get('train_images', '?')} training JPEGs; at least {C.MIN_REPEATS}, fewer than "
+        f"{doc['sizes']['repeats']} past a {doc['sizes']['budget_s']:.0f} s budget). Cells: "
+        "**median** [interquartile range] (min–max) over repetitions. Keras: `train_on_batch` / "
+        "`predict_on_batch` on a compiled model; port: `TransferModule._step` + backward + its "
+        "optimizer; `module(x)` under inference_mode.",
+        "",
+        "| row | measure | unit | Keras | torch (port) | torch ÷ Keras: median (paired; best) "
+        "| paired, quiet repetitions only (pairs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in doc["rows"]:
+        unit = row["unit"] + ("" if row["higher_is_better"] else ", lower is better")
+        kc = row["keras_config"]
+        keras_note = f" `{kc}`" if kc and kc != C.KERAS_ONEDNN.name else ""
+        extra = ("" if row["ratio_best"] is None or row["torch"]["n"] == 1 else
+                 f" ({_ratio(row['ratio_paired'])}; {_ratio(row['ratio_best'])})")
+        q = row.get("ratio_quiet") or {}
+        quiet = f"{_ratio(q['median'])} ({q['n']})" if q.get("n") else ""
+        lines.append(f"| {row['row']} | {row['measure']} | {unit} | "
+                     f"{cell(row['keras'], row['digits'])}{keras_note} | "
+                     f"{cell(row['torch'], row['digits'])} | **{_ratio(row['ratio'])}**{extra} | "
+                     f"{quiet} |")
+    g1 = next((r for r in doc["rows"] if r["row"] == "g1"), None)
+    g2 = next((r for r in doc["rows"] if r["row"] == "g2"), None)
+    if g1 and g2 and g2["torch"] and "median" in g2["torch"]:
+        peak = g2["torch"]["median"]
+        shares = [f"{fw} {100 * s['median'] / peak:.0f} %" for fw, s in
+                  (("Keras", g1["keras"]), ("torch", g1["torch"])) if s and "median" in s]
+        lines += ["", f"Base forward as a share of the measured fp32 peak ({peak:.0f} GFLOP/s, "
+                      f"torch.matmul {doc['sizes']['matmul_n']}²): " + ", ".join(shares) + "."]
+    other = []
+    for row in doc["rows"]:
+        if row["row"] in TARGET_ROWS:
+            for fw, s in (("Keras", row["keras"]), ("torch", row["torch"])):
+                if s and s.get("other_cores") is not None:
+                    other.append(f"({row['row']}) {fw} {s['other_cores']:.2f}")
+    if other:
+        lines += ["", "Other work on the machine during the measurement (busy cores outside the "
+                      "measured process, median): " + ", ".join(other) + ". The port's OpenMP "
+                      "threads slow down sharply when other work takes cores (compare "
+                      "`torch-omp-passive` below); ratios mean most where both are near 0."]
+    lines += ["", f"## Target: port ≥ {TARGET_RATIO}× Keras in (a), (b), (c)", ""]
+    for row, t in doc["targets"].items():
+        verdict = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**not met**")
+        line = f"- ({row}) {_ratio(t['ratio'])}× — {verdict}"
+        if t.get("ratio_quiet") is not None:
+            quiet = "met" if t["met_quiet"] else "not met"
+            line += (f"; over the {t['quiet_pairs']} quiet pair(s) of repetitions "
+                     f"{_ratio(t['ratio_quiet'])}× — {quiet}")
+        lines.append(line)
+    lines += ["", "## Every configuration", "",
+              "| configuration | what | (a) | (b) | (c) | base forward | cores used / other "
+              "work in (a) | process peak RSS MB | set-up s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, cfg in doc["configs"].items():
+        s = doc["summary"].get(name, {})
+        runs = doc["results"].get(name, [])
+        rss = max((r.get("maxrss_mb") or 0 for r in runs), default=0)
+        setup = ", ".join(f"{r['setup_s']:.0f}" for r in runs if r.get("setup_s") is not None)
+        cores = s.get(C.TRAIN_A, {}).get("cores_used")
+        other = s.get(C.TRAIN_A, {}).get("other_cores")
+        failed = "; ".join(r["error"] for r in runs if "error" in r)
+        lines.append(f"| `{name}` | {cfg['label']}{' — ' + failed if failed else ''} | "
+                     + " | ".join(cell(s.get(sec)) for sec in
+                                  (C.TRAIN_A, C.TRAIN_B, C.INFER, C.BASE_FORWARD))
+                     + f" | {_num(cores, 2)} / {_num(other, 2)} | {_num(rss, 0)} | {setup} |")
+    first = []
+    for name in doc["configs"]:
+        s = doc["summary"].get(name, {})
+        calls = [f"{sec} {max(v for v in s[sec]['first_call_s'] if v is not None):.1f} s"
+                 for sec in (C.TRAIN_A, C.TRAIN_B, C.INFER)
+                 if sec in s and any(v is not None for v in s[sec].get("first_call_s", []))]
+        if calls:
+            first.append(f"`{name}`: " + ", ".join(calls))
+    lines += ["", "First call of each measurement (graph tracing, lazy set-up; not in the "
+                  "throughputs): " + "; ".join(first) + "."]
+    if doc.get("demos"):
+        lines += ["", "## Demo runs (f)", "", "| framework | wall s | feature extraction s | "
+                  "fine-tuning s | test accuracy | peak RSS MB | machine busy cores (its own "
+                  "included) |", "|---|---|---|---|---|---|---|"]
+        for fw, d in doc["demos"].items():
+            t = d.get("timings") or {}
+            acc = (d.get("test") or {}).get("accuracy")
+            lines.append(f"| {fw} | {_num(d.get('wall_s'))} | {_num(t.get('feature_extraction_s'))} "
+                         f"| {_num(t.get('fine_tuning_s'))} | {_num(acc, 3)} | "
+                         f"{_num(d.get('maxrss_mb'), 0)} | {_num(d.get('machine_busy_cores'), 2)} |"
+                         + (f" {d['error']}" if "error" in d else ""))
+    profile = next((r.get("profile") for r in doc["results"].get(C.TORCH.name, [])
+                    if r.get("profile")), None)
+    if profile and "error" in profile:
+        lines += ["", f"Profile failed: {profile['error']}"]
+    elif profile:
+        lines += ["", "## Where the port's training step spends its time (torch.profiler, self CPU)"]
+        for name, p in profile.items():
+            lines += ["", f"`{name}`: {p['ms_per_step']:.0f} ms/step under the profiler", "",
+                      "| op | ms/step | share | calls/step |", "|---|---|---|---|"]
+            lines += [f"| `{op['op']}` | {op['self_ms_per_step']:.1f} | {100 * op['share']:.1f} % | "
+                      f"{op['calls_per_step']:.0f} |" for op in p["top_ops"][:12]]
+    return "\n".join(lines) + "\n"
+
+
+def write(doc: dict[str, Any], folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / "benchmark.json", folder / "benchmark.md"
+    json_path.write_text(json.dumps(doc, indent=1, default=str))
+    md_path.write_text(markdown(doc))
+    return json_path, md_path

@@ -1,0 +1,143 @@
+"""Smoke tests of the benchmark harness (benchmarks/): its FLOP count, statistics, timing loop and
+report, and one tiny end-to-end pass through both worker processes (two images, one repetition)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import config as C
+from benchmarks import report
+from benchmarks.flops import base_convolutions, base_flops_per_image
+from benchmarks.runner import make_batch, run_workers
+from benchmarks.stats import quantile, summarize
+from benchmarks.worker import Bench
+
+#: The FLOP count at 160x160 stated in the report: 2 x 152,803,200 multiply-accumulates.
+FLOPS_AT_160 = 305_606_400
+
+
+@pytest.mark.parametrize("size", [160, 97])
+def test_flops_equal_torch_flop_counter_on_the_port(size):
+    from tl_torch.weights import build_base
+
+    base = build_base("none", size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        base(torch.zeros(1, 3, size, size))
+    assert len(base_convolutions(size)) == 52
+    assert base_flops_per_image(size) == counter.get_total_flops()
+
+
+def test_flops_at_recipe_size():
+    assert base_flops_per_image(160) == FLOPS_AT_160
+
+
+def test_summary_uses_linear_quantiles():
+    s = summarize([4.0, 1.0, 3.0, 2.0])
+    assert (s["median"], s["q1"], s["q3"], s["min"], s["max"], s["n"]) == (2.5, 1.75, 3.25, 1.0, 4.0, 4)
+    assert quantile([5.0], 0.75) == 5.0
+    with pytest.raises(ValueError, match="q must be in"):
+        quantile([1.0], 1.5)
+
+
+def test_bench_warms_up_then_times_repetitions():
+    calls = []
+
+    def work():
+        calls.append(None)
+        time.sleep(0.01)
+
+    bench = Bench(work, 4, calls=2, warmup=3)
+    assert bench.warm() >= 0.01
+    assert len(calls) == 3
+    r = bench.rep()
+    assert len(calls) == 5
+    assert 0 < r["sample"] <= 4 * 2 / 0.02  # 8 images in >= 20 ms
+    assert r["wall_s"] >= 0.02 and r["peak_rss_mb"] > 0
+    # A call slower than half the budget ends the warm-up after the second call.
+    calls.clear()
+    Bench(work, 4, warmup=5).warm(budget_s=0.005)
+    assert len(calls) == 2
+
+
+def _fake_run(config: C.Config, samples: dict[str, list[float]]) -> dict:
+    return {"config": config.to_dict(), "maxrss_mb": 1000.0, "sections": {
+        name: {"unit": "images/s", "samples": v, "rep": list(range(len(v))),
+               "wall_s": [1.0] * len(v), "cpu_s": [2.0] * len(v), "other_cores": [0.0] * len(v),
+               "peak_rss_mb": 900.0, "peak_rise_mb": 10.0, "first_call_s": 1.0}
+        for name, v in samples.items()}}
+
+
+def test_report_compares_the_port_with_the_fastest_keras_configuration():
+    results = {
+        C.TORCH.name: [_fake_run(C.TORCH, {C.TRAIN_A: [150.0, 160.0, 170.0]})],
+        C.KERAS_ONEDNN.name: [_fake_run(C.KERAS_ONEDNN, {C.TRAIN_A: [100.0, 110.0, 90.0]})],
+        C.KERAS_EIGEN.name: [_fake_run(C.KERAS_EIGEN, {C.TRAIN_A: [40.0, 50.0, 60.0]})],
+    }
+    summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+    rows = report.build_rows(summary, results, demos={})
+    a = next(r for r in rows if r["row"] == "a")
+    assert a["keras_config"] == C.KERAS_ONEDNN.name
+    assert a["ratio"] == pytest.approx(160.0 / 100.0)
+    assert a["ratio_best"] == pytest.approx(170.0 / 110.0)
+    # Paired by repetition: 150/100, 160/110, 170/90.
+    assert a["ratio_paired"] == pytest.approx(150.0 / 100.0)
+    assert report.targets(rows)["a"]["met"] is True
+    assert report.targets(rows)["b"]["met"] is None  # not measured
+    assert summary[C.TORCH.name][C.TRAIN_A]["cores_used"] == 2.0
+
+
+def _tiny_data_root(root: Path) -> Path:
+    """train/ and validation/ with 3 JPEGs per class: enough for load_splits' test split."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        for name in ("cats", "dogs"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}.{i}.jpg")
+    return root
+
+
+def test_both_workers_end_to_end(tmp_path):
+    data_root = _tiny_data_root(tmp_path / "data")
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    work.mkdir()
+    batch = work / "batch.npz"
+    make_batch(batch, data_root, n=2)
+    with np.load(batch) as b:
+        assert b["images"].shape == (2, C.IMAGE_SIZE, C.IMAGE_SIZE, 3)
+    sizes = C.Sizes(repeats=2, warmup=1, calls=1, matmul_n=64, budget_s=1.0)
+    configs = [dataclasses.replace(C.TORCH, sections=(C.INFER, C.AUGMENT)),
+               dataclasses.replace(C.KERAS_ONEDNN, sections=(C.INFER,))]
+    results = run_workers(configs, sizes=sizes, work=work, logs=logs, batch_file=batch,
+                          data_root=data_root, profile_dir=None, wait_quiet_s=0,
+                          say=lambda _: None)
+    for cfg in configs:
+        (run,) = results[cfg.name]
+        assert run["returncode"] == 0, (logs / f"{cfg.name}.log").read_text()[-2000:]
+        for section in cfg.sections:
+            assert len(run["sections"][section]["samples"]) == 2
+            assert min(run["sections"][section]["samples"]) > 0
+        assert run["maxrss_mb"] > 100
+    assert results[C.TORCH.name][0]["keep_freed_memory"] is True
+    summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+    rows = report.build_rows(summary, results, demos={})
+    doc = {"command": "test", "date": "now", "elapsed_s": 0.0, "rounds": 1, "threads": {},
+           "machine": {"cpu_model": "x", "logical_cpus": 2, "simd": [], "memory_gib": 1,
+                       "python": "3", "versions": {}, "load_average_at_start": None},
+           "load_average_at_end": None, "sizes": sizes.to_dict(), "rows": rows,
+           "targets": report.targets(rows), "summary": summary, "results": results,
+           "configs": {c.name: c.to_dict() for c in configs}, "demos": {}}
+    json_path, md_path = report.write(doc, tmp_path / "out")
+    assert json.loads(json_path.read_text())["rows"][2]["row"] == "c"
+    assert "| c | inference" in md_path.read_text()
