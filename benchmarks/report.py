@@ -142,7 +142,7 @@ def build_rows(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]
     name, k = best_keras(summary, C.INFER)
     add("c'", "inference, port folded as in phase-B validation (below layer 100)",
         torch.get(C.INFER_B), k, keras_config=name, pair=(C.INFER_B, C.INFER))
-    add("c''", "inference, port unfolded (as tl_torch.predict runs today)",
+    add("c''", "inference, port unfolded (TransferModule(fast=False))",
         torch.get(C.INFER_UNFOLDED), k, keras_config=name, pair=(C.INFER_UNFOLDED, C.INFER))
     for row, measure, t_section, k_section in (
             ("d1", "input: decode + resize, every epoch (Keras tf.data; port DataLoader workers)",

@@ -8,7 +8,7 @@ Everything goes through the port's own code paths:
   bookkeeping (logging) is left out, as Keras' ``train_on_batch`` leaves out ``fit``'s callbacks;
 - inference: ``module(images)`` in eval mode under ``torch.inference_mode`` (as Lightning
   validates), folded as in phase-A validation; also as in phase-B validation (folded below
-  ``fine_tune_at``) and unfolded (``tl_torch.predict`` as it is);
+  ``fine_tune_at``) and unfolded (``TransferModule(fast=False)``);
 - input: ``ImageFolderDataModule``'s loaders (DataLoader workers decoding every epoch, and the
   in-memory cache) and ``RandomFlipRotation``.
 Each measurement has a module of its own (same seed, same weights), so that none changes another's

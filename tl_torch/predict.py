@@ -19,6 +19,7 @@ from tl_common.errors import UserError, run_main
 from tl_common.files import IMAGE_EXTENSIONS
 from tl_common.outputs import read_metrics
 from tl_torch.data import load_images
+from tl_torch.fast import keep_freed_memory
 from tl_torch.module import TransferModule
 
 #: Images per forward pass.
@@ -65,6 +66,9 @@ def load_run(run_dir: str | Path) -> tuple[TransferModule, tuple[str, ...], int]
         raise UserError(f"{checkpoint} has a head for {module.hparams.num_classes} classes, but "
                         f"{run_dir / 'metrics.json'} lists {len(class_names)}: the two files "
                         "come from different runs")
+    # Nothing trains here: the whole base frozen, then folded for speed (tl_torch.fast).
+    module.set_phase("feature_extraction")
+    module.refresh_fast_layers()
     return module.eval(), class_names, metrics["settings"]["image_size"]
 
 
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> list[tuple[Path, str, float]]:
     parser.add_argument("run_dir", help="output folder of python -m tl_torch.train")
     parser.add_argument("images", nargs="+", help="image files or folders")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as tl_torch.train: reuse the activations' memory from batch to batch
     module, class_names, image_size = load_run(args.run_dir)
     results = []
     for path, name, prob in predict(module, image_paths(args.images), class_names, image_size):
