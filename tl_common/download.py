@@ -24,6 +24,9 @@ DOWNLOAD_TIMEOUT_S = 30
 
 #: The ImageNet weights ``keras.applications.MobileNetV2`` downloads.
 IMAGENET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+#: What to do when the ImageNet weights cannot be downloaded (both trainers say the same).
+IMAGENET_WAY_OUT = ("pass --weights none, --weights PATH to a Keras weights file, "
+                    "or --demo for the offline demo")
 
 #: Input sizes for which Keras publishes ImageNet weights; others get the 224 file.
 IMAGENET_SIZES = (96, 128, 160, 192, 224)

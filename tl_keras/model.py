@@ -22,7 +22,13 @@ from keras import layers
 from keras.src.utils.naming import to_snake_case
 
 from tl_common.demo import demo_weights_path
-from tl_common.download import DOWNLOAD_TIMEOUT_S, IMAGENET_BASE_URL, imagenet_weights_name, keras_home
+from tl_common.download import (
+    DOWNLOAD_TIMEOUT_S,
+    IMAGENET_BASE_URL,
+    IMAGENET_WAY_OUT,
+    imagenet_weights_name,
+    keras_home,
+)
 from tl_common.errors import UserError
 from tl_common.outputs import PHASES
 from tl_common.settings import KERAS_BASE_LAYERS
@@ -91,8 +97,8 @@ def _imagenet_base(image_size: int) -> keras.Model:
         if "URL fetch failure" not in str(err):
             raise
         reason = str(err).rsplit(" -- ", 1)[-1]
-        raise UserError(f"could not download the ImageNet weights from {url} ({reason}); pass "
-                        "--weights none, or --weights PATH to a Keras weights file, or --demo") from None
+        raise UserError(f"could not download the ImageNet weights from {url} ({reason}); "
+                        f"{IMAGENET_WAY_OUT}") from None
     finally:
         socket.setdefaulttimeout(previous)
 

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl_common.download import IMAGENET_BASE_URL, download, imagenet_weights_name, keras_home
+from tl_common.download import (
+    IMAGENET_BASE_URL,
+    IMAGENET_WAY_OUT,
+    download,
+    imagenet_weights_name,
+    keras_home,
+)
 from tl_common.errors import UserError
 from tl_torch.keras_weights import load_keras_weights
 from tl_torch.model import KERAS_BN_EPS, TORCHVISION_BN_EPS, MobileNetV2Base
@@ -37,8 +43,7 @@ def imagenet_weights_path(image_size: int) -> Path:
     path = keras_home() / "models" / name
     if not path.exists():
         download(IMAGENET_BASE_URL + name, path, what="the ImageNet weights",
-                 way_out="pass --weights none, --weights PATH to a Keras weights file, "
-                         "or --demo for the offline demo")
+                 way_out=IMAGENET_WAY_OUT)
     return path
 
 
