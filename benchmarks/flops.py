@@ -13,19 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: alpha 1.0: first filters, last filters, and the inverted residual table (t, c, n, s),
-#: as in tl_torch/model.py and keras.applications.MobileNetV2.
-FIRST_FILTERS = 32
-LAST_FILTERS = 1280
-INVERTED_RESIDUAL_SETTING = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-)
+from tl_common.mobilenet_v2 import FIRST_FILTERS, INVERTED_RESIDUAL_SETTING, LAST_FILTERS
 
 
 @dataclass(frozen=True)

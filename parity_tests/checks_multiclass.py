@@ -34,6 +34,7 @@ from parity_tests.checks_training import (
 from parity_tests.rows import Row, close, equal, verdict
 from tl_common.demo import demo_weights_path, draw_animal
 from tl_common.files import load_splits
+from tl_common.mobilenet_v2 import LAST_FILTERS  # the head: 1280 weights and a bias per logit
 from tl_common.outputs import read_metrics
 from tl_keras import model as kmodel
 
@@ -44,8 +45,6 @@ PER_CLASS = {"train": 8, "validation": 5}
 #: A file cut short, among the training cats: both CLIs run with --skip-bad-images.
 CORRUPT = "train/cats/cat.0099.jpg"
 SIZE, BATCH, STEPS = 96, 8, 5
-#: The head's parameters: 1280 weights and a bias per logit.
-LAST_FILTERS = 1280
 #: The recipe's counts with its one-logit head (1280 + 1 trainable in feature extraction).
 RECIPE_COUNTS = {"feature_extraction": (1_281, 2_257_984), "fine_tuning": (1_862_721, 396_544)}
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_torch.model import MobileNetV2Base
-from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_pad
+from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_border_, zero_pad
 
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -120,11 +120,7 @@ class PaddedFrozenConvReLU6(FrozenConvReLU6):
         left, right, top, bottom = pad_amounts(h, w, self.pad.kernel, self.pad.stride,
                                                self.pad.pad_type)
         out = super().forward(zero_pad(x, left, right, top, bottom))
-        out[:, :, :top].zero_()
-        out[:, :, top + h:].zero_()
-        out[:, :, top:top + h, :left].zero_()
-        out[:, :, top:top + h, left + w:].zero_()
-        return out
+        return zero_border_(out, left, right, top, bottom)
 
 
 class ReLU6(nn.Module):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tl_common.mobilenet_v2 import FIRST_FILTERS, INVERTED_RESIDUAL_SETTING, LAST_FILTERS
 from tl_torch.padding import Conv2dSame, Pad2d
 
 #: Keras' ``BatchNormalization(epsilon=1e-3, momentum=0.999)``; torch's momentum is 1 - Keras'.
@@ -40,19 +41,6 @@ KERAS_BN_MOMENTUM = 0.999
 #: torchvision trained its weights with torch's default BatchNorm epsilon.
 TORCHVISION_BN_EPS = 1e-5
 
-FIRST_FILTERS = 32
-LAST_FILTERS = 1280
-#: Inverted residual blocks: expansion t, output channels c, repeats n, first stride s.
-#: Block 0 ("expanded_conv") is the t=1 one; Keras numbers the others block_1 .. block_16.
-INVERTED_RESIDUAL_SETTING = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-)
 
 #: How inputs in [0, 255] are brought to what the weights expect.
 PREPROCESSING = ("keras", "torchvision")

@@ -57,11 +57,17 @@ def zero_pad(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> t
     out = torch.empty((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
                       memory_format=fmt)
     out[:, :, top:top + h, left:left + w] = x
-    out[:, :, :top].zero_()
-    out[:, :, top + h:].zero_()
-    out[:, :, top:top + h, :left].zero_()
-    out[:, :, top:top + h, left + w:].zero_()
-    return out
+    return zero_border_(out, left, right, top, bottom)
+
+
+def zero_border_(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    """Zero the border strips of NCHW ``x`` (the given widths on each side) in place; return it."""
+    h, w = x.shape[-2] - top - bottom, x.shape[-1] - left - right
+    x[:, :, :top].zero_()
+    x[:, :, top + h:].zero_()
+    x[:, :, top:top + h, :left].zero_()
+    x[:, :, top:top + h, left + w:].zero_()
+    return x
 
 
 class Pad2d(nn.Module):
