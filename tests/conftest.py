@@ -8,6 +8,10 @@ BatchNorm statistics measured on a batch (for comparisons of outputs, activation
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,3 +126,25 @@ def randomize() -> Callable[[nn.Module, torch.Generator], nn.Module]:
 def calibrate_bn() -> Callable[[nn.Module, torch.Tensor, torch.Generator], nn.Module]:
     """The :func:`calibrate_bn_` helper, for modules other than the base (torchvision's model)."""
     return calibrate_bn_
+
+
+def kill_when_paused_(proc: subprocess.Popen, marker: Path, log: Path, timeout_s: float) -> None:
+    """Wait until the run sits at its pause point (it writes its pid to ``marker`` there), then
+    SIGKILL it: nothing of it runs after that. Fails with the run's log if it ends or takes longer
+    than ``timeout_s`` first."""
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"run ended (rc {proc.returncode}) or timed out before its pause point:\n"
+                        + log.read_text()[-3000:])
+        time.sleep(0.1)
+    assert int(marker.read_text()) == proc.pid
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+@pytest.fixture(scope="session")
+def kill_when_paused() -> Callable[[subprocess.Popen, Path, Path, float], None]:
+    """The :func:`kill_when_paused_` helper, for the trainers' kill -9 tests."""
+    return kill_when_paused_

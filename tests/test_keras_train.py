@@ -14,10 +14,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -400,21 +398,8 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
     assert rc == 0, log.read_text()[-3000:]
 
 
-def kill_when_paused(proc: subprocess.Popen, marker: Path, log: Path) -> None:
-    """Wait until the run sits at its pause point, then SIGKILL it: nothing runs after that."""
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"run ended (rc {proc.returncode}) or timed out before its pause point:\n"
-                        + log.read_text()[-3000:])
-        time.sleep(0.1)
-    assert int(marker.read_text()) == proc.pid
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-
-
-def test_resume_after_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path):
+def test_resume_after_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path,
+                                                    kill_when_paused):
     """A graph-mode run killed with SIGKILL in fine-tuning, then resumed with --resume, ends
     with the uninterrupted run's history, test numbers and model.keras, bitwise. Its first three
     epochs, in another process than the uninterrupted run's, are that run's too: graph mode
@@ -429,7 +414,7 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_
              "uninterrupted": start_run(script, resume_args(data_dir, runs["uninterrupted"]),
                                         tmp_path / "uninterrupted.log")}
     try:
-        kill_when_paused(procs["killed"], marker, tmp_path / "killed.log")
+        kill_when_paused(procs["killed"], marker, tmp_path / "killed.log", SUBPROCESS_TIMEOUT_S)
         out = runs["killed"]
         # What the kill left: phase A's record, the backup of epoch 3, no finished run.
         assert not (out / METRICS_FILE).exists() and (out / "phase_a.json").exists()

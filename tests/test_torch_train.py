@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -182,20 +180,6 @@ def start_paused_run(script: Path, argv: list[str], pause_at: str, marker: Path,
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
-
-
-def kill_when_paused(proc: subprocess.Popen, marker: Path, log: Path) -> None:
-    """Wait until the run sits at its pause point, then SIGKILL it: nothing runs after that."""
-    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"run ended (rc {proc.returncode}) or timed out before its pause point:\n"
-                        + log.read_text()[-3000:])
-        time.sleep(0.1)
-    assert int(marker.read_text()) == proc.pid
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
 # ---- fixtures --------------------------------------------------------------------------------
@@ -488,7 +472,8 @@ KILL_POINTS = {
 
 
 @pytest.fixture(scope="module")
-def killed_runs(data_dir, hooked_train, demo_weights, tmp_path_factory) -> dict[str, Path]:
+def killed_runs(data_dir, hooked_train, demo_weights, tmp_path_factory,
+                kill_when_paused) -> dict[str, Path]:
     """The runs of KILL_POINTS, started together (their imports overlap) and each killed with
     SIGKILL at its pause point; their output folders."""
     root = tmp_path_factory.mktemp("killed")
@@ -497,7 +482,8 @@ def killed_runs(data_dir, hooked_train, demo_weights, tmp_path_factory) -> dict[
              for name, pause_at in KILL_POINTS.items()}
     try:
         for name, proc in procs.items():
-            kill_when_paused(proc, root / f"{name}.marker", root / f"{name}.log")
+            kill_when_paused(proc, root / f"{name}.marker", root / f"{name}.log",
+                             SUBPROCESS_TIMEOUT_S)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
