@@ -72,7 +72,6 @@ def _has_fused_convolution() -> bool:
 
 
 _FUSED_CONVOLUTION = _has_fused_convolution()
-_LINEAR_1X1 = True
 
 
 class FrozenConvReLU6(nn.Module):
@@ -148,8 +147,8 @@ class LiveFoldedConvBN(nn.Module):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale
-        if (_LINEAR_1X1 and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last)):
+        if (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+                and x.is_contiguous(memory_format=torch.channels_last)):
             # A 1x1 convolution of a channels-last tensor is a matrix product over the channels:
             # BLAS' forward and backward beat oneDNN's convolution on these small maps.
             out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)   # (N, H, W, C_out)
