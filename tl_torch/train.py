@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     test = {"loss": float(test["test_loss"]), "accuracy": float(test["test_accuracy"])}
     rank_zero_only(print)(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}")
     model_path = run_dir.path / MODEL_FILE
-    trainer.save_checkpoint(model_path)
+    trainer.save_checkpoint(model_path, weights_only=False)  # with the optimizer state
     if not trainer.is_global_zero:
         return None
 
