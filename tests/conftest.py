@@ -148,3 +148,23 @@ def kill_when_paused_(proc: subprocess.Popen, marker: Path, log: Path, timeout_s
 def kill_when_paused() -> Callable[[subprocess.Popen, Path, Path, float], None]:
     """The :func:`kill_when_paused_` helper, for the trainers' kill -9 tests."""
     return kill_when_paused_
+
+
+@pytest.fixture(scope="module")
+def keras_eager():
+    """Keras trains eagerly in the modules that use this (``pytestmark``): tracing MobileNetV2's
+    train step costs seconds per phase, and nothing their in-process runs check depends on it.
+    The traced path runs in the demo and in the subprocess runs."""
+    import keras
+
+    import tl_keras.train as keras_train
+
+    compile_for = keras_train.compile_for
+
+    def compile_eagerly(model: keras.Model, phase: str, learning_rate: float) -> None:
+        compile_for(model, phase, learning_rate)
+        model.run_eagerly = True
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(keras_train, "compile_for", compile_eagerly)
+        yield

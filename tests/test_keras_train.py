@@ -58,18 +58,8 @@ def args(data_dir: Path, out: Path, *extra: str, epochs: tuple[int, int] = (1, 1
 
 
 @pytest.fixture(scope="module", autouse=True)
-def eager():
-    """Train eagerly: tracing MobileNetV2's train step costs seconds per phase, and nothing these
-    tests check (epochs, files, resume) depends on it. The traced path runs in the demo."""
-    compile_for = train.compile_for
-
-    def compile_eagerly(model: keras.Model, phase: str, learning_rate: float) -> None:
-        compile_for(model, phase, learning_rate)
-        model.run_eagerly = True
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "compile_for", compile_eagerly)
-        yield
+def _keras_trains_eagerly(keras_eager):
+    """Every in-process Keras run here trains eagerly (the ``keras_eager`` fixture)."""
 
 
 @pytest.fixture(scope="module")

@@ -53,18 +53,8 @@ def cats_and_dogs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def keras_eagerly():
-    """Keras trains eagerly here: tracing MobileNetV2's train step costs seconds per phase and
-    nothing checked here depends on it (as in tests/test_keras_train.py)."""
-    compile_for = keras_train.compile_for
-
-    def compile_eagerly(model: keras.Model, phase: str, learning_rate: float) -> None:
-        compile_for(model, phase, learning_rate)
-        model.run_eagerly = True
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(keras_train, "compile_for", compile_eagerly)
-        yield
+def _keras_trains_eagerly(keras_eager):
+    """Every in-process Keras run here trains eagerly (the ``keras_eager`` fixture)."""
 
 
 def argv(data: Path, out: Path, *extra: str, weights: str = "none") -> list[str]:
