@@ -28,7 +28,7 @@ from PIL import Image
 
 import tl_torch.predict as predict
 import tl_torch.train as train
-from tl_common.errors import run_main
+from tl_common.errors import UserError, run_main
 from tl_common.files import load_splits
 from tl_common.outputs import HISTORY_KEYS, read_layer_table, read_metrics
 from tl_common.settings import Settings
@@ -37,7 +37,7 @@ from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule, TwoPhaseFineTuning
 from tl_torch.optim import KerasAdam, KerasRMSprop
-from tl_torch.weights import build_base
+from tl_torch.weights import base_config, build_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ from pathlib import Path
 
 import torch
 
-from tl_common.errors import run_main
+from tl_common.errors import UserError, run_main
 from tl_torch import module as tm
 from tl_torch.train import main
 
@@ -610,7 +610,91 @@ def test_predict_needs_a_run_folder(tmp_path, data_dir, capsys):
         run_main(predict.main, [str(tmp_path), str(data_dir / "validation")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "metrics.json" in err[0], err
+    assert len(err) == 1 and "has no model.ckpt" in err[0], err
+
+
+#: What a checkpoint holds beyond the training settings, so that it alone rebuilds the model.
+MODEL_HPARAMS = ("base_config", "class_names", "image_size", "weights")
+
+
+def test_model_ckpt_alone_rebuilds_the_model(finished_run, data_dir, tmp_path, capsys):
+    out, doc = finished_run
+    # Plain data only: readable without unpickling arbitrary objects.
+    hparams = torch.load(out / "model.ckpt", map_location="cpu", weights_only=True)[
+        "hyper_parameters"]
+    assert hparams["base_config"] == base_config("demo") == {
+        "pad_type": "same", "bn_eps": 1e-3, "preprocessing": "keras"}
+    assert (hparams["class_names"], hparams["image_size"], hparams["weights"]) == (
+        doc["data"]["class_names"], SIZE, "demo")
+
+    alone = tmp_path / "alone"  # model.ckpt, and no metrics.json beside it
+    alone.mkdir()
+    (alone / "model.ckpt").write_bytes((out / "model.ckpt").read_bytes())
+    folder = str(data_dir / "validation")
+    run_main(predict.main, [str(out), folder])
+    from_run = capsys.readouterr().out
+    run_main(predict.main, [str(alone), folder])
+    assert capsys.readouterr().out.replace(str(alone), str(out)) == from_run
+    assert len(from_run.splitlines()) == 12
+
+    module = TransferModule.load_from_checkpoint(alone / "model.ckpt", map_location="cpu",
+                                                 weights_only=True)
+    assert_same_tensors(module.state_dict(), load_checkpoint(out / "model.ckpt")["state_dict"])
+    base = module.base
+    assert (base.pad_type, base.bn_eps, base.preprocessing) == ("same", 1e-3, "keras")
+    assert {m.eps for m in base.batchnorms()} == {1e-3}
+
+
+@pytest.mark.parametrize("source", ["demo", "torchvision"])
+def test_old_checkpoint_takes_its_settings_from_metrics_json(finished_run, tmp_path, source):
+    """A model.ckpt from before it held its model's settings: metrics.json beside it still
+    decides the base, the class names and the image size."""
+    out, doc = finished_run
+    checkpoint = load_checkpoint(out / "model.ckpt")
+    for key in MODEL_HPARAMS:
+        del checkpoint["hyper_parameters"][key]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(checkpoint, old / "model.ckpt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["weights"]["source"] = source
+    (old / "metrics.json").write_text(json.dumps(metrics))
+
+    module, class_names, image_size = predict.load_run(old)
+    assert (class_names, image_size) == (tuple(doc["data"]["class_names"]), SIZE)
+    want = base_config(source)
+    assert want["pad_type"] == ("symmetric" if source == "torchvision" else "same")
+    assert (module.base.pad_type, module.base.bn_eps, module.base.preprocessing) == tuple(
+        want.values())
+    assert {m.eps for m in module.base.batchnorms()} == {want["bn_eps"]}
+    assert_same_tensors(module.state_dict(), checkpoint["state_dict"])
+
+    (old / "metrics.json").unlink()
+    with pytest.raises(UserError, match="metrics.json"):
+        predict.load_run(old)
+
+
+def test_checkpoint_keeps_torchvision_settings(tmp_path):
+    """A base with torchvision's numerics comes back with them (symmetric padding, BatchNorm
+    eps 1e-5, ImageNet mean/std), not with the Keras defaults of an empty base."""
+    generator = torch.Generator().manual_seed(0)
+    base = MobileNetV2Base(**base_config("torchvision"))
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0.0, 0.1, generator=generator)
+    module = TransferModule(base, fast=False, num_classes=3, class_names=["a", "b", "c"],
+                            image_size=SIZE)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, tmp_path / "m.ckpt")
+    loaded = TransferModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert loaded.hparams.class_names == ["a", "b", "c"]
+    assert (loaded.base.pad_type, loaded.base.preprocessing) == ("symmetric", "torchvision")
+    assert {m.eps for m in loaded.base.batchnorms()} == {1e-5}
+    images = torch.rand(2, 3, SIZE + 1, SIZE + 1, generator=generator) * 255
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), module.eval()(images))
+    with pytest.raises(ValueError, match="names 2 classes"):
+        TransferModule(MobileNetV2Base(), num_classes=3, class_names=["a", "b"])
 
 
 # ---- 8. DDP on two CPU processes -------------------------------------------------------------

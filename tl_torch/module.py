@@ -17,6 +17,7 @@ so a run resumed in either phase rebuilds the right optimizer before its state i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -67,12 +68,34 @@ def head_units(num_classes: int) -> int:
 class TransferModule(L.LightningModule):
     """Base + head, trained in two phases; logs Keras' history keys."""
 
-    def __init__(self, base: MobileNetV2Base, *, learning_rate: float = 1e-4,
+    def __init__(self, base: MobileNetV2Base | None = None, *, learning_rate: float = 1e-4,
                  fine_tune_learning_rate: float = 1e-5, fine_tune_at: int = 100,
                  dropout: float = 0.2, seed: int = 42, augment: bool = True,
-                 fast: bool = True, num_classes: int = 2) -> None:
+                 fast: bool = True, num_classes: int = 2,
+                 class_names: Sequence[str] | None = None, image_size: int | None = None,
+                 base_config: dict[str, Any] | None = None, weights: str | None = None) -> None:
+        """``base``: a built base (:func:`tl_torch.build_base`); without one, an empty base is
+        made from ``base_config`` (the keyword arguments of :class:`MobileNetV2Base`; absent in
+        checkpoints from before they were saved: Keras' settings, the only ones then), for
+        ``load_from_checkpoint`` to fill. ``class_names``, ``image_size`` and ``weights`` (the
+        weight source) are the run's, kept in the checkpoint so that it alone serves predictions.
+        """
         super().__init__()
+        if base is None:
+            base = MobileNetV2Base(**(base_config or {}))
+        if class_names is not None:
+            class_names = [str(name) for name in class_names]
+            if len(class_names) != num_classes:
+                raise ValueError(f"class_names={class_names} names {len(class_names)} classes, "
+                                 f"num_classes={num_classes}")
         self.save_hyperparameters(ignore=["base"])
+        # What rebuilds this base, read from the base itself; plain data, so that checkpoints
+        # load with torch.load(weights_only=True).
+        self.hparams.base_config = {"pad_type": str(base.pad_type), "bn_eps": float(base.bn_eps),
+                                    "preprocessing": str(base.preprocessing)}
+        self.hparams.class_names = class_names
+        self.hparams.weights = weights if weights is not None else getattr(base, "weights_source",
+                                                                           None)
         self.base = base
         self.augment = RandomFlipRotation(0.2) if augment else None
         self.dropout = nn.Dropout(dropout)

@@ -3,13 +3,15 @@
 Run ``python -m tl_torch.predict RUN_DIR IMAGE_OR_FOLDER [...]``: prints, per image, the class
 name and the probability of that class (two classes: the sigmoid of the logit for class 1, one
 minus it for class 0; N classes: the largest softmax probability), with the class order of the
-training data's folders (from ``RUN_DIR/metrics.json``).
+training data's folders. ``RUN_DIR/model.ckpt`` alone is needed: the checkpoint holds the class
+names, the image size and the base's settings.
 Folders are searched recursively for the image types Keras reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,7 +22,10 @@ from tl_common.files import IMAGE_EXTENSIONS
 from tl_common.outputs import read_metrics
 from tl_torch.data import load_images
 from tl_torch.fast import keep_freed_memory
+from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
+from tl_torch.train import MODEL_FILE
+from tl_torch.weights import base_config
 
 #: Images per forward pass.
 PREDICT_BATCH = 32
@@ -44,24 +49,33 @@ def image_paths(inputs: Sequence[str]) -> list[Path]:
 
 
 def load_run(run_dir: str | Path) -> tuple[TransferModule, tuple[str, ...], int]:
-    """The trained module of a finished run, its class names and its image size."""
-    run_dir = Path(run_dir)
-    metrics = read_metrics(run_dir)
-    checkpoint = run_dir / "model.ckpt"
-    if not checkpoint.exists():
-        raise UserError(f"{run_dir} has no model.ckpt: expected the output folder of "
-                        "python -m tl_torch.train")
-    from tl_torch.model import MobileNetV2Base
+    """The trained module of a finished run, its class names and its image size.
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    hparams = state["hyper_parameters"]
-    pad = "symmetric" if metrics["weights"]["source"] == "torchvision" else "same"
-    base = MobileNetV2Base(pad_type=pad, bn_eps=1e-5 if pad == "symmetric" else 1e-3,
-                           preprocessing="torchvision" if pad == "symmetric" else "keras")
-    # Checkpoints from before N-class support hold no num_classes: they have the one-logit head.
-    module = TransferModule(base, **hparams)
-    module.load_state_dict(state["state_dict"])
-    class_names = tuple(metrics["data"]["class_names"])
+    ``model.ckpt`` alone rebuilds the model: it holds the base's settings, the class names and
+    the image size (see :class:`TransferModule`). Checkpoints from before it held them take these
+    from ``metrics.json`` beside them, as they always did.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / MODEL_FILE
+    if not checkpoint.is_file():
+        raise UserError(f"{run_dir} has no {MODEL_FILE}: expected the output folder of "
+                        "python -m tl_torch.train or python -m tl_torch.convert from-keras")
+    try:  # plain data only: a checkpoint is read without unpickling arbitrary objects
+        hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        raise UserError(f"{checkpoint} is not a readable Lightning checkpoint of this project "
+                        f"({str(err).splitlines()[0][:200]})") from None
+    overrides: dict[str, object] = {}
+    class_names, image_size = hparams.get("class_names"), hparams.get("image_size")
+    if "base_config" not in hparams or class_names is None or image_size is None:
+        metrics = read_metrics(run_dir)
+        if "base_config" not in hparams:
+            overrides["base"] = MobileNetV2Base(**base_config(metrics["weights"]["source"]))
+        class_names = class_names or metrics["data"]["class_names"]
+        image_size = image_size or metrics["settings"]["image_size"]
+    module = TransferModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True,
+                                                 **overrides)
+    class_names = tuple(class_names)
     if module.hparams.num_classes != len(class_names):
         raise UserError(f"{checkpoint} has a head for {module.hparams.num_classes} classes, but "
                         f"{run_dir / 'metrics.json'} lists {len(class_names)}: the two files "
@@ -69,7 +83,7 @@ def load_run(run_dir: str | Path) -> tuple[TransferModule, tuple[str, ...], int]
     # Nothing trains here: the whole base frozen, then folded for speed (tl_torch.fast).
     module.set_phase("feature_extraction")
     module.refresh_fast_layers()
-    return module.eval(), class_names, metrics["settings"]["image_size"]
+    return module.eval(), class_names, int(image_size)
 
 
 def predict(module: TransferModule, paths: Sequence[Path], class_names: Sequence[str],

@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     module = TransferModule(base, learning_rate=settings.learning_rate,
                             fine_tune_learning_rate=settings.fine_tuning_lr,
                             fine_tune_at=settings.fine_tune_at, dropout=settings.dropout,
-                            seed=settings.seed, num_classes=len(splits.class_names))
+                            seed=settings.seed, num_classes=len(splits.class_names),
+                            # model.ckpt then rebuilds the model alone (tl_torch.predict)
+                            class_names=splits.class_names, image_size=settings.image_size)
     counts = {}
     for phase in ("fine_tuning", "feature_extraction"):
         module.set_phase(phase)

@@ -37,6 +37,15 @@ WEIGHT_SOURCES = ("imagenet", "demo", "torchvision", "none")
 MIN_IMAGE_SIZE = 32
 
 
+def base_config(source: str) -> dict[str, str | float]:
+    """The base's settings for weights from ``source`` (the table above): the keyword arguments
+    of :class:`MobileNetV2Base`. Checkpoints store them, so a saved model rebuilds without knowing
+    where its weights came from."""
+    if source == "torchvision":
+        return {"pad_type": "symmetric", "bn_eps": TORCHVISION_BN_EPS, "preprocessing": "torchvision"}
+    return {"pad_type": "same", "bn_eps": KERAS_BN_EPS, "preprocessing": "keras"}
+
+
 def imagenet_weights_path(image_size: int) -> Path:
     """Keras' ImageNet no-top file for this size, downloaded into ``~/.keras/models`` if absent."""
     name = imagenet_weights_name(image_size)
@@ -115,12 +124,10 @@ def build_base(weights: str | os.PathLike[str] | None = "imagenet", image_size: 
         raise UserError(f"image_size={image_size!r} is not accepted: MobileNetV2 needs an integer "
                         f">= {MIN_IMAGE_SIZE}")
     source = "none" if weights is None else str(weights)
+    base = MobileNetV2Base(**base_config(source))
     if source == "torchvision":
-        base = MobileNetV2Base(pad_type="symmetric", bn_eps=TORCHVISION_BN_EPS,
-                               preprocessing="torchvision")
         _load_torchvision(base)
     else:
-        base = MobileNetV2Base(pad_type="same", bn_eps=KERAS_BN_EPS, preprocessing="keras")
         if source == "none":
             keras_init_(base, generator)
         elif source == "imagenet":
