@@ -24,9 +24,12 @@ import tl_keras.train as keras_train
 import tl_torch.predict as predict
 import tl_torch.train as torch_train
 from tl_common.demo import draw_animal
+from tl_common.download import cache_home, keras_home, sha256_of
 from tl_common.errors import USER_ERROR_EXIT, UserError, run_main
 from tl_common.files import BAD_IMAGES_FILE
-from tl_common.outputs import METRICS_FILE, RunDir, write_json
+from tl_common.outputs import METRICS_FILE, RunDir, read_metrics, write_json
+from tl_common.settings import build_parser, parse, settings_from
+from tl_common.weights import weights_record
 from tl_torch.module import TransferModule
 from tl_torch.weights import build_base
 
@@ -211,6 +214,68 @@ def test_checkpoint_write_cut_short_leaves_the_last_one(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["epoch"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+# ---- paths under the home folder ------------------------------------------------------------
+
+@pytest.fixture
+def home_with_weights(tmp_path, monkeypatch, demo_weights) -> Path:
+    """A home folder (``$HOME``) holding ``w.h5``, a copy of the demo weights; the caches stay
+    where they are, so nothing is downloaded or generated again."""
+    monkeypatch.setenv("TL_PARITY_CACHE", str(cache_home()))
+    monkeypatch.setenv("KERAS_HOME", str(keras_home()))
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(demo_weights, home / "w.h5")
+    monkeypatch.setenv("HOME", str(home))
+    assert Path("~/w.h5").expanduser() == home / "w.h5"
+    return home
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_tilde_paths_are_expanded_when_settings_are_parsed(framework, how, home_with_weights,
+                                                           tmp_path):
+    home = home_with_weights
+    if how == "flag":
+        args = ["--weights=~/w.h5", "--data-dir=~/data", "--output-dir=~/out"]
+    else:  # a config file reaches no shell either
+        config = tmp_path / "exp.yaml"
+        config.write_text("weights: ~/w.h5\ndata_dir: ~/data\noutput_dir: ~/out\n")
+        args = ["--config", str(config)]
+    parser = build_parser(framework, "test")
+    settings = settings_from(parse(parser, args), framework)
+    assert (settings.weights, settings.data_dir, settings.output_dir) == (
+        str(home / "w.h5"), str(home / "data"), str(home / "out"))
+    # Named sources are not paths.
+    assert settings_from(parse(parser, ["--weights", "demo"]), framework).weights == "demo"
+
+
+def test_weights_record_is_the_same_for_every_spelling_of_a_file(home_with_weights, demo_weights,
+                                                                monkeypatch):
+    expected = {"source": "file", "path": str(home_with_weights / "w.h5"),
+                "sha256": sha256_of(demo_weights)}
+    monkeypatch.chdir(home_with_weights)
+    for spelling in ("~/w.h5", str(home_with_weights / "w.h5"), "w.h5", "./w.h5"):
+        assert weights_record(spelling, 32) == expected, spelling
+    assert weights_record("none", 32) == {"source": "none", "path": None, "sha256": None}
+    assert weights_record("demo", 32) == {"source": "demo", "path": str(demo_weights),
+                                          "sha256": sha256_of(demo_weights)}
+
+
+@pytest.mark.slow
+def test_weights_under_home_finish_with_the_same_record_in_both(cats_and_dogs, home_with_weights,
+                                                                demo_weights, capsys):
+    """``--weights=~/w.h5`` trains to the end and writes metrics.json (it used to die after
+    training, in the checksum of '<cwd>/~/w.h5'); both frameworks record the file alike."""
+    records = {}
+    for framework in FRAMEWORKS:
+        out = home_with_weights / framework
+        run_main(FRAMEWORKS[framework], argv(cats_and_dogs, out, weights="~/w.h5"))
+        records[framework] = read_metrics(out)["weights"]
+    assert records["keras"] == records["torch"] == {
+        "source": "file", "path": str(home_with_weights / "w.h5"),
+        "sha256": sha256_of(demo_weights)}
 
 
 # ---- N classes in predict ------------------------------------------------------------------------

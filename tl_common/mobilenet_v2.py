@@ -4,6 +4,11 @@ has the same numbers."""
 
 from __future__ import annotations
 
+#: ``len(keras.applications.MobileNetV2(include_top=False).layers)``, the InputLayer included.
+KERAS_BASE_LAYERS = 154
+#: The smallest square input the network takes (five stride-2 stages leave 1 x 1 at 32).
+MIN_IMAGE_SIZE = 32
+
 FIRST_FILTERS = 32
 LAST_FILTERS = 1280
 #: Inverted residual blocks: expansion t, output channels c, repeats n, first stride s.

@@ -22,14 +22,8 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from tl_common.errors import UserError
-
-#: ``len(keras.applications.MobileNetV2(include_top=False).layers)``, the InputLayer included.
-KERAS_BASE_LAYERS = 154
-
-#: Named weight sources; anything else given to ``--weights`` is read as a file path.
-WEIGHT_SOURCES = ("imagenet", "demo", "none")
-#: Sources only the PyTorch port reads: torchvision's own ImageNet weights.
-TORCH_WEIGHT_SOURCES = ("torchvision",)
+from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS, MIN_IMAGE_SIZE
+from tl_common.weights import TORCH_WEIGHT_SOURCES, WEIGHT_SOURCES, expand_weights
 
 
 def _help(text: str) -> dict[str, str]:
@@ -48,7 +42,8 @@ class Settings:
     weights: str | None = field(default=None, metadata=_help(
         "imagenet, demo, none, torchvision (the PyTorch port only), or a Keras "
         ".h5/.keras/.weights.h5 file (default: demo with --demo, else imagenet)"))
-    image_size: int = field(default=160, metadata=_help("square input size in pixels (>= 32)"))
+    image_size: int = field(default=160, metadata=_help(
+        f"square input size in pixels (>= {MIN_IMAGE_SIZE})"))
     batch_size: int = field(default=32, metadata=_help("images per batch"))
     initial_epochs: int = field(default=10, metadata=_help(
         "epochs of feature extraction (base frozen)"))
@@ -127,8 +122,8 @@ def validate(settings: Settings, framework: str = "keras") -> Settings:
     for name in ("batch_size", "initial_epochs", "fine_tune_epochs"):
         if getattr(s, name) < 1:
             raise bad(name, "expected a positive integer")
-    if s.image_size < 32:
-        raise bad("image_size", "MobileNetV2 needs at least 32 pixels")
+    if s.image_size < MIN_IMAGE_SIZE:
+        raise bad("image_size", f"MobileNetV2 needs at least {MIN_IMAGE_SIZE} pixels")
     if not 0 <= s.fine_tune_at <= KERAS_BASE_LAYERS:
         raise bad("fine_tune_at", f"expected a Keras layer index in 0..{KERAS_BASE_LAYERS}")
     if not s.learning_rate > 0:
@@ -185,10 +180,18 @@ def build_parser(framework: str, description: str) -> ArgumentParser:
 
 
 def settings_from(namespace: Namespace, framework: str) -> Settings:
-    """Pick the :class:`Settings` fields out of a parsed namespace and validate them."""
+    """Pick the :class:`Settings` fields out of a parsed namespace and validate them.
+
+    Paths are taken as a shell would take them: ``~`` expanded in ``--data-dir``,
+    ``--output-dir`` and a ``--weights`` file (a ``--weights=~/w.h5`` or a config's
+    ``weights: ~/w.h5`` reaches no shell)."""
     values = {f.name: namespace.get(f.name) for f in dataclasses.fields(Settings)}
     if values["output_dir"] is None:
         values["output_dir"] = str(Path("runs") / framework)
+    for name in ("data_dir", "output_dir"):
+        if values[name] is not None:
+            values[name] = os.path.expanduser(values[name])
+    values["weights"] = expand_weights(values["weights"])
     return validate(Settings(**values), framework)
 
 

@@ -21,17 +21,16 @@ import numpy as np
 from keras import layers
 from keras.src.utils.naming import to_snake_case
 
-from tl_common.demo import demo_weights_path
 from tl_common.download import (
     DOWNLOAD_TIMEOUT_S,
     IMAGENET_BASE_URL,
     IMAGENET_WAY_OUT,
     imagenet_weights_name,
-    keras_home,
 )
 from tl_common.errors import UserError
+from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS
 from tl_common.outputs import PHASES
-from tl_common.settings import KERAS_BASE_LAYERS
+from tl_common.weights import weights_file
 
 #: The recipe's fine_tune_at layer, a check that Keras still builds the base the recipe knows.
 RECIPE_FINE_TUNE_AT = 100
@@ -52,17 +51,6 @@ def _mobilenet_v2(image_size: int, weights: str | None, alpha: float = 1.0) -> k
         # Named, because Keras numbers unnamed inputs per session (input_layer_1, _2 ...) and the
         # layer list must not depend on how many models were built before.
         input_tensor=keras.Input((s, s, 3), name="input_layer"))
-
-
-def weights_file(source: str | Path | None, image_size: int) -> Path | None:
-    """The file a weight source reads: Keras' cached ImageNet file, the demo file, a path, or None."""
-    if source in (None, "none"):
-        return None
-    if source == "imagenet":
-        return keras_home() / "models" / imagenet_weights_name(image_size)
-    if source == "demo":
-        return demo_weights_path()
-    return Path(source).expanduser()
 
 
 def build_base(weights: str | Path | None = "imagenet", image_size: int = 160) -> keras.Model:

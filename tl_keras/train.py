@@ -37,7 +37,6 @@ import keras
 import tensorflow as tf
 
 from tl_common.data import resolve_data_root
-from tl_common.download import sha256_of
 from tl_common.errors import UserError, non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, describe_bad_images, load_splits
 from tl_common.outputs import (
@@ -50,7 +49,8 @@ from tl_common.outputs import (
     write_json,
     write_layer_table,
 )
-from tl_common.settings import WEIGHT_SOURCES, build_parser, naming_flag, parse, settings_from
+from tl_common.settings import build_parser, naming_flag, parse, settings_from
+from tl_common.weights import weights_record
 from tl_keras.data import TrainingData, make_dataset
 from tl_keras.model import (
     build_base,
@@ -59,7 +59,6 @@ from tl_keras.model import (
     count_params,
     layer_table,
     set_phase,
-    weights_file,
 )
 
 MODEL_FILE = "model.keras"
@@ -260,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- the base first: a weights file that does not fit stops the run before the data ------
     with naming_flag("weights", settings.weights_source):
         base = build_base(settings.weights_source, settings.image_size)
+        # Now, not after training: nothing about the weights file can fail once it is done.
+        weights = weights_record(settings.weights_source, settings.image_size)
 
     # ---- data -------------------------------------------------------------------------------
     splits = load_splits(resolve_data_root(settings), settings.test_fraction, settings.seed,
@@ -360,18 +361,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_learning_curves(run_dir.curves, {"keras": history},
                          f"Keras {keras.__version__}: MobileNetV2 {settings.image_size}px, "
                          f"{source} weights")
-    weights_path = weights_file(source, settings.image_size)
-    if weights_path is not None and not weights_path.exists():
-        weights_path = None  # Keras falls back to /tmp/.keras when ~/.keras is not writable
     timings["total_s"] = time.perf_counter() - started
     document = metrics_document(
         framework="keras",
         versions={"tensorflow": tf.__version__, "keras": keras.__version__},
         settings=settings.to_dict(),
         data=splits.summary(),
-        weights={"source": source if source in WEIGHT_SOURCES else "file",
-                 "path": None if weights_path is None else str(weights_path),
-                 "sha256": None if weights_path is None else sha256_of(weights_path)},
+        weights=weights,
         counts=counts,
         history=history,
         test={"loss": float(test_loss), "accuracy": float(test_accuracy)},

@@ -31,7 +31,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from tl_common.download import sha256_of
 from tl_common.errors import non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
 from tl_common.outputs import (
@@ -44,7 +43,8 @@ from tl_common.outputs import (
     write_json,
     write_layer_table,
 )
-from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
+from tl_common.settings import build_parser, naming_flag, parse, settings_from
+from tl_common.weights import weights_record
 from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.fast import keep_freed_memory
 from tl_torch.freezing import layer_table
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     with naming_flag("weights", settings.weights_source):
         base = build_base(settings.weights_source, settings.image_size,
                           generator=torch.Generator().manual_seed(settings.seed))
+        # Now, not after training: nothing about the weights file can fail once it is done.
+        weights = weights_record(settings.weights_source, settings.image_size)
 
     data = ImageFolderDataModule(settings)
     data.prepare_data()
@@ -218,15 +220,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     write_layer_table(run_dir.layer_table, table)
     plot_learning_curves(run_dir.curves, {"torch": history.history},
                          title=f"PyTorch port, {settings.weights_source} weights")
-    weights_path = _weights_file(settings)
     doc = metrics_document(
         framework="torch",
         versions={"torch": torch.__version__, "lightning": L.__version__},
         settings={**settings.to_dict(), "accelerator": ns.accelerator, "devices": ns.devices,
                   "strategy": ns.strategy, "precision": ns.precision},
         data=splits.summary(),
-        weights={"source": settings.weights_source, "path": weights_path,
-                 "sha256": sha256_of(weights_path) if weights_path else None},
+        weights=weights,
         counts=counts, history=history.history, test=test,
         timings={"feature_extraction_s": history.seconds["feature_extraction"],
                  "fine_tuning_s": history.seconds["fine_tuning"],
@@ -236,21 +236,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     write_json(run_dir.metrics, doc)
     print(f"outputs in {run_dir.path}")
     return doc
-
-
-def _weights_file(settings: Settings) -> str | None:
-    source = settings.weights_source
-    if source == "demo":
-        from tl_common.demo import demo_weights_path
-
-        return str(demo_weights_path())
-    if source == "imagenet":
-        from tl_torch.weights import imagenet_weights_path
-
-        return str(imagenet_weights_path(settings.image_size))
-    if source in ("none", "torchvision"):
-        return None
-    return os.path.abspath(source)
 
 
 def _print_predictions(module: TransferModule, paths: list[str], class_names: tuple[str, ...],

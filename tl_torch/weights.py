@@ -22,19 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tl_common.download import (
-    IMAGENET_BASE_URL,
-    IMAGENET_WAY_OUT,
-    download,
-    imagenet_weights_name,
-    keras_home,
-)
 from tl_common.errors import UserError
+from tl_common.mobilenet_v2 import MIN_IMAGE_SIZE
+from tl_common.weights import TORCH_WEIGHT_SOURCES, WEIGHT_SOURCES, imagenet_weights_path
 from tl_torch.keras_weights import load_keras_weights
 from tl_torch.model import KERAS_BN_EPS, TORCHVISION_BN_EPS, MobileNetV2Base
-
-WEIGHT_SOURCES = ("imagenet", "demo", "torchvision", "none")
-MIN_IMAGE_SIZE = 32
 
 
 def base_config(source: str) -> dict[str, str | float]:
@@ -44,16 +36,6 @@ def base_config(source: str) -> dict[str, str | float]:
     if source == "torchvision":
         return {"pad_type": "symmetric", "bn_eps": TORCHVISION_BN_EPS, "preprocessing": "torchvision"}
     return {"pad_type": "same", "bn_eps": KERAS_BN_EPS, "preprocessing": "keras"}
-
-
-def imagenet_weights_path(image_size: int) -> Path:
-    """Keras' ImageNet no-top file for this size, downloaded into ``~/.keras/models`` if absent."""
-    name = imagenet_weights_name(image_size)
-    path = keras_home() / "models" / name
-    if not path.exists():
-        download(IMAGENET_BASE_URL + name, path, what="the ImageNet weights",
-                 way_out=IMAGENET_WAY_OUT)
-    return path
 
 
 def keras_init_(base: MobileNetV2Base, generator: torch.Generator | None = None) -> MobileNetV2Base:
@@ -140,6 +122,6 @@ def build_base(weights: str | os.PathLike[str] | None = "imagenet", image_size: 
             load_keras_weights(base, Path(source).expanduser())
         else:
             raise UserError(f"weights={source!r} is neither a weight source "
-                            f"({', '.join(WEIGHT_SOURCES)}) nor an existing file")
+                            f"({', '.join(WEIGHT_SOURCES + TORCH_WEIGHT_SOURCES)}) nor an existing file")
     base.weights_source = source
     return base.eval()
