@@ -2,11 +2,20 @@
 and freezing, Keras weight import/export, and the two-phase transfer flow (``python -m
 tl_torch.train``)."""
 
-from tl_torch.features import FlatFeatures, all_layer_outputs, feature_extractor
-from tl_torch.freezing import count_params, freeze, layer_table
-from tl_torch.keras_weights import load_keras_weights, read_base_weights, save_keras_weights
-from tl_torch.model import KerasLayer, MobileNetV2Base
-from tl_torch.weights import build_base
+from tl_common.compat import block_triton_after_tensorflow
+
+# Before torch's own imports: Triton loaded after TensorFlow crashes the process (see there).
+block_triton_after_tensorflow()
+
+from tl_torch.features import FlatFeatures  # noqa: E402, all_layer_outputs, feature_extractor
+from tl_torch.freezing import count_params, freeze, layer_table  # noqa: E402
+from tl_torch.keras_weights import (  # noqa: E402
+    load_keras_weights,
+    read_base_weights,
+    save_keras_weights,
+)
+from tl_torch.model import KerasLayer, MobileNetV2Base  # noqa: E402
+from tl_torch.weights import build_base  # noqa: E402
 
 __all__ = [
     "FlatFeatures",
