@@ -27,14 +27,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from tl_common.data import resolve_data_root
-from tl_common.files import BAD_IMAGES_FILE, DataSplits, FileList, load_splits
+from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, FileList, load_splits
 from tl_common.images import decode_rgb
 from tl_common.settings import Settings
 
 __all__ = ["ImageCache", "ImageFiles", "ImageFolderDataModule", "decode_rgb", "load_image",
            "load_images", "resize_bilinear"]
 
-#: Resized images are cached in memory up to this many bytes (float32, 3 x size x size each).
+#: Memory the decoded-image cache may take on this machine, in bytes (float32, 3 x size x size
+#: per image): all three splits, and every training process of the machine (each holds its own).
 CACHE_BUDGET_BYTES = int(os.environ.get("TL_PARITY_CACHE_BYTES", 4 << 30))
 
 
@@ -102,8 +103,17 @@ class ShardSampler(DistributedSampler):
         return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
-def fits_in_cache(n_images: int, image_size: int, budget: int = CACHE_BUDGET_BYTES) -> bool:
-    return n_images * 3 * image_size * image_size * 4 <= budget
+def cache_bytes(n_images: int, image_size: int) -> int:
+    """Bytes of ``n_images`` decoded images in the cache (float32, 3 x size x size each)."""
+    return n_images * 3 * image_size * image_size * 4
+
+
+def fits_in_cache(n_images: int, image_size: int, *, processes: int = 1,
+                  budget: int | None = None) -> bool:
+    """Whether ``processes`` caches of ``n_images`` each stay within ``budget`` together
+    (default :data:`CACHE_BUDGET_BYTES`)."""
+    budget = CACHE_BUDGET_BYTES if budget is None else budget
+    return processes * cache_bytes(n_images, image_size) <= budget
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -119,6 +129,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.settings = settings
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.cache = cache
+        self._cached: bool | None = None  # decided once for all splits: see uses_cache
         self.splits: DataSplits | None = None
         self._datasets: dict[str, Dataset] = {}
 
@@ -137,14 +148,25 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.setup()
         return self.splits.class_names
 
+    def uses_cache(self) -> bool:
+        """Whether the splits are decoded once and kept (``cache``, else :data:`CACHE_BUDGET_BYTES`):
+        decided once, for the three splits together and for every process on this machine
+        (under DDP each process holds the whole cache)."""
+        if self._cached is None:
+            self.setup()
+            processes = self.trainer.num_devices if self.trainer is not None else 1
+            total = sum(len(self.splits[split]) for split in SPLITS)
+            self._cached = (fits_in_cache(total, self.settings.image_size, processes=processes)
+                            if self.cache is None else self.cache)
+        return self._cached
+
     def dataset(self, split: str) -> Dataset:
         self.setup()
         if split not in self._datasets:
             files = self.splits[split]
             size = self.settings.image_size
-            cache = fits_in_cache(len(files), size) if self.cache is None else self.cache
-            self._datasets[split] = (ImageCache(files, size, desc=f"decoding {split}") if cache
-                                     else ImageFiles(files, size))
+            self._datasets[split] = (ImageCache(files, size, desc=f"decoding {split}")
+                                     if self.uses_cache() else ImageFiles(files, size))
         return self._datasets[split]
 
     def _loader(self, split: str, *, shuffle: bool) -> DataLoader:

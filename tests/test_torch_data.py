@@ -1,0 +1,73 @@
+"""The port's data module: when the decoded-image cache is used (``tl_torch/data.py``).
+
+The cache's budget is the memory of the machine: the three splits count together, and under DDP
+every process holds a cache of its own. Run: ``python -m pytest tests/test_torch_data.py -q``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+import tl_torch.data as data_module
+from tl_common.settings import Settings
+from tl_torch.data import ImageCache, ImageFiles, ImageFolderDataModule, cache_bytes, fits_in_cache
+
+SIZE = 32
+#: Images per class: 4 to train, 5 to validate (1 of them set aside for the test split).
+PER_CLASS = {"train": 4, "validation": 5}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for split, count in PER_CLASS.items():
+        for label, name in enumerate(("cats", "dogs")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (40, 30), (200 * label, 10 * i, 90)).save(
+                    root / split / name / f"{i}.png")
+    return root
+
+
+def datamodule(folder: Path, processes: int = 1) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(Settings(data_dir=str(folder), image_size=SIZE), num_workers=0)
+    if processes > 1:  # what the data module reads of a DDP trainer
+        dm.trainer = SimpleNamespace(num_devices=processes)
+    return dm
+
+
+def test_the_budget_counts_all_splits_together(folder, monkeypatch):
+    dm = datamodule(folder)
+    dm.setup()
+    sizes = [len(dm.splits[split]) for split in ("train", "validation", "test")]
+    assert sizes == [8, 8, 2]
+    everything = cache_bytes(sum(sizes), SIZE)
+    assert everything == 18 * 3 * SIZE * SIZE * 4
+    # Each split fits alone, the three together do not: nothing is cached.
+    monkeypatch.setattr(data_module, "CACHE_BUDGET_BYTES", everything - 1)
+    assert all(fits_in_cache(n, SIZE) for n in sizes)
+    assert not datamodule(folder).uses_cache()
+    assert all(isinstance(datamodule(folder).dataset(s), ImageFiles) for s in ("train", "test"))
+    monkeypatch.setattr(data_module, "CACHE_BUDGET_BYTES", everything)
+    dm = datamodule(folder)
+    assert dm.uses_cache()
+    assert all(isinstance(dm.dataset(s), ImageCache) for s in ("train", "validation", "test"))
+
+
+def test_under_ddp_every_process_counts(folder, monkeypatch):
+    everything = cache_bytes(18, SIZE)
+    monkeypatch.setattr(data_module, "CACHE_BUDGET_BYTES", 2 * everything - 1)
+    assert datamodule(folder, processes=1).uses_cache()
+    assert not datamodule(folder, processes=2).uses_cache()
+    monkeypatch.setattr(data_module, "CACHE_BUDGET_BYTES", 2 * everything)
+    assert datamodule(folder, processes=2).uses_cache()
+
+
+def test_an_explicit_choice_wins(folder, monkeypatch):
+    monkeypatch.setattr(data_module, "CACHE_BUDGET_BYTES", 0)
+    dm = ImageFolderDataModule(Settings(data_dir=str(folder), image_size=SIZE), cache=True)
+    assert dm.uses_cache() and isinstance(dm.dataset("validation"), ImageCache)
