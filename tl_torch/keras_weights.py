@@ -121,6 +121,8 @@ def _keras3_containers(group: h5py.Group, where: str) -> Iterator[_Container]:
         layer_group = group["layers"][key]
         if "layers" in layer_group:
             yield from _keras3_containers(layer_group, f"{where}/layers/{key}")
+        elif "model" in layer_group:  # a layer wrapping a model (tl_keras' InferenceMode)
+            yield from _keras3_containers(layer_group["model"], f"{where}/layers/{key}/model")
         vars_group = layer_group.get("vars")
         if vars_group is None or len(vars_group) == 0:
             continue

@@ -48,8 +48,10 @@ def image_paths(inputs: Sequence[str]) -> list[Path]:
     return found
 
 
-def load_run(run_dir: str | Path) -> tuple[TransferModule, tuple[str, ...], int]:
-    """The trained module of a finished run, its class names and its image size.
+def load_run(run_dir: str | Path, *, fast: bool = True
+             ) -> tuple[TransferModule, tuple[str, ...], int]:
+    """The trained module of a finished run, its class names and its image size; ``fast=False``
+    leaves the frozen layers unfolded (exports, float64 comparisons).
 
     ``model.ckpt`` alone rebuilds the model: it holds the base's settings, the class names and
     the image size (see :class:`TransferModule`). Checkpoints from before it held them take these
@@ -74,7 +76,7 @@ def load_run(run_dir: str | Path) -> tuple[TransferModule, tuple[str, ...], int]
         class_names = class_names or metrics["data"]["class_names"]
         image_size = image_size or metrics["settings"]["image_size"]
     module = TransferModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True,
-                                                 **overrides)
+                                                 fast=fast, **overrides)
     class_names = tuple(class_names)
     if module.hparams.num_classes != len(class_names):
         raise UserError(f"{checkpoint} has a head for {module.hparams.num_classes} classes, but "
