@@ -7,7 +7,7 @@ from tl_common.compat import block_triton_after_tensorflow
 # Before torch's own imports: Triton loaded after TensorFlow crashes the process (see there).
 block_triton_after_tensorflow()
 
-from tl_torch.features import FlatFeatures  # noqa: E402, all_layer_outputs, feature_extractor
+from tl_torch.features import FlatFeatures, all_layer_outputs, feature_extractor  # noqa: E402
 from tl_torch.freezing import count_params, freeze, layer_table  # noqa: E402
 from tl_torch.keras_weights import (  # noqa: E402
     load_keras_weights,
