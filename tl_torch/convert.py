@@ -46,6 +46,7 @@ installed); onnxruntime runs the ONNX file where it is installed.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import io
 import json
@@ -599,8 +600,18 @@ class _Probabilities(nn.Module):
         return logits, probs
 
 
+def unfolded_copy(module: TransferModule) -> TransferModule:
+    """A copy of the module that runs its base's own modules, not the folded speed path: what
+    exports trace and what float64 runs (the fold is float32 oneDNN code)."""
+    plain = copy.deepcopy(module)
+    plain.fast = False
+    plain.hparams.fast = False
+    return plain.eval()
+
+
 def write_onnx(module: TransferModule, image_size: int, path: Path) -> Path:
-    """``torch.onnx.export`` of the inference graph (opset :data:`ONNX_OPSET`, dynamic batch)."""
+    """``torch.onnx.export`` of the inference graph (opset :data:`ONNX_OPSET`, dynamic batch);
+    the module's own weights, traced through its unfolded base."""
     if path.suffix != ".onnx":
         raise UserError(f"cannot write {path}: expected a name ending in .onnx")
     if importlib.util.find_spec("onnx") is None:
@@ -609,7 +620,8 @@ def write_onnx(module: TransferModule, image_size: int, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.onnx.export(_Probabilities(module.eval()), (example,), str(tmp), dynamo=False,
+        torch.onnx.export(_Probabilities(unfolded_copy(module)), (example,), str(tmp),
+                          dynamo=False,
                           opset_version=ONNX_OPSET, input_names=["images"],
                           output_names=["logits", "probabilities"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"},
@@ -833,16 +845,14 @@ def from_keras(model_path: str | Path, out_dir: str | Path, *, class_names: list
 def _source_module(run_dir: Path) -> tuple[TransferModule, TransferModule, int]:
     """The run's module as predict runs it (float32), its float64 twin, and the image size."""
     module, _, size = load_run(run_dir)
-    exact, _, _ = load_run(run_dir, fast=False)
-    return module, exact.double(), size
+    return module, unfolded_copy(module).double(), size
 
 
 def to_keras(run_dir: str | Path, out: str | Path, *, images: list[str] | None = None) -> Parity:
     """Port run -> Keras ``.keras`` (+ ``OUT.keras.parity.json``)."""
     run_dir, out = Path(run_dir), Path(out)
     module, exact_module, size = _source_module(run_dir)
-    plain, _, _ = load_run(run_dir, fast=False)
-    write_keras_model(plain, size, out)
+    write_keras_model(module, size, out)
     print(f"wrote {out}")
     x = comparison_images(images, size)
     source32, exact = _port_probabilities(module, x), _port_probabilities(exact_module, x)
@@ -860,8 +870,7 @@ def to_onnx(run_dir: str | Path, out: str | Path, *, images: list[str] | None = 
     """Port run -> ONNX (+ ``OUT.onnx.parity.json``)."""
     run_dir, out = Path(run_dir), Path(out)
     module, exact_module, size = _source_module(run_dir)
-    plain, _, _ = load_run(run_dir, fast=False)
-    write_onnx(plain, size, out)
+    write_onnx(module, size, out)
     print(f"wrote {out}: input 'images' float32 (N, 3, {size}, {size}) RGB in [0, 255]; outputs "
           f"'logits', 'probabilities'; opset {ONNX_OPSET}")
     x = comparison_images(images, size)

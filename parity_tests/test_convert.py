@@ -1,0 +1,63 @@
+"""Check 13 of the parity suite: whole models across the border (``checks_convert.py``), and the
+mistakes a conversion can make, each planted and caught by a row.
+
+Run alone: ``python -m pytest parity_tests/test_convert.py -q``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tl_torch.convert
+from parity_tests import checks_convert
+from parity_tests.rows import Row, failures
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """One folder for the Keras models of the module (each built once)."""
+    return tmp_path_factory.mktemp("convert")
+
+
+def assert_caught(rows: list[Row], *, where: str) -> None:
+    failed = [r for r in failures(rows) if where in r.check]
+    assert failed, f"no failing row matching {where!r}; rows: " + "; ".join(
+        f"{r.check}={'pass' if r.passed else 'FAIL'}" for r in rows)
+
+
+def test_13_whole_models_across_frameworks(parity, models) -> None:
+    parity.check(checks_convert.check_convert(models))
+
+
+def test_transposed_head_kernel_is_caught(monkeypatch, models) -> None:
+    # A reshape keeps a (1280, 3) kernel's shape as (3, 1280) and scrambles it.
+    monkeypatch.setattr(tl_torch.convert, "dense_kernel_to_torch",
+                        lambda kernel: np.ascontiguousarray(kernel.reshape(kernel.shape[::-1])))
+    assert_caught(checks_convert.check_convert(models, ("other",)), where="probabilities")
+
+
+def test_transposed_head_kernel_on_export_is_caught(monkeypatch, models) -> None:
+    monkeypatch.setattr(tl_torch.convert, "torch_to_dense_kernel",
+                        lambda weight: np.ascontiguousarray(weight.reshape(weight.shape[::-1])))
+    assert_caught(checks_convert.check_convert(models, ("to-keras",)),
+                  where="to-keras: Keras' probabilities")
+
+
+def test_dropped_bias_is_caught(monkeypatch, models) -> None:
+    monkeypatch.setattr(tl_torch.convert, "dense_bias",
+                        lambda bias, units: np.zeros(units, np.float32))
+    rows = checks_convert.check_convert(models, ("recipe", "other"))
+    assert_caught(rows, where="from-keras, the reference's model: probabilities")
+    assert_caught(rows, where="from-keras, someone else's 3 classes: probabilities")
+
+
+def test_wrong_class_order_is_caught(monkeypatch, models) -> None:
+    original = tl_torch.convert.class_names_for
+    monkeypatch.setattr(tl_torch.convert, "class_names_for",
+                        lambda *args: original(*args)[::-1])
+    rows = checks_convert.check_convert(models, ("recipe", "other"))
+    assert_caught(rows, where="from-keras, the reference's model: class names predicted")
+    assert_caught(rows, where="from-keras, someone else's 3 classes: class names predicted")
