@@ -179,7 +179,8 @@ def _to_keras(module: TransferModule, directory: Path) -> list[Row]:
     source32, exact = _port(module, images), _port(module, images, float64=True)
     result32 = convert.probabilities(keras.ops.convert_to_numpy(
         model(pairs.nhwc(images), training=False)))
-    parity = convert.compare("to-keras", "port", str(path), source32, result32, exact)
+    parity = convert.compare("to-keras", "port", str(path), source32, result32, exact,
+                             variants=convert.port_variants(module, images))
     back, _ = convert.module_from_keras(path, class_names=list(module.hparams.class_names))
     same = {k: torch.equal(v, back.state_dict()[k]) for k, v in module.state_dict().items()}
     return [
@@ -207,7 +208,8 @@ def _to_onnx(module: TransferModule, directory: Path) -> list[Row]:
     if logits is None:
         return [verdict(GROUP, "to-onnx: onnxruntime", "-", "not installed", False)]
     parity = convert.compare("to-onnx", "port", str(path), source32,
-                             convert.probabilities(logits), exact)
+                             convert.probabilities(logits), exact,
+                             variants=convert.port_variants(module, images))
     return [_band_row(f"to-onnx (opset {convert.ONNX_OPSET}): onnxruntime's probabilities "
                       "against the port's in float64", parity)]
 
