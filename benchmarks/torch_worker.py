@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         module = new_module()
         module.train()
         module.set_phase(phase)
-        module.on_train_epoch_start()  # refreshes the folded layers, seeds this epoch's draws
+        module.on_train_epoch_start()  # seeds this epoch's draws
         optimizer = module.configure_optimizers()
         batch = (images, labels)
 
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     def inference(phase: str, fold: bool) -> Bench:
         module = new_module().eval()
         module.set_phase(phase)
-        if fold:
-            module.refresh_fast_layers()  # as on_validation_epoch_start does
+        module.fast = fold  # the folded base (tl_torch.fast.fold), or the base's own modules
 
         def forward() -> None:
             with torch.inference_mode(), autocast():
@@ -108,13 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     def base_forward() -> Bench:
         module = new_module().eval()
         module.set_phase("feature_extraction")
-        module.refresh_fast_layers()
         with torch.inference_mode():
             x = module.base.preprocess(images).contiguous(memory_format=torch.channels_last)
 
         def forward() -> None:
             with torch.inference_mode():
-                module.base(x)
+                module.folded_base(x)
 
         return bench(forward)
 

@@ -38,9 +38,8 @@ def _torch_module(size: int, **kwargs) -> TransferModule:
 
 
 def _torch_phase(module: TransferModule, phase: str) -> torch.optim.Optimizer:
-    """Enter a phase as training does: freeze, fold the frozen layers again, new optimizer."""
+    """Enter a phase as training does: freeze, new optimizer."""
     module.set_phase(phase)
-    module.refresh_fast_layers()
     return module.configure_optimizers()
 
 
@@ -132,8 +131,7 @@ def check_batchnorm(size: int = 96, steps: int = 2,
             # with the base's own BatchNorm modules running (TransferModule(fast=False)).
             for variant, folded in (("torch", True), ("torch unfolded", False)):
                 optimizer = _torch_phase(module, phase)
-                if not folded:
-                    module.base.fast_layers = None
+                module.fast = folded
                 before = _bn_state(tbase=module.base)
                 for _ in range(steps):
                     loss = module._step((pairs.nchw(images), torch.from_numpy(labels)),

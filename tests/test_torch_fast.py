@@ -1,5 +1,6 @@
-"""Tests of :mod:`tl_torch.fast`: the folded base computes what the base computes, forward and
-backward, at every freezing point the recipe uses; the fused oneDNN path is taken and exact.
+"""Tests of :mod:`tl_torch.fast`: ``fold(base)`` computes what the base computes, forward and
+backward, at every freezing point the recipe uses; it follows the base's weights and freezing
+without being rebuilt; the fused oneDNN path is taken and exact.
 
 Weights: every tensor random, BatchNorm statistics included (the ``random_base`` fixture;
 Keras' initial statistics, 0 and 1, would make folding an identity), and, in float64,
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from tl_torch import fast
-from tl_torch.fast import FrozenConvReLU6, LiveFoldedConvBN, folded_modules
+from tl_torch.fast import FoldedBase, FoldedConvBN, fold
 from tl_torch.freezing import freeze
 
 #: float64: folding reorders a few products per output; the rest is the same arithmetic.
@@ -53,16 +54,15 @@ def test_folded_base_equals_base_forward_and_backward(random_base, fine_tune_at,
     x = images(dtype, channels_last=channels_last)
     trainable = [p for p in base.parameters() if p.requires_grad]
 
-    def run(fast_layers):
-        base.fast_layers = fast_layers
+    def run(model):
         base.zero_grad(set_to_none=True)
-        out = base(x)
+        out = model(x)
         (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)).sum().backward() \
             if trainable else None
         return out.detach(), [p.grad.clone() for p in trainable]
 
-    expected, expected_grads = run(None)
-    got, grads = run(folded_modules(base))
+    expected, expected_grads = run(base)
+    got, grads = run(fold(base))
     assert rel_err(got, expected) < rtol
     assert len(grads) == len(expected_grads) == len(trainable)
     for g, e in zip(grads, expected_grads, strict=True):
@@ -71,55 +71,66 @@ def test_folded_base_equals_base_forward_and_backward(random_base, fine_tune_at,
     assert all(torch.equal(v, stats[k]) for k, v in base.state_dict().items())
 
 
-def test_which_layers_are_folded_how(random_base):
+def test_folded_base_holds_nothing_of_its_own(random_base):
     base = random_base(0)
-    freeze(base, 100)
-    layers = folded_modules(base)
-    by_type = {name: type(module).__name__ for name, module in layers.items()}
-    assert by_type["block_10_expand"] == "FrozenConvReLU6"     # frozen conv + BN + ReLU6
-    assert by_type["block_6_expand"] == "PaddedFrozenConvReLU6"  # ... + ZeroPadding2D
-    assert by_type["block_6_pad"] == "Identity"
-    assert "block_13_pad" not in by_type                       # after a trainable convolution
-    assert by_type["block_10_project"] == "Conv2d"             # frozen conv + BN, no ReLU6
-    assert by_type["block_11_expand"] == "FrozenConvReLU6"     # BN 99 frozen, ReLU 100 weightless
-    assert by_type["block_11_depthwise"] == "LiveFoldedConvBN"  # trainable: folded at each call
-    assert by_type["block_11_depthwise_relu"] == "ReLU6"
-    assert all(by_type[layer.name] == "Identity"
-               for layer in base.keras_layers if layer.type == "BatchNormalization")
-    # The live fold reads the current parameters: a change shows in the next call.
-    module = layers["Conv_1"]
-    assert isinstance(module, LiveFoldedConvBN)
-    x = torch.rand(2, 320, 2, 2)
-    before = module(x)
+    folded = fold(base)
+    assert isinstance(folded, FoldedBase) and folded.base is base
+    assert list(folded.parameters()) == [] and folded.state_dict() == {}
+    assert all(isinstance(unit, FoldedConvBN) for unit in folded.units)
+    assert len(folded.units) == 52   # every convolution + BatchNorm pair of MobileNetV2
+    # Those a ReLU6 follows, and the strided blocks' paddings after them.
+    assert sum(unit.relu for unit in folded.units) == 35
+    assert sum(unit._parts[2] is not None for unit in folded.units) == 4
+
+
+def test_one_fold_follows_the_base(random_base):
+    """Built once, the folded base reads the base's weights and freezing at each call: loading
+    other weights, unfreezing and changing dtype need no rebuild."""
+    base = random_base(0).double()
+    folded = fold(base)
+    freeze(base, 154)
+    x = images(torch.float64, channels_last=False, size=32)[:1]
     with torch.no_grad():
+        assert rel_err(folded(x), base(x)) < FLOAT64_RTOL
+        base.load_state_dict(random_base(1).double().state_dict())
+        assert rel_err(folded(x), base(x)) < FLOAT64_RTOL
         base.Conv_1_bn.bias.add_(1.0)
-    assert torch.allclose(module(x), before + 1.0, atol=1e-5)
+        assert rel_err(folded(x), base(x)) < FLOAT64_RTOL
+    assert not folded(x).requires_grad
+    freeze(base, 100)   # fine-tuning begins: the upper layers' gradients flow
+    folded(x).sum().backward()
+    got = {n: p.grad for n, p in base.named_parameters() if p.grad is not None}
+    base.zero_grad(set_to_none=True)
+    base(x).sum().backward()
+    want = {n: p.grad for n, p in base.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    assert len(got) == sum(p.requires_grad for p in base.parameters()) > 0
+    assert all(rel_err(got[n], want[n]) < FLOAT64_RTOL for n in got)
 
 
 @pytest.mark.skipif(not fast._FUSED_CONVOLUTION, reason="this torch has no oneDNN fused convolution")
 def test_fused_convolution_is_used_and_exact(random_base, monkeypatch):
-    base = random_base(0)
+    base = random_base(0).to(memory_format=torch.channels_last)
     freeze(base, 154)
-    layers = folded_modules(base)
+    folded = fold(base)
     x = images(torch.float32, channels_last=True, scale=STEM_SATURATING_SCALE)
-    stem = layers["Conv1"].conv
     with torch.no_grad():
-        assert (stem(x) > 6).float().mean() > 0.1  # the upper bound matters here
-    base.fast_layers = layers
-    with torch.no_grad():
-        fused = base(x)
+        assert (base.bn_Conv1(base.Conv1(x)) > 6).float().mean() > 0.1  # the bound matters here
     calls = []
-    original = FrozenConvReLU6.forward
+    mkldnn = torch.ops.mkldnn._convolution_pointwise
 
-    def counting(self, inp):
-        calls.append(inp.requires_grad)
-        return original(self, inp)
+    def counting(*args):
+        calls.append(args[0].shape)
+        return mkldnn(*args)
 
-    monkeypatch.setattr(FrozenConvReLU6, "forward", counting)
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", counting)
+    with torch.no_grad():
+        fused = folded(x)
+    assert len(calls) == 35  # the stem, and each block's expand (not block 0's) and depthwise
     monkeypatch.setattr(fast, "_FUSED_CONVOLUTION", False)  # the two-operation fallback
     with torch.no_grad():
-        unfused = base(x)
-    assert len(calls) == 35  # the stem, and each block's expand (not block 0's) and depthwise
+        unfused = folded(x)
+    assert len(calls) == 35
     assert torch.equal(fused, unfused)
 
 
@@ -128,11 +139,9 @@ def test_fused_path_falls_back_when_the_input_needs_a_gradient(calibrated_base):
     base = calibrated_base(0, SIZE).double()
     freeze(base, 154)
     x = images(torch.float64, channels_last=False).requires_grad_(True)
-    base.fast_layers = folded_modules(base)
-    base(x).sum().backward()
+    fold(base)(x).sum().backward()
     fast_grad = x.grad.clone()
     x.grad = None
-    base.fast_layers = None
     base(x).sum().backward()
     assert rel_err(fast_grad, x.grad) < FLOAT64_RTOL
 
@@ -145,6 +154,5 @@ def test_folded_base_equals_base_at_odd_sizes(calibrated_base, size):
     x = images(torch.float64, channels_last=False, size=size)
     with torch.no_grad():
         expected = base(x)
-        base.fast_layers = folded_modules(base)
-        got = base(x)
+        got = fold(base)(x)
     assert rel_err(got, expected) < FLOAT64_RTOL

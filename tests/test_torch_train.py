@@ -293,7 +293,8 @@ class Recorder(Callback):
         self.base_inputs: list[tuple[RunningStage, torch.Tensor]] = []
         self.augment_calls: list[RunningStage] = []
         self.trainer: L.Trainer | None = None
-        module.base.register_forward_pre_hook(
+        # The base as training runs it: folded (TransferModule.features).
+        module.folded_base.register_forward_pre_hook(
             lambda _, args: self.base_inputs.append((self.trainer.state.stage, args[0].clone())))
         module.augment.register_forward_hook(
             lambda *_: self.augment_calls.append(self.trainer.state.stage))

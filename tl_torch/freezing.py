@@ -24,7 +24,6 @@ def freeze(base: MobileNetV2Base, fine_tune_at: int) -> MobileNetV2Base:
         for p in layer.parameters():
             p.requires_grad_(layer.index >= fine_tune_at)
     base.frozen_below = fine_tune_at
-    base.fast_layers = None  # folded for another frozen set: rebuilt by its owner
     return base
 
 

@@ -73,7 +73,9 @@ class KerasLayer:
 
 
 @dataclass(frozen=True)
-class _Block:
+class Block:
+    """One inverted residual block: its Keras layers in order, and the Add closing it."""
+
     layers: tuple[str, ...]  # Keras names, in order
     add: str | None          # the Add layer closing the block, if it has a residual
 
@@ -96,9 +98,6 @@ class MobileNetV2Base(nn.Module):
         self._types: dict[str, str] = {}
         self._order: list[str] = []
         self.frozen_below = 0  # layers with a Keras index below this are frozen (see tl_torch.freeze)
-        # Replacement modules for frozen layers, by Keras name, set by whoever trains the base
-        # (tl_torch.fast); not registered, so not in the state dict, counts or exports.
-        self.fast_layers: dict[str, nn.Module] | None = None
 
         def add(name: str, keras_type: str, module: nn.Module) -> str:
             self.add_module(name, module)
@@ -120,7 +119,7 @@ class MobileNetV2Base(nn.Module):
         bn("bn_Conv1", FIRST_FILTERS)
         relu("Conv1_relu")
 
-        self._blocks: list[_Block] = []
+        self._blocks: list[Block] = []
         cin, block_id = FIRST_FILTERS, 0
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
@@ -140,7 +139,7 @@ class MobileNetV2Base(nn.Module):
                           conv1x1(f"{prefix}project", hidden, c), bn(f"{prefix}project_BN", c)]
                 residual = stride == 1 and cin == c
                 add_name = add(f"{prefix}add", "Add", Add()) if residual else None
-                self._blocks.append(_Block(tuple(names), add_name))
+                self._blocks.append(Block(tuple(names), add_name))
                 cin, block_id = c, block_id + 1
 
         conv1x1("Conv_1", cin, LAST_FILTERS)
@@ -158,6 +157,11 @@ class MobileNetV2Base(nn.Module):
         for i, name in enumerate(self._order, start=1):
             layers.append(KerasLayer(i, name, self._types[name], getattr(self, name)))
         return layers
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """The 17 inverted residual blocks, in order (``expanded_conv``, ``block_1`` ...)."""
+        return tuple(self._blocks)
 
     def keras_layer(self, key: int | str) -> KerasLayer:
         """A layer by Keras index or name."""
@@ -182,21 +186,14 @@ class MobileNetV2Base(nn.Module):
         return (images / 255.0 - self._mean) / self._std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self.fast_layers
-        if fast:
-            def layer(name: str) -> nn.Module:
-                return fast.get(name) or getattr(self, name)
-        else:
-            def layer(name: str) -> nn.Module:
-                return getattr(self, name)
-        x = layer("Conv1_relu")(layer("bn_Conv1")(layer("Conv1")(x)))   # (N, 32, H/2, W/2)
+        x = self.Conv1_relu(self.bn_Conv1(self.Conv1(x)))                # (N, 32, H/2, W/2)
         for block in self._blocks:
             shortcut = x
             for name in block.layers:
-                x = layer(name)(x)
+                x = getattr(self, name)(x)
             if block.add is not None:
-                x = layer(block.add)(shortcut, x)
-        return layer("out_relu")(layer("Conv_1_bn")(layer("Conv_1")(x)))  # (N, 1280, H/32, W/32)
+                x = getattr(self, block.add)(shortcut, x)
+        return self.out_relu(self.Conv_1_bn(self.Conv_1(x)))             # (N, 1280, H/32, W/32)
 
     # ---- BatchNorm always in inference mode ------------------------------------------------
     def train(self, mode: bool = True) -> MobileNetV2Base:

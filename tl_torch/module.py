@@ -31,7 +31,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from tl_common.outputs import PHASES, format_counts, format_layer_table
 from tl_torch.augment import RandomFlipRotation
-from tl_torch.fast import folded_modules
+from tl_torch.fast import fold
 from tl_torch.freezing import count_params, freeze, layer_table
 from tl_torch.model import LAST_FILTERS, MobileNetV2Base
 from tl_torch.optim import KerasAdam, KerasRMSprop
@@ -114,6 +114,11 @@ class TransferModule(L.LightningModule):
         self.phase = "feature_extraction"
         self.set_phase("feature_extraction")
         self._generator: torch.Generator | None = None
+        # What features() runs: the base folded (tl_torch.fast.fold: the same function, faster;
+        # it reads the base's weights and freezing at each call, so it is built once), or the
+        # base's own modules with fast=False. An attribute, so a comparison can run both.
+        self.fast = fast
+        self.folded_base = fold(self.base)
         if fast:  # oneDNN's convolutions are fastest on channels-last tensors
             self.base.to(memory_format=torch.channels_last)
 
@@ -144,25 +149,12 @@ class TransferModule(L.LightningModule):
         self.set_phase(checkpoint.get("phase", "feature_extraction"))
 
     # ---- forward -----------------------------------------------------------------------------
-    def refresh_fast_layers(self) -> None:
-        """Fold the frozen layers again (tl_torch.fast): at each epoch start, as weights may have
-        been loaded or unfrozen since."""
-        self.base.fast_layers = folded_modules(self.base) if self.hparams.fast else None
-
-    def on_validation_epoch_start(self) -> None:
-        self.refresh_fast_layers()
-
-    def on_test_epoch_start(self) -> None:
-        self.refresh_fast_layers()
-
-    def on_predict_epoch_start(self) -> None:
-        self.refresh_fast_layers()
-
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 255] images -> pooled base features (N, 1280)."""
-        if self.hparams.fast:
+        if self.fast:
             images = images.contiguous(memory_format=torch.channels_last)
-        x = self.base(self.base.preprocess(images))            # (N, 1280, H/32, W/32)
+        backbone = self.folded_base if self.fast else self.base
+        x = backbone(self.base.preprocess(images))             # (N, 1280, H/32, W/32)
         return x.mean(dim=(2, 3))                               # (N, 1280)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -182,7 +174,6 @@ class TransferModule(L.LightningModule):
         return labels, probs
 
     def on_train_epoch_start(self) -> None:
-        self.refresh_fast_layers()
         # Augmentation draws from its own generator, seeded per epoch: see epoch_seed.
         seed = epoch_seed(self.hparams.seed, self.current_epoch, self.global_rank)
         self._generator = torch.Generator().manual_seed(seed + 1)

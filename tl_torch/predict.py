@@ -84,7 +84,6 @@ def load_run(run_dir: str | Path, *, fast: bool = True
                         "come from different runs")
     # Nothing trains here: the whole base frozen, then folded for speed (tl_torch.fast).
     module.set_phase("feature_extraction")
-    module.refresh_fast_layers()
     return module.eval(), class_names, int(image_size)
 
 
