@@ -20,7 +20,6 @@ from tl_common.errors import UserError
 from tl_common.files import (
     BAD_IMAGES_FILE,
     BAD_IMAGES_SHOWN,
-    FileList,
     ImageFile,
     find_images,
     load_splits,
@@ -148,7 +147,7 @@ def test_scan_finds_every_bad_file_in_order(folder):
     plant(folder, BAD_FILES)
     listed = [ImageFile(f"{split}/{f.path}", f.label) for split in ("train", "validation")
               for f in find_images(folder / split).files]
-    bad = scan_images(FileList(folder, ("cats", "dogs"), tuple(listed)), workers=2)
+    bad = scan_images(folder, [f.path for f in listed], workers=2)
     assert [b.path for b in bad] == ["train/cats/cat.1.jpg", "train/dogs/dog.2.jpg",
                                      "validation/cats/cat.3.jpg"]
     assert [b.reason for b in bad] == [

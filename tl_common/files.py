@@ -224,7 +224,7 @@ def load_splits(root: str | os.PathLike[str], test_fraction: float, seed: int, *
                         f"validation has {list(validation.class_names)}")
     bad: list[BadImage] = []
     if check_images:
-        bad = scan_images(FileList(root, train.class_names, train.files + validation.files))
+        bad = scan_images(root, [f.path for f in train.files + validation.files])
         _write_bad_list(bad, root, bad_list)
     if bad:
         if not skip_bad_images:
