@@ -108,6 +108,7 @@ def _tiny_data_root(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_both_workers_end_to_end(tmp_path):
     data_root = _tiny_data_root(tmp_path / "data")
     work, logs = tmp_path / "work", tmp_path / "logs"

@@ -73,6 +73,7 @@ def finished_run(data_dir, tmp_path_factory) -> tuple[Path, dict]:
     return out, train.main(args(data_dir, out, "--overwrite"))
 
 
+@pytest.mark.slow
 def test_metrics_json(finished_run):
     out, returned = finished_run
     doc = read_metrics(out)
@@ -94,6 +95,7 @@ def test_metrics_json(finished_run):
     assert set(doc["timings"]) == {"feature_extraction_s", "fine_tuning_s", "test_s", "total_s"}
 
 
+@pytest.mark.slow
 def test_other_outputs(finished_run):
     out, _ = finished_run
     table = read_layer_table(out / "layer_table.csv")
@@ -108,6 +110,7 @@ def test_other_outputs(finished_run):
         "layer_table.csv", "learning_curves.png", METRICS_FILE, "model.keras"]
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten(finished_run, data_dir):
     out, _ = finished_run
     with pytest.raises(UserError, match="already holds a finished run.*--overwrite"):
@@ -162,6 +165,7 @@ def crash_while_backing_up(monkeypatch, out: Path, epoch: int) -> None:
     monkeypatch.setattr(keras.Model, "save_weights", cut_short)
 
 
+@pytest.mark.slow
 def test_resume_after_crashes_in_both_phases(data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = args(data_dir, out, epochs=(2, 2))
@@ -305,6 +309,7 @@ def test_epoch_seeds_hold_in_the_compiled_train_step():
     assert [v.numpy().tolist() for v in train.seed_states(model)] == [[11, n + 3], [12, n + 3]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crashes", [
     # after epoch 1, in feature extraction: resumed, the run goes on through both phases
     (1,),
@@ -388,6 +393,7 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
     assert rc == 0, log.read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path,
                                                     kill_when_paused):
     """A graph-mode run killed with SIGKILL in fine-tuning, then resumed with --resume, ends

@@ -174,6 +174,7 @@ def test_resume_of_a_finished_run_is_refused_alike(framework, cats_and_dogs, tmp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_nan_loss_stops_an_overwrite_run_that_never_looks_finished(framework, cats_and_dogs,
                                                                   tmp_path, capsys):

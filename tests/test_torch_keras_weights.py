@@ -390,6 +390,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"
 """
 
 
+@pytest.mark.slow
 def test_no_tensorflow_imported(demo_weights: Path) -> None:
     """Importing the port, building, exporting, importing and loading the demo weights never
     import TensorFlow or Keras (the demo fixture has cached the file for the child's cache)."""

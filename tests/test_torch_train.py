@@ -220,6 +220,7 @@ def demo_base_state(demo_weights) -> dict[str, torch.Tensor]:
 
 # ---- 1. outputs of a two-phase run -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_metrics_json(finished_run, demo_weights):
     out, returned = finished_run
     doc = read_metrics(out)
@@ -255,6 +256,7 @@ def test_metrics_json(finished_run, demo_weights):
     assert all(v > 0 for v in doc["timings"].values())
 
 
+@pytest.mark.slow
 def test_other_outputs(finished_run):
     out, _ = finished_run
     assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -266,6 +268,7 @@ def test_other_outputs(finished_run):
     assert (out / "model.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_exported_base_weights_load_back(finished_run, demo_base_state):
     out, _ = finished_run
     trained = {k.removeprefix("base."): v
@@ -445,6 +448,7 @@ def test_augmentation_is_identity_in_eval_mode():
                            images)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_fine_tuning_optimizer(finished_run):
     """The CLI's default fine-tuning rate is a tenth of --learning-rate, over the trainable
     parameters (the optimizer state saved in model.ckpt is RMSprop's)."""
@@ -493,6 +497,7 @@ def killed_runs(data_dir, hooked_train, demo_weights, tmp_path_factory,
     return {name: root / name for name in KILL_POINTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "saved_epoch", "phase", "optimizer_keys"), [
     ("in-fine-tuning", 2, "fine_tuning", {"velocity"}),
     ("at-phase-boundary", 1, "feature_extraction", {"step", "momentum", "velocity"}),
@@ -533,6 +538,7 @@ def test_resume_after_kill_equals_uninterrupted_run(finished_run, killed_runs, d
 
 # ---- 6. outputs protection -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_finished_run_is_refused_and_untouched(finished_run, data_dir, capsys):
     out, _ = finished_run
     before = file_snapshot(out)
@@ -545,6 +551,7 @@ def test_finished_run_is_refused_and_untouched(finished_run, data_dir, capsys):
     assert file_snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_resume_on_empty_folder_starts_afresh(data_dir, tmp_path, capsys):
     out = tmp_path / "empty"
     out.mkdir()
@@ -557,6 +564,7 @@ def test_resume_on_empty_folder_starts_afresh(data_dir, tmp_path, capsys):
 
 # ---- 7. predict ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_predict_prints_class_and_probability(finished_run, data_dir, capsys):
     out, doc = finished_run
     one_file = data_dir / "train" / "dogs" / "dog.0.jpg"
@@ -579,6 +587,7 @@ def test_predict_prints_class_and_probability(finished_run, data_dir, capsys):
                                             abs=PRINTED_PROB_ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [1e-9, -1e-9, 0.0])
 def test_predict_class_follows_the_logit_sign_near_zero(finished_run, data_dir, bias):
     """sigmoid(±1e-9) is exactly 0.5 in float32: the class must still follow the logit's sign,
@@ -592,6 +601,7 @@ def test_predict_class_follows_the_logit_sign_near_zero(finished_run, data_dir, 
     assert (name, prob) == (class_names[int(bias > 0)], 0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("inputs", "expected"), [
     (["missing.jpg"], "missing.jpg is neither an image file nor a folder"),
     (["EMPTY"], "no images"),
@@ -618,6 +628,7 @@ def test_predict_needs_a_run_folder(tmp_path, data_dir, capsys):
 MODEL_HPARAMS = ("base_config", "class_names", "image_size", "weights")
 
 
+@pytest.mark.slow
 def test_model_ckpt_alone_rebuilds_the_model(finished_run, data_dir, tmp_path, capsys):
     out, doc = finished_run
     # Plain data only: readable without unpickling arbitrary objects.
@@ -646,6 +657,7 @@ def test_model_ckpt_alone_rebuilds_the_model(finished_run, data_dir, tmp_path, c
     assert {m.eps for m in base.batchnorms()} == {1e-3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["demo", "torchvision"])
 def test_old_checkpoint_takes_its_settings_from_metrics_json(finished_run, tmp_path, source):
     """A model.ckpt from before it held its model's settings: metrics.json beside it still
@@ -700,6 +712,7 @@ def test_checkpoint_keeps_torchvision_settings(tmp_path):
 
 # ---- 8. DDP on two CPU processes -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ddp_two_processes(data_dir, hooked_train, tmp_path, demo_base_state):
     """Both processes end with the same weights (each saves its own state_dict when fit ends,
     through the hook), rank 0 writes the outputs once, and the metrics are those of the whole
@@ -748,6 +761,7 @@ def test_ddp_two_processes(data_dir, hooked_train, tmp_path, demo_base_state):
 
 # ---- 9. determinism --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_same_seed_same_run(finished_run, data_dir, tmp_path):
     reference, reference_doc = finished_run
     doc = train.main(run_args(data_dir, tmp_path / "again"))
