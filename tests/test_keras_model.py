@@ -19,7 +19,7 @@ from tl_common.demo import demo_weights_path
 from tl_common.download import IMAGENET_BASE_URL, imagenet_weights_name
 from tl_common.errors import UserError
 from tl_keras import build_base, build_model, count_params, layer_table
-from tl_keras.model import _mobilenet_v2, compile_for, load_weights_file, set_phase
+from tl_keras.model import compile_for, keras_mobilenet_v2, load_weights_file, set_phase
 
 #: The recipe's counts with the one-logit head (SEED_FLOW step 7 and 8).
 FEATURE_EXTRACTION_COUNTS = (1_281, 2_257_984)
@@ -170,7 +170,7 @@ def test_whole_model_without_a_base(tmp_path, target):
 
 @pytest.mark.parametrize("name", ["half.weights.h5", "half.h5"])
 def test_other_alpha_names_the_layer(tmp_path, target, name):
-    half = _mobilenet_v2(SMALL, None, alpha=0.5)
+    half = keras_mobilenet_v2(SMALL, None, alpha=0.5)
     path = tmp_path / name
     if name.endswith(".weights.h5"):
         half.save_weights(path)

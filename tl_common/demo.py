@@ -36,7 +36,7 @@ from tl_common.errors import UserError
 
 #: Bump when the drawing changes, so a stale cache is not reused.
 DEMO_DATA_VERSION = 2
-#: Images per class and split: small enough for a two-phase demo in well under 3 minutes on 2 CPUs.
+#: Images per class and split: small enough for a two-phase demo of a few minutes on a laptop CPU.
 DEMO_IMAGES_PER_CLASS = {"train": 160, "validation": 30}
 DEMO_CLASSES = ("cats", "dogs")
 DEMO_SEED = 20240501

@@ -28,6 +28,7 @@ from tl_common.download import (
     imagenet_weights_name,
 )
 from tl_common.errors import UserError
+from tl_common.head import head_units
 from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS
 from tl_common.outputs import PHASES
 from tl_common.weights import weights_file
@@ -44,7 +45,9 @@ Shapes = list[tuple[int, ...]]
 
 # ---- the base --------------------------------------------------------------------------------
 
-def _mobilenet_v2(image_size: int, weights: str | None, alpha: float = 1.0) -> keras.Model:
+def keras_mobilenet_v2(image_size: int, weights: str | None, alpha: float = 1.0) -> keras.Model:
+    """``keras.applications.MobileNetV2(include_top=False)`` as the recipe builds it, weights as
+    Keras loads them (``"imagenet"`` or None)."""
     s = image_size
     return keras.applications.MobileNetV2(
         input_shape=(s, s, 3), alpha=alpha, include_top=False, weights=weights,
@@ -61,7 +64,7 @@ def build_base(weights: str | Path | None = "imagenet", image_size: int = 160) -
     at any size: every layer is a convolution), ``"none"``/``None`` (random init), or a path to a
     Keras weights file of the base or a whole model file that contains one.
     """
-    base = _imagenet_base(image_size) if weights == "imagenet" else _mobilenet_v2(image_size, None)
+    base = _imagenet_base(image_size) if weights == "imagenet" else keras_mobilenet_v2(image_size, None)
     if len(base.layers) != KERAS_BASE_LAYERS or \
             base.layers[RECIPE_FINE_TUNE_AT].name != RECIPE_FINE_TUNE_LAYER:
         raise RuntimeError(f"this Keras builds a MobileNetV2 of {len(base.layers)} layers with "
@@ -80,7 +83,7 @@ def _imagenet_base(image_size: int) -> keras.Model:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return _mobilenet_v2(image_size, "imagenet")
+        return keras_mobilenet_v2(image_size, "imagenet")
     except Exception as err:  # keras.utils.get_file raises a bare Exception
         if "URL fetch failure" not in str(err):
             raise
@@ -277,13 +280,6 @@ def data_augmentation(seed: int) -> keras.Sequential:
         # Another seed: the same one would tie each image's rotation to its flip.
         layers.RandomRotation(0.2, seed=seed + 1),
     ], name="data_augmentation")
-
-
-def head_units(num_classes: int) -> int:
-    """Logits of the head: the recipe's single logit for two classes, one per class beyond."""
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2")
-    return 1 if num_classes == 2 else num_classes
 
 
 def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int,

@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m tl_keras.train --demo --output-dir runs/keras-demo    # offline demo, ~2 min on 2 CPUs
+    python -m tl_keras.train --demo --output-dir runs/keras-demo    # the offline demo
     python -m tl_keras.train                # the recipe: cats_and_dogs_filtered, ImageNet weights
     python -m tl_keras.train --resume --output-dir runs/keras-demo --demo   # continue a killed run
     python -m tl_keras.train --help
@@ -39,6 +39,7 @@ import tensorflow as tf
 from tl_common.data import resolve_data_root
 from tl_common.errors import UserError, non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, describe_bad_images, load_splits
+from tl_common.head import decide
 from tl_common.outputs import (
     RunDir,
     format_counts,
@@ -338,14 +339,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images, labels = next(iter(data["test"]))
     logits = model.predict_on_batch(images)
     names = splits.class_names
-    if len(names) == 2:
-        probabilities = tf.sigmoid(logits)[:, 0].numpy()
-        predicted = (probabilities > 0.5).astype(int)
-        print(f"predictions on the first test batch (p = probability of {names[1]}):")
-    else:
-        softmax = tf.nn.softmax(logits).numpy()
-        predicted, probabilities = softmax.argmax(axis=-1), softmax.max(axis=-1)
-        print("predictions on the first test batch (p = probability of the class predicted):")
+    # The accuracy's rule (logit > 0 for two classes; tl_common.head.decide).
+    predicted, probabilities = decide(logits)
+    print("predictions on the first test batch (p = probability of the class predicted):")
     for path, label, k, p in zip(splits.test.paths, labels.numpy(), predicted, probabilities,
                                  strict=False):
         print(f"  {Path(path).name}: {names[label]}, predicted {names[k]} (p={p:.3f})")

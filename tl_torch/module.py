@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
+from tl_common.head import head_units
 from tl_common.outputs import PHASES, format_counts, format_layer_table
 from tl_torch.augment import RandomFlipRotation
 from tl_torch.fast import fold
@@ -56,13 +57,6 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
     """The seed of torch's global generator (dropout) for one training step on one process."""
     return (epoch_seed(seed, epoch, rank) * 1_000_033 + 2 * batch + 1) % (2**63)
-
-
-def head_units(num_classes: int) -> int:
-    """Logits of the head: the recipe's single logit for two classes, one per class beyond."""
-    if num_classes < 2:
-        raise ValueError(f"num_classes={num_classes}; a classifier needs at least 2")
-    return 1 if num_classes == 2 else num_classes
 
 
 class TransferModule(L.LightningModule):
@@ -163,11 +157,10 @@ class TransferModule(L.LightningModule):
         return logits.squeeze(-1) if self.binary else logits
 
     def probabilities(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class index, probability of that class) per image, from :meth:`forward`'s logits.
-
-        Two classes: by the logit's sign, as the accuracy counts it (sigmoid rounds every
-        |logit| below ~3e-8 to exactly 0.5 in float32, where "p > 0.5" would say class 0), with
-        sigmoid(|logit|), free of 1 - p's cancellation. N classes: the largest logit, softmax."""
+        """(class index, probability of that class) per image, from :meth:`forward`'s logits:
+        :func:`tl_common.head.decide`'s rule on tensors, which the accuracy, the trainer's printed
+        predictions and ``tl_torch.predict`` all use. Two classes: by the logit's sign, with
+        sigmoid(|logit|); N classes: the largest logit, with its softmax probability."""
         if self.binary:
             return (logits > 0).long(), torch.sigmoid(logits.abs())
         probs, labels = torch.softmax(logits, dim=-1).max(dim=-1)
@@ -192,14 +185,10 @@ class TransferModule(L.LightningModule):
         if augment and self.augment is not None:
             images = self.augment(images, generator=self._generator)
         logits = self(images)
-        if self.binary:
-            loss = self.loss_fn(logits, labels.float())
-            # Accuracy of logit > 0 (sigmoid > 0.5), as BinaryAccuracy(threshold=0.0) in Keras;
-            # integer predictions, so torchmetrics applies no threshold of its own.
-            predicted = (logits.detach() > 0).long()
-        else:
-            loss = self.loss_fn(logits, labels.long())
-            predicted = logits.detach().argmax(dim=-1)
+        loss = self.loss_fn(logits, labels.float() if self.binary else labels.long())
+        # Accuracy of logit > 0 (sigmoid > 0.5), as BinaryAccuracy(threshold=0.0) in Keras, or of
+        # the largest logit; integer predictions, so torchmetrics applies no threshold of its own.
+        predicted, _ = self.probabilities(logits.detach())
         loss_metric.update(loss.detach(), weight=labels.numel())
         acc_metric.update(predicted, labels)
         return loss

@@ -87,8 +87,8 @@ class Pad2d(nn.Module):
         left, right, top, bottom = pad_amounts(x.shape[-2], x.shape[-1], self.kernel, self.stride,
                                                self.pad_type)
         if x.requires_grad and torch.is_grad_enabled():
-            # zero_pad's slice assignments would cost autograd five copies on the way back
-            # (~4x F.pad's forward and backward together)
+            # zero_pad's slice assignments would cost autograd five copies on the way back,
+            # several times F.pad's forward and backward together
             return F.pad(x, (left, right, top, bottom))
         return zero_pad(x, left, right, top, bottom)
 

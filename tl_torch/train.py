@@ -138,7 +138,7 @@ def _devices(value: str) -> int | str:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
-    keep_freed_memory()  # about 2x on CPU: see tl_torch/fast.py
+    keep_freed_memory()  # large activations reuse freed memory: see tl_torch/fast.py
     run_dir = RunDir(Path(settings.output_dir))
     last = run_dir.path / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
     is_zero = rank_zero_only.rank == 0
@@ -240,22 +240,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 def _print_predictions(module: TransferModule, paths: list[str], class_names: tuple[str, ...],
                        image_size: int) -> None:
-    """The recipe's last step: sigmoid of the logit, above 0.5 is class 1 (N classes: the
-    largest softmax probability)."""
+    """The recipe's last step: the class of each image and its probability, by the accuracy's
+    rule (:meth:`TransferModule.probabilities`: the logit's sign, or the largest logit)."""
     if not paths:
         return
     module.eval()
     with torch.no_grad():
         logits = module(load_images(paths, image_size).to(module.device))
-    if module.binary:
-        probs, labels = torch.sigmoid(logits).tolist(), None
-        print(f"predictions on the first test batch (probability of {class_names[1]!r}):")
-    else:
-        labels, probs = (t.tolist() for t in module.probabilities(logits))
-        print("predictions on the first test batch (probability of the class predicted):")
-    for i, (path, p) in enumerate(zip(paths, probs, strict=True)):
-        name = class_names[int(p > 0.5) if labels is None else labels[i]]
-        print(f"  {Path(path).name:32s} {name:10s} {p:.4f}")
+    labels, probs = (t.tolist() for t in module.probabilities(logits))
+    print("predictions on the first test batch (probability of the class predicted):")
+    for path, label, p in zip(paths, labels, probs, strict=True):
+        print(f"  {Path(path).name:32s} {class_names[label]:10s} {p:.4f}")
 
 
 if __name__ == "__main__":
