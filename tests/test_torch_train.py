@@ -35,7 +35,7 @@ from tl_common.settings import Settings
 from tl_torch import load_keras_weights
 from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.model import MobileNetV2Base
-from tl_torch.module import TransferModule, TwoPhaseFineTuning
+from tl_torch.module import TransferModule, TwoPhaseFineTuning, rewrap_ddp
 from tl_torch.optim import KerasAdam, KerasRMSprop
 from tl_torch.weights import base_config, build_base
 
@@ -757,6 +757,23 @@ def test_ddp_two_processes(data_dir, hooked_train, tmp_path, demo_base_state):
         got_accuracy = metrics["val_accuracy" if prefix else "accuracy"]
         assert got_loss == pytest.approx(loss, rel=DDP_LOSS_RTOL), split
         assert got_accuracy == pytest.approx(accuracy, abs=ACCURACY_ATOL), split
+
+
+def test_ddp_rewrap_uses_what_lightning_has():
+    """:func:`tl_torch.module.rewrap_ddp` relies on DDPStrategy's ``model`` setter and on
+    ``configure_ddp()`` wrapping ``self.model`` afresh; this fails when Lightning changes them
+    (the DDP test above shows the consequence: unfrozen layers that drift apart)."""
+    import inspect
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    model = inspect.getattr_static(DDPStrategy, "model")
+    assert isinstance(model, property) and model.fset is not None
+    assert list(inspect.signature(DDPStrategy.configure_ddp).parameters) == ["self"]
+    assert "self.model = self._setup_model(self.model)" in inspect.getsource(
+        DDPStrategy.configure_ddp)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert rewrap_ddp(trainer) is False   # nothing to rewrap on one process
 
 
 # ---- 9. determinism --------------------------------------------------------------------------

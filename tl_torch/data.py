@@ -91,6 +91,9 @@ class ShardSampler(DistributedSampler):
     the shards to equal length by repeating images, so that metrics would count some twice and
     differ from one process's over the whole split (Keras' ``evaluate``). Shards here may differ
     by one image; the metrics (torchmetrics states, summed over processes) need no equal length.
+    ``tl_torch.train`` turns Lightning's sampler replacement off (``use_distributed_sampler=False``:
+    the data module makes every sampler itself); being a ``DistributedSampler``, this one is also
+    left in place by a Trainer that keeps it on.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
@@ -130,11 +133,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.cache = cache
         self._cached: bool | None = None  # decided once for all splits: see uses_cache
+        self._prepared = False
         self.splits: DataSplits | None = None
         self._datasets: dict[str, Dataset] = {}
 
     def prepare_data(self) -> None:
-        resolve_data_root(self.settings)
+        """Find, download or generate the images: once per machine (Lightning calls it on each
+        machine's first process; ``tl_torch.train`` before the others start)."""
+        if not self._prepared:
+            resolve_data_root(self.settings)
+            self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:

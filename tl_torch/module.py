@@ -216,6 +216,25 @@ class TransferModule(L.LightningModule):
         return torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=-1)
 
 
+def rewrap_ddp(trainer: L.Trainer) -> bool:
+    """Wrap the module in DDP afresh after its trainable parameters changed; True if it did.
+
+    DDP records which parameters need gradients when it wraps a model, and synchronises only
+    those: parameters unfrozen later would train apart on each process. Lightning has no public
+    call for this (its ``BaseFinetuning`` only adds parameter groups to the optimizer, under DDP
+    with ``find_unused_parameters``), so this is the one place that uses its strategy's
+    internals: the ``model`` setter and ``configure_ddp()`` of ``DDPStrategy`` (Lightning 2.6).
+    ``tests/test_torch_train.py::test_ddp_rewrap_uses_what_lightning_has`` fails when they
+    change; the DDP test checks that the unfrozen layers stay equal on both processes.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy.model, DistributedDataParallel):
+        return False
+    strategy.model = strategy.lightning_module
+    strategy.configure_ddp()
+    return True
+
+
 class TwoPhaseFineTuning(Callback):
     """Switch from feature extraction to fine-tuning when epoch ``initial_epochs`` begins:
     unfreeze from ``fine_tune_at`` and replace Adam by RMSprop (Lightning's fine-tuning
@@ -228,13 +247,8 @@ class TwoPhaseFineTuning(Callback):
         if trainer.current_epoch < self.initial_epochs or pl_module.phase == "fine_tuning":
             return
         pl_module.set_phase("fine_tuning")
-        strategy = trainer.strategy
-        if isinstance(strategy.model, DistributedDataParallel):
-            # DDP registers the parameters that need gradients when it wraps the model; wrap
-            # again so the newly unfrozen ones are synchronised too.
-            strategy.model = strategy.lightning_module
-            strategy.configure_ddp()
-        strategy.setup_optimizers(trainer)
+        rewrap_ddp(trainer)
+        trainer.strategy.setup_optimizers(trainer)
         counts = pl_module.counts()
         trainer.print(format_layer_table(layer_table(pl_module.base)))
         trainer.print(format_counts("fine_tuning", counts["trainable"], counts["non_trainable"]))

@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         weights = weights_record(settings.weights_source, settings.image_size)
 
     data = ImageFolderDataModule(settings)
-    data.prepare_data()
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        # Once per machine. Under DDP Lightning starts the other processes in trainer.fit, when
+        # this has run; launched by another tool (torchrun), prepare the data before it.
+        data.prepare_data()
     data.setup()
     splits = data.splits
     if splits.skipped and is_zero:
@@ -202,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         logger=CSVLogger(run_dir.path, name="logs", version=""),
         limit_train_batches=limit, limit_val_batches=limit, limit_test_batches=limit,
         num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=1,
+        # The data module makes its samplers (seeded shuffling, evaluation shards that repeat no
+        # image): Lightning must not replace them.
+        use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     test_started = time.perf_counter()
