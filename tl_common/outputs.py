@@ -154,6 +154,18 @@ def metrics_document(*, framework: str, versions: dict[str, str], settings: dict
     }
 
 
+def finish_run(run_dir: RunDir, *, framework: str, table: Iterable[Sequence[Any]],
+               curves_title: str, **document: Any) -> dict[str, Any]:
+    """The end of a run, the same in both trainers: ``layer_table.csv``, ``learning_curves.png``,
+    then ``metrics.json`` (``document``: :func:`metrics_document`'s arguments but ``status``),
+    written last, since a complete ``metrics.json`` marks a finished run. Returns the document."""
+    write_layer_table(run_dir.layer_table, table)
+    plot_learning_curves(run_dir.curves, {framework: document["history"]}, title=curves_title)
+    doc = metrics_document(framework=framework, status="complete", **document)
+    write_json(run_dir.metrics, doc)
+    return doc
+
+
 def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a run's ``metrics.json`` (a run folder or the file itself)."""
     path = Path(path)

@@ -38,19 +38,17 @@ import tensorflow as tf
 
 from tl_common.data import resolve_data_root
 from tl_common.errors import UserError, non_finite_loss, run_main
-from tl_common.files import BAD_IMAGES_FILE, SPLITS, describe_bad_images, load_splits
+from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
 from tl_common.head import decide
 from tl_common.outputs import (
     RunDir,
+    finish_run,
     format_counts,
     format_layer_table,
     history_entry,
-    metrics_document,
-    plot_learning_curves,
     write_json,
-    write_layer_table,
 )
-from tl_common.settings import build_parser, naming_flag, parse, settings_from
+from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
 from tl_keras.data import TrainingData, make_dataset
 from tl_keras.model import (
@@ -240,6 +238,38 @@ def save_model(model: keras.Model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_data(settings: Settings, run_dir: RunDir) -> DataSplits:
+    """The run's file lists, every file checked (unreadable ones reported or a one-line stop)."""
+    splits = load_splits(resolve_data_root(settings), settings.test_fraction, settings.seed,
+                         skip_bad_images=settings.skip_bad_images,
+                         bad_list=run_dir.path / BAD_IMAGES_FILE)
+    if splits.skipped:
+        print(f"warning: --skip-bad-images: left out "
+              f"{describe_bad_images(splits.skipped, splits.root, run_dir.path / BAD_IMAGES_FILE)}",
+              file=sys.stderr)
+    print(f"data: {splits.root}\nclasses: {list(splits.class_names)}")
+    for split in SPLITS:
+        print(f"  {split}: {len(splits[split])} images {splits[split].class_counts()}")
+    return splits
+
+
+def show_predictions(model: keras.Model, base: keras.Model, test: tf.data.Dataset,
+                     splits: DataSplits) -> None:
+    """The recipe's last steps: predictions on the first test batch, by the accuracy's rule
+    (:func:`tl_common.head.decide`), and the feature-extractor aside."""
+    images, labels = next(iter(test))
+    predicted, probabilities = decide(model.predict_on_batch(images))
+    names = splits.class_names
+    print("predictions on the first test batch (p = probability of the class predicted):")
+    for path, label, k, p in zip(splits.test.paths, labels.numpy(), predicted, probabilities,
+                                 strict=False):
+        print(f"  {Path(path).name}: {names[label]}, predicted {names[k]} (p={p:.3f})")
+    extractor = keras.Model(base.input, keras.layers.Flatten()(base.output))
+    features = extractor(keras.applications.mobilenet_v2.preprocess_input(images), training=False)
+    print(f"feature extractor (base output, flattened): {tuple(images.shape)} -> "
+          f"{tuple(features.shape)}, {features.shape[1]:,} numbers per image")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the recipe; return the metrics.json document."""
     parser = build_parser("keras", "Train the transfer-learning recipe with Keras 3 (the "
@@ -264,16 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weights = weights_record(settings.weights_source, settings.image_size)
 
     # ---- data -------------------------------------------------------------------------------
-    splits = load_splits(resolve_data_root(settings), settings.test_fraction, settings.seed,
-                         skip_bad_images=settings.skip_bad_images,
-                         bad_list=run_dir.path / BAD_IMAGES_FILE)
-    if splits.skipped:
-        print(f"warning: --skip-bad-images: left out "
-              f"{describe_bad_images(splits.skipped, splits.root, run_dir.path / BAD_IMAGES_FILE)}",
-              file=sys.stderr)
-    print(f"data: {splits.root}\nclasses: {list(splits.class_names)}")
-    for split in SPLITS:
-        print(f"  {split}: {len(splits[split])} images {splits[split].class_counts()}")
+    splits = load_data(settings, run_dir)
     train_data = TrainingData(splits.train, settings.image_size, settings.batch_size,
                               settings.seed, settings.limit_batches)
     data = {split: make_dataset(splits[split], settings.image_size, settings.batch_size,
@@ -336,41 +357,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_loss, test_accuracy = model.evaluate(data["test"])
     timings["test_s"] = time.perf_counter() - start
     print(f"test loss: {test_loss:.4f}  test accuracy: {test_accuracy:.4f}")
-    images, labels = next(iter(data["test"]))
-    logits = model.predict_on_batch(images)
-    names = splits.class_names
-    # The accuracy's rule (logit > 0 for two classes; tl_common.head.decide).
-    predicted, probabilities = decide(logits)
-    print("predictions on the first test batch (p = probability of the class predicted):")
-    for path, label, k, p in zip(splits.test.paths, labels.numpy(), predicted, probabilities,
-                                 strict=False):
-        print(f"  {Path(path).name}: {names[label]}, predicted {names[k]} (p={p:.3f})")
-    extractor = keras.Model(base.input, keras.layers.Flatten()(base.output))
-    features = extractor(keras.applications.mobilenet_v2.preprocess_input(images), training=False)
-    print(f"feature extractor (base output, flattened): {tuple(images.shape)} -> "
-          f"{tuple(features.shape)}, {features.shape[1]:,} numbers per image")
+    show_predictions(model, base, data["test"], splits)
 
     # ---- outputs ----------------------------------------------------------------------------
     save_model(model, run_dir.path / MODEL_FILE)
-    write_layer_table(run_dir.layer_table, table)
-    source = settings.weights_source
-    plot_learning_curves(run_dir.curves, {"keras": history},
-                         f"Keras {keras.__version__}: MobileNetV2 {settings.image_size}px, "
-                         f"{source} weights")
     timings["total_s"] = time.perf_counter() - started
-    document = metrics_document(
-        framework="keras",
+    document = finish_run(
+        run_dir, framework="keras", table=table,
+        curves_title=f"Keras {keras.__version__}: MobileNetV2 {settings.image_size}px, "
+                     f"{settings.weights_source} weights",
         versions={"tensorflow": tf.__version__, "keras": keras.__version__},
-        settings=settings.to_dict(),
-        data=splits.summary(),
-        weights=weights,
-        counts=counts,
-        history=history,
-        test={"loss": float(test_loss), "accuracy": float(test_accuracy)},
+        settings=settings.to_dict(), data=splits.summary(), weights=weights, counts=counts,
+        history=history, test={"loss": float(test_loss), "accuracy": float(test_accuracy)},
         timings=timings,
-        status="complete",
     )
-    write_json(run_dir.metrics, document)  # last: a complete metrics.json marks a finished run
     state.clear()
     print(f"outputs in {run_dir.path}: metrics.json, learning_curves.png, layer_table.csv, "
           f"{MODEL_FILE}")

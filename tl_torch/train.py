@@ -36,14 +36,11 @@ from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
 from tl_common.outputs import (
     RunDir,
     atomic_write_bytes,
+    finish_run,
     format_counts,
     history_entry,
-    metrics_document,
-    plot_learning_curves,
-    write_json,
-    write_layer_table,
 )
-from tl_common.settings import build_parser, naming_flag, parse, settings_from
+from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
 from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.fast import keep_freed_memory
@@ -136,18 +133,14 @@ def _devices(value: str) -> int | str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Run the recipe; return the metrics.json document (None on DDP's other processes)."""
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
     keep_freed_memory()  # large activations reuse freed memory: see tl_torch/fast.py
     run_dir = RunDir(Path(settings.output_dir))
     last = run_dir.path / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
-    is_zero = rank_zero_only.rank == 0
-    if is_zero:  # DDP's other processes rerun this script; the checks are rank 0's
-        run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite,
-                        has_state=last.exists())
-        if settings.overwrite:  # metrics.json first: see RunDir.clear_outputs
-            run_dir.clear_outputs(MODEL_FILE, BASE_WEIGHTS_FILE, BAD_IMAGES_FILE, "checkpoints",
-                                  "logs")
+    if rank_zero_only.rank == 0:  # DDP's other processes rerun this script; the checks are rank 0's
+        prepare_output_dir(run_dir, settings, has_state=last.exists())
     started = time.perf_counter()
     L.seed_everything(settings.seed, workers=True, verbose=False)
 
@@ -157,7 +150,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                           generator=torch.Generator().manual_seed(settings.seed))
         # Now, not after training: nothing about the weights file can fail once it is done.
         weights = weights_record(settings.weights_source, settings.image_size)
+    data = load_data(settings, run_dir)
+    splits = data.splits
+    module = TransferModule(base, learning_rate=settings.learning_rate,
+                            fine_tune_learning_rate=settings.fine_tuning_lr,
+                            fine_tune_at=settings.fine_tune_at, dropout=settings.dropout,
+                            seed=settings.seed, num_classes=len(splits.class_names),
+                            # model.ckpt then rebuilds the model alone (tl_torch.predict)
+                            class_names=splits.class_names, image_size=settings.image_size)
+    counts, table = phase_counts(module)
+    rank_zero_only(print)(format_counts("feature_extraction", **counts["feature_extraction"]))
 
+    history = KerasHistory()
+    resume_from = str(last) if settings.resume and last.exists() else None
+    if settings.resume and resume_from is None:
+        rank_zero_only(print)(f"nothing to resume in {run_dir.path}: starting a new run")
+    trainer = build_trainer(settings, ns, run_dir, history)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    test_started = time.perf_counter()
+    test = trainer.test(module, datamodule=data, verbose=False)[0]
+    test_seconds = time.perf_counter() - test_started
+    test = {"loss": float(test["test_loss"]), "accuracy": float(test["test_accuracy"])}
+    rank_zero_only(print)(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}")
+    trainer.save_checkpoint(run_dir.path / MODEL_FILE, weights_only=False)  # with the optimizer
+    if not trainer.is_global_zero:
+        return None
+
+    _print_predictions(module, splits.test.paths[: settings.batch_size], splits.class_names,
+                       settings.image_size)
+    save_keras_weights(module.base, run_dir.path / BASE_WEIGHTS_FILE)
+    doc = finish_run(
+        run_dir, framework="torch", table=table,
+        curves_title=f"PyTorch port, {settings.weights_source} weights",
+        versions={"torch": torch.__version__, "lightning": L.__version__},
+        settings={**settings.to_dict(), "accelerator": ns.accelerator, "devices": ns.devices,
+                  "strategy": ns.strategy, "precision": ns.precision},
+        data=splits.summary(), weights=weights, counts=counts, history=history.history,
+        test=test,
+        timings={"feature_extraction_s": history.seconds["feature_extraction"],
+                 "fine_tuning_s": history.seconds["fine_tuning"],
+                 "test_s": test_seconds, "total_s": time.perf_counter() - started},
+    )
+    print(f"outputs in {run_dir.path}")
+    return doc
+
+
+def prepare_output_dir(run_dir: RunDir, settings: Settings, *, has_state: bool) -> None:
+    """Refuse to reuse a folder against --resume/--overwrite; clear it for --overwrite."""
+    run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite, has_state=has_state)
+    if settings.overwrite:  # metrics.json first: see RunDir.clear_outputs
+        run_dir.clear_outputs(MODEL_FILE, BASE_WEIGHTS_FILE, BAD_IMAGES_FILE, "checkpoints", "logs")
+
+
+def load_data(settings: Settings, run_dir: RunDir) -> ImageFolderDataModule:
+    """The data module with its file lists read and checked (unreadable files reported)."""
     data = ImageFolderDataModule(settings)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         # Once per machine. Under DDP Lightning starts the other processes in trainer.fit, when
@@ -165,33 +211,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         data.prepare_data()
     data.setup()
     splits = data.splits
-    if splits.skipped and is_zero:
+    if splits.skipped and rank_zero_only.rank == 0:
         print(f"warning: --skip-bad-images: left out "
               f"{describe_bad_images(splits.skipped, splits.root, run_dir.path / BAD_IMAGES_FILE)}",
               file=sys.stderr)
     rank_zero_only(print)(f"classes {list(splits.class_names)}: " + ", ".join(
         f"{split} {len(splits[split])}" for split in ("train", "validation", "test")))
+    return data
 
-    module = TransferModule(base, learning_rate=settings.learning_rate,
-                            fine_tune_learning_rate=settings.fine_tuning_lr,
-                            fine_tune_at=settings.fine_tune_at, dropout=settings.dropout,
-                            seed=settings.seed, num_classes=len(splits.class_names),
-                            # model.ckpt then rebuilds the model alone (tl_torch.predict)
-                            class_names=splits.class_names, image_size=settings.image_size)
+
+def phase_counts(module: TransferModule) -> tuple[dict[str, dict[str, int]], list]:
+    """Each phase's parameter counts, and the recipe's layer table (frozen for fine-tuning);
+    leaves the module in feature extraction."""
     counts = {}
     for phase in ("fine_tuning", "feature_extraction"):
         module.set_phase(phase)
         counts[phase] = module.counts()
-        if phase == "fine_tuning":  # the recipe's table: frozen for fine-tuning (from fine_tune_at)
+        if phase == "fine_tuning":
             table = layer_table(module.base)
-    rank_zero_only(print)(format_counts("feature_extraction", **counts["feature_extraction"]))
+    return counts, table
 
-    history = KerasHistory()
-    resume_from = str(last) if settings.resume and last.exists() else None
-    if settings.resume and resume_from is None:
-        rank_zero_only(print)(f"nothing to resume in {run_dir.path}: starting a new run")
+
+def build_trainer(settings: Settings, ns: Any, run_dir: RunDir, history: KerasHistory) -> L.Trainer:
+    """Lightning's Trainer for both phases: phase switch, history, checkpoints for --resume."""
     limit = settings.limit_batches if settings.limit_batches is not None else 1.0
-    trainer = L.Trainer(
+    return L.Trainer(
         max_epochs=settings.total_epochs,
         accelerator=ns.accelerator, devices=_devices(ns.devices), strategy=ns.strategy,
         precision=ns.precision,
@@ -209,39 +253,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         # image): Lightning must not replace them.
         use_distributed_sampler=False,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
-    test_started = time.perf_counter()
-    test = trainer.test(module, datamodule=data, verbose=False)[0]
-    test_seconds = time.perf_counter() - test_started
-    test = {"loss": float(test["test_loss"]), "accuracy": float(test["test_accuracy"])}
-    rank_zero_only(print)(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}")
-    model_path = run_dir.path / MODEL_FILE
-    trainer.save_checkpoint(model_path, weights_only=False)  # with the optimizer state
-    if not trainer.is_global_zero:
-        return None
-
-    _print_predictions(module, splits.test.paths[: settings.batch_size], splits.class_names,
-                       settings.image_size)
-    save_keras_weights(module.base, run_dir.path / BASE_WEIGHTS_FILE)
-    write_layer_table(run_dir.layer_table, table)
-    plot_learning_curves(run_dir.curves, {"torch": history.history},
-                         title=f"PyTorch port, {settings.weights_source} weights")
-    doc = metrics_document(
-        framework="torch",
-        versions={"torch": torch.__version__, "lightning": L.__version__},
-        settings={**settings.to_dict(), "accelerator": ns.accelerator, "devices": ns.devices,
-                  "strategy": ns.strategy, "precision": ns.precision},
-        data=splits.summary(),
-        weights=weights,
-        counts=counts, history=history.history, test=test,
-        timings={"feature_extraction_s": history.seconds["feature_extraction"],
-                 "fine_tuning_s": history.seconds["fine_tuning"],
-                 "test_s": test_seconds, "total_s": time.perf_counter() - started},
-        status="complete",
-    )
-    write_json(run_dir.metrics, doc)
-    print(f"outputs in {run_dir.path}")
-    return doc
 
 
 def _print_predictions(module: TransferModule, paths: list[str], class_names: tuple[str, ...],
