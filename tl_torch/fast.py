@@ -46,10 +46,16 @@ from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_border_, zero_
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, *,
+                 divide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias of one convolution equal to ``bn(conv(x))``, ``bn`` in inference
-    mode; differentiable in the two modules' parameters."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)            # (C_out,)
+    mode; differentiable in the two modules' parameters. ``divide``: gamma / sqrt(var + eps),
+    the frozen layers' rounding since folding began (the parity suite's trajectories were
+    measured with it); else gamma * rsqrt(var + eps), cheaper to differentiate."""
+    if divide:
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)         # (C_out,)
+    else:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
@@ -126,7 +132,7 @@ class FoldedConvBN(nn.Module):
                                         or bn.bias.requires_grad):
             return self._trainable(x, *fold_conv_bn(conv, bn))
         with torch.no_grad():
-            weight, bias = fold_conv_bn(conv, bn)
+            weight, bias = fold_conv_bn(conv, bn, divide=True)
             if x.is_contiguous(memory_format=torch.channels_last):  # as oneDNN wants it
                 weight = weight.contiguous(memory_format=torch.channels_last)
         if not self.relu:
