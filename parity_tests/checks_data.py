@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from parity_tests import pairs
-from parity_tests.rows import Row, close, verdict
+from parity_tests import bands, exact, pairs
+from parity_tests.rows import Row, measured, summary, verdict
 from tl_common.demo import demo_data_root
 from tl_common.files import find_images
 from tl_common.settings import Settings
@@ -17,17 +17,11 @@ from tl_keras.data import make_dataset
 from tl_torch.augment import RandomFlipRotation, augment
 from tl_torch.data import ImageFolderDataModule
 
-#: The same JPEG through both pipelines (TF's decode_image + tf.image.resize; simplejpeg with
-#: TF's fast IDCT + F.interpolate), 0..255 scale. Decoded pixels are equal (libjpeg-turbo, the same
-#: IDCT and upsampling); both resizes compute source coordinates in float32, up to the source
-#: width (~500): an ulp or two there is ~6e-5 pixel, times intensity steps of up to 255 per pixel
-#: at sharp edges, ~1.5e-2. (Measured on the demo images: ~1e-3. With Pillow's accurate-IDCT
-#: decoder instead, pixels differ by up to ~17.)
-PIXEL_TOL = 2e-2
-#: Augmented pixels for given flips and angles, 0..255 scale: grid_sample's round trip through
-#: normalised coordinates and torch's float32 sin/cos move a sample by ~1e-5 pixel, so a pixel
-#: moves by up to ~1e-5 times the local intensity step (at most 255 per pixel at sharp edges).
-AUGMENT_TOL = 1e-2
+# Pixels (check 6) and augmented images (check 7) are judged by bands measured in the run
+# (parity_tests.bands): both frameworks' float32 results against the exact float64 resize or
+# rotation of the same decoded pixels (parity_tests.exact). Decoded JPEG pixels are equal in both
+# (libjpeg-turbo with TensorFlow's fast integer IDCT), so what remains is the float32 rounding of
+# each resize's or rotation's coordinates and interpolation, largest at sharp edges.
 #: Distribution tests fail below this p-value.
 P_MIN = 1e-3
 DRAWS = 20_000
@@ -35,6 +29,13 @@ FACTOR = 0.2
 
 
 # ---- 6 input pipeline ------------------------------------------------------------------------
+
+def _decoded(path: str) -> np.ndarray:
+    """The file's pixels as TensorFlow decodes them (uint8, RGB), before any resize."""
+    import tensorflow as tf
+
+    return tf.image.decode_image(tf.io.read_file(path), channels=3, expand_animations=False).numpy()
+
 
 def check_pipeline(size: int = 160) -> list[Row]:
     group = "6 input pipeline"
@@ -60,8 +61,15 @@ def check_pipeline(size: int = 160) -> list[Row]:
                         tolerance="exact"))
     kimages = np.concatenate([b[0] for b in kbatches])
     timages = np.concatenate([pairs.nhwc(b[0]) for b in tbatches])
-    rows.append(close(group, "pixels of the first 2 validation batches (0..255)", kimages, timages,
-                      PIXEL_TOL, note="decode + bilinear resize, no antialias"))
+    exact_images = np.stack([exact.resize_bilinear(_decoded(path), size)
+                             for path in splits.validation.paths[:len(kimages)]])
+    rows.append(measured(group, "pixels of the first 2 validation batches (0..255)",
+                         bands.against_exact(exact_images, kimages, timages),
+                         keras=summary(kimages), torch=summary(timages),
+                         note="decode + bilinear resize, no antialias"))
+    rows.append(verdict(group, "the exact resize reproduces Keras' pixels to float32 precision",
+                        "", "", exact.sane(exact_images, kimages),
+                        tolerance=f"{exact.SANITY_RTOL:g} of the range"))
     # Both trainers take their splits from tl_common (check 11 compares the digests each run
     # wrote): the test split must be disjoint from validation and 1/5 of each class.
     val, test = set(splits.validation.paths), set(splits.test.paths)
@@ -106,11 +114,15 @@ def check_augmentation(size: int = 160) -> list[Row]:
     tout = pairs.nhwc(augment(pairs.nchw(images), torch.from_numpy(flips),
                               torch.from_numpy(angles)))
     border = _outside(matrix, size, size)
+    truth = exact.rotate(images, flips, angles)
     rows = [
-        close(group, "Keras' flips and angles, whole images (0..255)", kout, tout, AUGMENT_TOL,
-              note=f"angles {np.round(angles, 1).tolist()[:4]}..., flips {int(flips.sum())}/8"),
-        close(group, f"the same, reflect-filled border only ({int(border.sum()):,} pixels)",
-              kout[border], tout[border], AUGMENT_TOL),
+        measured(group, "Keras' flips and angles, whole images (0..255)",
+                 bands.against_exact(truth, kout, tout), keras=summary(kout), torch=summary(tout),
+                 note=f"angles {np.round(angles, 1).tolist()[:4]}..., flips {int(flips.sum())}/8"),
+        measured(group, f"the same, reflect-filled border only ({int(border.sum()):,} pixels)",
+                 bands.against_exact(truth[border], kout[border], tout[border])),
+        verdict(group, "the exact rotation reproduces Keras' images to float32 precision", "", "",
+                exact.sane(truth, kout), tolerance=f"{exact.SANITY_RTOL:g} of the range"),
     ]
     # The draws' distributions.
     rotation = kmodel.data_augmentation(5).layers[1]

@@ -17,22 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import ImageOps
 
-from parity_tests import pairs
+from parity_tests import checks_steps, pairs
 from parity_tests.checks_e2e import FRAMEWORK_KEYS, _key_paths
-from parity_tests.checks_training import (
-    PHASES,
-    TRAJECTORY_LOSS_TOL,
-    TRAJECTORY_WEIGHT_TOL,
-    _all_weights,
-    _keras_phase,
-    _torch_module,
-    _torch_phase,
-)
-from parity_tests.rows import Row, close, equal, verdict
-from tl_common.demo import demo_weights_path, draw_animal
+from parity_tests.rows import Row, equal, verdict
+from tl_common.demo import draw_animal
 from tl_common.files import load_splits
 from tl_common.mobilenet_v2 import LAST_FILTERS  # the head: 1280 weights and a bias per logit
 from tl_common.outputs import read_metrics
@@ -130,36 +120,11 @@ def _batches(root: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _trajectory(root: Path) -> list[Row]:
-    batches = _batches(root)
-    kbase = pairs.keras_base(demo_weights_path(), SIZE)
-    kmodel_ = kmodel.build_model(kbase, dropout=0.0, seed=0, augment=False,
-                                 num_classes=len(CLASSES))
-    module = _torch_module(SIZE, dropout=0.0, augment=False, num_classes=len(CLASSES))
-    kernel, bias = kmodel_.get_layer("dense").get_weights()
-    with torch.no_grad():  # the same head init in both: Keras'
-        module.classifier.weight.copy_(torch.from_numpy(kernel.T))
-        module.classifier.bias.copy_(torch.from_numpy(bias))
-    rows = []
-    for p, (phase, lr) in enumerate(PHASES):
-        _keras_phase(kbase, kmodel_, phase, lr)
-        optimizer = _torch_phase(module, phase)
-        klosses, tlosses = [], []
-        for images, labels in batches[p * STEPS:(p + 1) * STEPS]:
-            klosses.append(float(kmodel_.train_on_batch(images, labels)[0]))
-            logits = module(pairs.nchw(images))                      # (BATCH, 3)
-            loss = module.loss_fn(logits, torch.from_numpy(labels).long())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            tlosses.append(float(loss.detach()))
-        rows.append(close(GROUP, f"{phase}: loss at each of {STEPS} steps (batch {BATCH}, "
-                                 f"{SIZE} px, sparse categorical cross-entropy)",
-                          klosses, tlosses, TRAJECTORY_LOSS_TOL,
-                          note=f"keras loss {klosses[0]:.4f} -> {klosses[-1]:.4f}"))
-    kw, tw = _all_weights(kbase, kmodel_, module)
-    rows.append(close(GROUP, f"weights after {2 * STEPS} steps (base and 3-logit head)", kw, tw,
-                      TRAJECTORY_WEIGHT_TOL))
-    return rows
+    """STEPS steps of each phase, step by step from a shared state and free-running (check 9's
+    comparisons), on the three-class folder; no augmentation or dropout."""
+    setup = checks_steps.Setup(size=SIZE, batch=BATCH, steps=STEPS, free_steps=STEPS,
+                               num_classes=len(CLASSES), augment=False, dropout=0.0, group=GROUP)
+    return checks_steps.run(setup, _batches(root)).rows
 
 
 # ---- both command lines ---------------------------------------------------------------------------

@@ -7,8 +7,24 @@ import pytest
 
 from parity_tests.report import format_table, write_report
 from parity_tests.rows import Row, describe_failures, failures
+from tl_common.compat import load_before_tensorflow
+
+load_before_tensorflow()  # before the checks import TensorFlow: see tl_common/compat.py
+# TensorFlow reads its settings (oneDNN or Eigen kernels) when it loads: as the Keras reference
+# sets them, whichever check imports Keras first.
+import tl_keras  # noqa: E402, F401
 
 _ROWS: list[Row] = []
+_ENVIRONMENT: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def numerics_settings() -> None:
+    """TF32 off and deterministic algorithms for the comparisons; what the report says of them."""
+    from parity_tests import environment
+
+    environment.configure()
+    _ENVIRONMENT.update(environment.describe())
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,8 +60,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not _ROWS:
         return
     terminalreporter.section("parity report")
+    if _ENVIRONMENT:
+        from parity_tests.environment import summary
+
+        terminalreporter.write_line(summary(_ENVIRONMENT))
     terminalreporter.write_line(format_table(_ROWS))
     directory = config.getoption("--parity-report")
     if directory:
-        for path in write_report(_ROWS, directory):
+        for path in write_report(_ROWS, directory, _ENVIRONMENT):
             terminalreporter.write_line(f"wrote {path}")

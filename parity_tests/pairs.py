@@ -8,15 +8,19 @@ checks. Images are NHWC numpy arrays for Keras and NCHW tensors for torch; :func
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-import keras  # noqa: E402, I001
+import tl_keras  # noqa: F401  (sets TensorFlow's environment before keras is imported)
+
+# isort: split
+import keras
 import numpy as np
 import torch
 
-import tl_keras  # noqa: F401  (sets TensorFlow's environment before keras is imported)
 from tl_common.demo import demo_data_root, demo_weights_path  # noqa: E402
 from tl_common.files import load_splits  # noqa: E402
 from tl_keras import model as kmodel  # noqa: E402
@@ -105,19 +109,26 @@ def weight_sets(directory: Path) -> dict[str, Path]:
     return sets
 
 
-def keras_base(weights: str | Path, size: int, *, float64: bool = False):
-    """``tl_keras.build_base``; float64 builds it under a float64 dtype policy (``set_floatx``
-    alone is not enough once Keras has made its global policy)."""
-    if not float64:
-        return kmodel.build_base(str(weights), size)
+@contextlib.contextmanager
+def float64_policy() -> Iterator[None]:
+    """Keras layers built inside are float64 (``set_floatx`` alone is not enough once Keras has
+    made its global dtype policy)."""
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
-        return kmodel.build_base(str(weights), size)
+        yield
     finally:
         keras.config.set_dtype_policy(policy)
         keras.config.set_floatx(floatx)
+
+
+def keras_base(weights: str | Path, size: int, *, float64: bool = False):
+    """``tl_keras.build_base``, in float32 or float64."""
+    if not float64:
+        return kmodel.build_base(str(weights), size)
+    with float64_policy():
+        return kmodel.build_base(str(weights), size)
 
 
 def torch_base(weights: str | Path, size: int, *, float64: bool = False):

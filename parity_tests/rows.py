@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from parity_tests.bands import Band
+
 
 @dataclass(frozen=True)
 class Row:
@@ -23,6 +25,13 @@ class Row:
     tolerance: str        # the named tolerance, or "exact"
     passed: bool
     note: str = ""        # which weights, how measured...
+    # Measured bands (parity_tests.bands): the reference's own float32 error and the limit the
+    # port's error (``diff``) is held to; None for exact rows and statistical tests.
+    keras_error: float | None = None
+    limit: float | None = None
+    # False for rows that report a number a judged row sums up (each step of a trajectory):
+    # shown with its band, not failing the suite on its own.
+    judged: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +79,14 @@ def close(group: str, check: str, keras: Any, torch: Any, tolerance: float, *,
     return Row(group, check, shown_k, shown_t, diff, tol, passed, note)
 
 
+def measured(group: str, check: str, band: Band, *, keras: Any = "", torch: Any = "",
+             note: str = "", judged: bool = True) -> Row:
+    """A float32 comparison judged by a band measured in the run (:mod:`parity_tests.bands`)."""
+    return Row(group, check, _fmt(keras), _fmt(torch), band.port_error, band.describe(),
+               band.passed, note=f"{band.how}{'; ' + note if note else ''}",
+               keras_error=band.keras_error, limit=band.limit, judged=judged)
+
+
 def equal(group: str, check: str, keras: Any, torch: Any, *, note: str = "") -> Row:
     """Exact equality (names, counts, shapes, labels)."""
     passed = bool(keras == torch) if not isinstance(keras, np.ndarray) else bool(
@@ -84,7 +101,7 @@ def verdict(group: str, check: str, keras: Any, torch: Any, passed: bool, *,
 
 
 def failures(rows: Iterable[Row]) -> list[Row]:
-    return [r for r in rows if not r.passed]
+    return [r for r in rows if not r.passed and r.judged]
 
 
 def describe_failures(rows: Iterable[Row]) -> str:

@@ -20,7 +20,7 @@ import tl_torch.model
 import tl_torch.module
 import tl_torch.padding
 import tl_torch.weights
-from parity_tests import checks_data, checks_model, checks_training
+from parity_tests import checks_data, checks_model, checks_steps, checks_training
 from parity_tests.rows import Row, failures
 from tl_torch.model import MobileNetV2Base
 from tl_torch.optim import KerasRMSprop
@@ -127,3 +127,12 @@ def test_rotation_with_constant_fill(monkeypatch) -> None:
     # torchvision's RandomRotation fills with a constant.
     monkeypatch.setattr(tl_torch.augment.augment, "__defaults__", ("constant",))
     assert_caught(checks_data.check_augmentation(), where="reflect-filled border")
+
+
+def test_loss_summed_not_averaged(monkeypatch) -> None:
+    # Keras' losses average over the batch; a summed loss scales every gradient by the batch size,
+    # which Adam and RMSprop nearly cancel: the steps look right, the losses do not.
+    monkeypatch.setattr(torch.nn, "BCEWithLogitsLoss",
+                        functools.partial(torch.nn.BCEWithLogitsLoss, reduction="sum"))
+    setup = checks_steps.Setup(steps=1, free_running=False)
+    assert_caught(checks_steps.check_steps(setup), where="loss of each of 1 steps")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from parity_tests import checks_data, checks_e2e, checks_model, checks_training
+from parity_tests import checks_data, checks_e2e, checks_model, checks_steps, checks_training
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +52,8 @@ def test_8_optimizers(parity) -> None:
     parity.check(checks_training.check_optimizers())
 
 
-def test_9_training_trajectory(parity) -> None:
-    parity.check(checks_training.check_trajectory())
+def test_9_training_steps(parity) -> None:
+    parity.check(checks_steps.check_steps())
 
 
 def test_10_head(parity) -> None:

@@ -20,7 +20,11 @@ import pytest
 from tl_common.compat import load_before_tensorflow
 
 load_before_tensorflow()  # before any test module imports TensorFlow: see tl_common/compat.py
+# TensorFlow reads its settings when it loads: as the Keras reference sets them (tl_keras), whichever
+# test module imports Keras first.
+import tl_keras  # noqa: E402, F401
 
+# isort: split
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
