@@ -5,8 +5,8 @@
   else's (``keras.applications.MobileNetV2`` nested in a model with ``Rescaling``, its own
   Dropout and a softmax ``Dense(3)``): the port's probabilities on the same images against the
   Keras model's in float64 (the same model built under a float64 dtype policy), within
-  :data:`tl_torch.convert.BAND_MULTIPLE` times Keras' own float32 error plus
-  :data:`tl_torch.convert.FLOOR_ULPS` ulps; the same class names predicted;
+  :data:`tl_common.bands.RATIO` times Keras' own float32 error plus
+  :data:`tl_common.bands.FLOOR_ULPS` ulps; the same class names predicted;
 - to-keras: the file ``keras.models.load_model`` opens (no layer of this project in it), its
   base's layers those of the reference, its probabilities against the port's in float64;
 - to-onnx: onnxruntime's probabilities against the port's in float64;
@@ -29,6 +29,7 @@ import torch
 
 from parity_tests import pairs
 from parity_tests.rows import Row, equal, verdict
+from tl_common import bands
 from tl_common.outputs import SCHEMA_VERSION
 from tl_common.settings import KERAS_BASE_LAYERS
 from tl_keras import model as kmodel
@@ -137,7 +138,7 @@ def _port(module: TransferModule, images: torch.Tensor, float64: bool = False) -
 def _band_row(check: str, parity: convert.Parity, note: str = "") -> Row:
     return Row(GROUP, check, f"own error {parity.source_error:.3g}",
                f"error {parity.result_error:.3g}", parity.result_error,
-               f"band {convert.BAND_MULTIPLE:g}x + {convert.FLOOR_ULPS} ulps = {parity.band:.3g}",
+               f"band {bands.RATIO:g}x + {bands.FLOOR_ULPS:g} ulps = {parity.band:.3g}",
                bool(parity.result_error <= parity.band), note)
 
 

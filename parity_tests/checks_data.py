@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from parity_tests import bands, exact, pairs
+from parity_tests import exact, pairs
 from parity_tests.rows import Row, measured, summary, verdict
+from tl_common import bands
 from tl_common.demo import demo_data_root
 from tl_common.files import find_images
 from tl_common.settings import Settings
@@ -18,7 +19,7 @@ from tl_torch.augment import RandomFlipRotation, augment
 from tl_torch.data import ImageFolderDataModule
 
 # Pixels (check 6) and augmented images (check 7) are judged by bands measured in the run
-# (parity_tests.bands): both frameworks' float32 results against the exact float64 resize or
+# (tl_common.bands): both frameworks' float32 results against the exact float64 resize or
 # rotation of the same decoded pixels (parity_tests.exact). Decoded JPEG pixels are equal in both
 # (libjpeg-turbo with TensorFlow's fast integer IDCT), so what remains is the float32 rounding of
 # each resize's or rotation's coordinates and interpolation, largest at sharp edges.

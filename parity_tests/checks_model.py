@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from parity_tests import bands, pairs
+from parity_tests import pairs
 from parity_tests.rows import Row, close, equal, measured, summary, verdict
+from tl_common import bands
 from tl_common.settings import KERAS_BASE_LAYERS
 from tl_keras import model as kmodel
 from tl_torch import count_params, freeze, layer_table
@@ -20,7 +21,7 @@ from tl_torch.module import TransferModule
 
 #: Both frameworks in float64: only rounding at 1e-16 relative separates them (measured ~1e-13
 #: at layers of magnitude ~70); any difference in the function itself shows up far above this.
-#: (float32 rows are judged by bands measured in the run: parity_tests.bands.)
+#: (float32 rows are judged by bands measured in the run: tl_common.bands.)
 FLOAT64_TOL = 1e-9
 #: Activations smaller than this at some layer make a comparison meaningless (Keras' random init
 #: with inference-mode BatchNorm: ~1e-12).
@@ -164,7 +165,7 @@ def check_numerics(directory: Path, sizes=pairs.NUMERIC_SIZES,
     """Same weights, same inputs (demo images): every layer, the base's output and the logits.
 
     Keras in float64 is the exact answer; the port's float32 error against it is held to a
-    multiple of Keras' own float32 error against it (parity_tests.bands), layer by layer, for the
+    multiple of Keras' own float32 error against it (tl_common.bands), layer by layer, for the
     base's output and for the logits. The float64 rows compare the port in float64 with Keras in
     float64 (at the first size): what separates them there is rounding at ~1e-13, so they show
     that the two compute the same function. ``only`` restricts the weight sets (by label prefix);

@@ -6,7 +6,7 @@ float64 copy of the Keras model are set to the Keras model's current weights and
 (nothing accumulates); all three take one step on the same batch with the same flips, angles and
 dropout mask (drawn by the Keras model's own layers). The float64 step is the exact answer: the
 port's update of every trainable weight is held to a multiple of Keras' own float32 error against
-it (:mod:`parity_tests.bands`), and so is the loss. Each step is reported; the judged row is the
+it (:mod:`tl_common.bands`), and so is the loss. Each step is reported; the judged row is the
 median step, because a ReLU6 input within rounding of 0 or 6 turns its gradient on or off, and a
 step where that happens to one framework only moves its update far beyond rounding.
 
@@ -37,9 +37,10 @@ import tensorflow as tf
 import torch
 from torch import nn
 
-from parity_tests import bands, exact, pairs
+from parity_tests import exact, pairs
 from parity_tests.checks_training import FINE_TUNE_AT, PHASES, _batches
 from parity_tests.rows import Row, measured, verdict
+from tl_common import bands
 from tl_common.demo import demo_weights_path
 from tl_common.mobilenet_v2 import LAST_FILTERS
 from tl_keras import model as kmodel

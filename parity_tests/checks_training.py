@@ -8,8 +8,9 @@ import keras
 import numpy as np
 import torch
 
-from parity_tests import bands, pairs
+from parity_tests import pairs
 from parity_tests.rows import Row, measured, verdict
+from tl_common import bands
 from tl_common.demo import demo_weights_path
 from tl_keras import model as kmodel
 from tl_torch.module import TransferModule

@@ -2,7 +2,7 @@
 
 Float32 results depend on all of these (oneDNN's instruction set, TensorFlow's oneDNN or Eigen
 kernels, thread counts, GPUs' TF32), which is why the suite's float32 bands are measured in the
-run (parity_tests.bands) and why its report says what they were measured on.
+run (tl_common.bands) and why its report says what they were measured on.
 :func:`configure` makes the comparisons exact where a setting would otherwise make them loose:
 TF32 off in both frameworks on GPUs, deterministic algorithms where torch has them.
 """

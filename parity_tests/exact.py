@@ -4,7 +4,7 @@ TensorFlow computes the resize's source coordinates and the rotation's transform
 for float64 images (``ImageProjectiveTransformV3`` takes float32 transforms), so a float64 run of
 Keras is not exact there. These numpy functions compute the same operations, as TensorFlow's
 kernels define them, entirely in float64: the answer both frameworks' float32 results are
-measured against (:mod:`parity_tests.bands`). A mistake here would make the reference's own error
+measured against (:mod:`tl_common.bands`). A mistake here would make the reference's own error
 large; the checks report that error, and ``SANITY_RTOL`` fails them when it is.
 """
 

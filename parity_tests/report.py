@@ -11,7 +11,7 @@ from pathlib import Path
 from parity_tests.rows import Row
 
 #: |diff| is the port's error; "keras err" the reference's own error in the same run, where the
-#: row's band is measured (parity_tests.bands), and "ratio" the one over the other.
+#: row's band is measured (tl_common.bands), and "ratio" the one over the other.
 COLUMNS = ("check", "keras", "torch", "|diff|", "keras err", "ratio", "tolerance", "result")
 
 
@@ -71,7 +71,7 @@ def format_markdown(rows: Sequence[Row], environment: dict | None = None) -> str
         out += [summary(environment) + ".", "",
                 "Float32 rows: |diff| is the port's error, *keras err* the reference's own error "
                 "measured in the same run (against float64, or its spread on TensorFlow's other "
-                "kernels), and the tolerance a stated multiple of it (parity_tests/bands.py).", ""]
+                "kernels), and the tolerance a stated multiple of it (tl_common/bands.py).", ""]
     group = None
     for row in rows:
         if row.group != group:

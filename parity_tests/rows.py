@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from parity_tests.bands import Band
+from tl_common.bands import Band
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Row:
     tolerance: str        # the named tolerance, or "exact"
     passed: bool
     note: str = ""        # which weights, how measured...
-    # Measured bands (parity_tests.bands): the reference's own float32 error and the limit the
+    # Measured bands (tl_common.bands): the reference's own float32 error and the limit the
     # port's error (``diff``) is held to; None for exact rows and statistical tests.
     keras_error: float | None = None
     limit: float | None = None
@@ -81,7 +81,7 @@ def close(group: str, check: str, keras: Any, torch: Any, tolerance: float, *,
 
 def measured(group: str, check: str, band: Band, *, keras: Any = "", torch: Any = "",
              note: str = "", judged: bool = True) -> Row:
-    """A float32 comparison judged by a band measured in the run (:mod:`parity_tests.bands`)."""
+    """A float32 comparison judged by a band measured in the run (:mod:`tl_common.bands`)."""
     return Row(group, check, _fmt(keras), _fmt(torch), band.port_error, band.describe(),
                band.passed, note=f"{band.how}{'; ' + note if note else ''}",
                keras_error=band.keras_error, limit=band.limit, judged=judged)

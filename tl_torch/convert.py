@@ -37,9 +37,9 @@ Each conversion runs the same images (``--images``, or generated demo images) th
 and the result and prints and writes a parity summary (``OUT_DIR/conversion.json``,
 ``OUT.keras.parity.json``, ``OUT.onnx.parity.json``): max |probability difference|, and the band
 it is judged against, measured in the same run: the float64 run of the source model is the exact
-answer, and the result's float32 error against it must stay within :data:`BAND_MULTIPLE` times the
+answer, and the result's float32 error against it must stay within :data:`tl_common.bands.RATIO` times the
 source's own float32 error (the port's: the larger of its folded and unfolded runs) plus
-:data:`FLOOR_ULPS` float32 ulps. Keras models are run in a
+:data:`tl_common.bands.FLOOR_ULPS` float32 ulps. Keras models are run in a
 separate Python process with Keras imported there (skipped, and said so, where Keras is not
 installed); onnxruntime runs the ONNX file where it is installed.
 """
@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tl_common import bands
 from tl_common.errors import UserError, run_main
 from tl_common.mobilenet_v2 import LAST_FILTERS
 from tl_common.outputs import atomic_write_bytes, read_metrics, write_json
@@ -80,16 +81,6 @@ from tl_torch.predict import image_paths, load_run
 from tl_torch.train import MODEL_FILE
 from tl_torch.weights import base_config
 
-#: The result's float32 error against the exact (float64) answer may be this many times the
-#: source's own float32 error: both run the same float32 arithmetic, in other kernels and
-#: summation orders, so their errors are of one size, and the max over a few images varies by a
-#: small factor between two such implementations; a wrong weight, bias or class order moves
-#: probabilities by orders of magnitude more.
-BAND_MULTIPLE = 4.0
-#: ...plus this many float32 ulps of the largest |probability| (an exact source, e.g. a
-#: probability of exactly 0 or 1, would otherwise leave no room for any rounding at all).
-FLOOR_ULPS = 4
-FLOAT32_ULP_AT_1 = float(np.finfo(np.float32).eps)
 #: The ONNX opset of to-onnx (the TorchScript exporter's well-tested range).
 ONNX_OPSET = 17
 #: Images a conversion compares on when none are given: generated demo images, half of each kind.
@@ -745,7 +736,7 @@ class Parity:
     max_abs_probability_difference: float | None
     source_error: float | None       # max |source float32 - exact|
     result_error: float | None       # max |result float32 - exact|
-    band: float | None               # BAND_MULTIPLE * source_error + floor
+    band: float | None               # bands.RATIO * source_error + floor (tl_common.bands)
     same_classes: bool | None
     passed: bool | None
     note: str = ""
@@ -755,8 +746,8 @@ class Parity:
             return f"parity ({self.direction}): not measured: {self.note}"
         return (f"parity ({self.direction}, {self.images} images): max |probability difference| "
                 f"{self.max_abs_probability_difference:.3g}; error against float64 "
-                f"{self.result_error:.3g} <= band {self.band:.3g} ({BAND_MULTIPLE:g} x the "
-                f"source's own {self.source_error:.3g} + {FLOOR_ULPS} ulps): "
+                f"{self.result_error:.3g} <= band {self.band:.3g} ({bands.RATIO:g} x the "
+                f"source's own {self.source_error:.3g} + {bands.FLOOR_ULPS:g} ulps): "
                 f"{'pass' if self.passed else 'FAIL'}; same classes: {self.same_classes}"
                 + (f"; {self.note}" if self.note else ""))
 
@@ -764,20 +755,19 @@ class Parity:
 def compare(direction: str, source: str, result: str, source32: np.ndarray,
             result32: np.ndarray, exact: np.ndarray, note: str = "",
             variants: tuple[np.ndarray, ...] = ()) -> Parity:
-    """The band rule: result error <= BAND_MULTIPLE x source error + FLOOR_ULPS ulps. The
-    source's error is the largest of its equally valid float32 runs (``source32`` and
+    """The band rule of tl_common.bands: result error <= RATIO x source error + FLOOR_ULPS ulps.
+    The source's error is the largest of its equally valid float32 runs (``source32`` and
     ``variants``: the port folded, as predict runs it, and unfolded, as exports trace it)."""
-    source_error = max(float(np.max(np.abs(s - exact))) for s in (source32, *variants))
-    result_error = float(np.max(np.abs(result32 - exact))) if result32.shape == exact.shape \
-        else float("inf")
-    floor = FLOOR_ULPS * FLOAT32_ULP_AT_1 * max(float(np.max(np.abs(exact))), 1e-30)
-    band = BAND_MULTIPLE * source_error + floor
+    source_error = max(bands.max_error(s, exact) for s in (source32, *variants))
+    rule = bands.Band(source_error, bands.max_error(result32, exact), bands.floor(exact),
+                      "vs the source in float64")
+    result_error, band = rule.port_error, rule.limit
     same = bool(result32.shape == source32.shape and np.array_equal(
         predicted_classes(source32), predicted_classes(result32)))
     diff = float(np.max(np.abs(result32 - source32))) if result32.shape == source32.shape \
         else float("inf")
     return Parity(direction, source, result, len(exact), diff, source_error, result_error, band,
-                  same, bool(result_error <= band and same), note)
+                  same, rule.passed and same, note)
 
 
 def comparison_images(paths: list[str] | None, image_size: int) -> torch.Tensor:
@@ -807,8 +797,8 @@ def _nhwc(images: torch.Tensor) -> np.ndarray:
 
 def _write_summary(parity: Parity, path: Path, extra: dict[str, Any]) -> None:
     print(parity.line())
-    write_json(path, {**asdict(parity), **extra, "band_multiple": BAND_MULTIPLE,
-                      "floor_ulps": FLOOR_ULPS})
+    write_json(path, {**asdict(parity), **extra, "band_multiple": bands.RATIO,
+                      "floor_ulps": bands.FLOOR_ULPS})
 
 
 # ---- the three commands ------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Float32 bands measured in the run, never chosen: how far the port may be from the reference.
 
+Framework-free (numpy): the parity suite (``parity_tests``) and the conversions' parity summaries
+(``python -m tl_torch.convert``) hold their float32 results to the same rule.
+
 Float32 results differ between machines and kernel libraries (oneDNN's instruction set, Eigen or
 oneDNN in TensorFlow, thread counts, cuDNN on GPUs): a fixed tolerance tuned on one machine fails
 a correct port on another, and one widened to pass everywhere hides wrong ports. So every float32
@@ -113,13 +116,18 @@ class Band:
         return f"{RATIO:g} x keras err + {FLOOR_ULPS:g} ulp = {self.limit:.3g}"
 
 
+def floor(exact: Any, norm: str = "max") -> float:
+    """``FLOOR_ULPS`` float32 ulps of the exact value's magnitude."""
+    return FLOOR_ULPS * EPS32 * magnitude(exact, norm)
+
+
 def against_exact(exact: Any, keras: Any, torch: Any, *, norm: str = "max",
                   how: str = "vs float64", scale: float | None = None) -> Band:
     """Both float32 results against the exact (float64) one. ``scale``: the magnitude whose ulps
     make the floor, when it is not the exact value's (an update is stored in weights)."""
     error = ERRORS[norm]
-    floor = FLOOR_ULPS * EPS32 * (magnitude(exact, norm) if scale is None else scale)
-    return Band(error(keras, exact), error(torch, exact), floor, how)
+    room = floor(exact, norm) if scale is None else FLOOR_ULPS * EPS32 * scale
+    return Band(error(keras, exact), error(torch, exact), room, how)
 
 
 def against_spread(keras: Any, keras_variant: Any, torch: Any, *, norm: str = "max",
@@ -127,8 +135,7 @@ def against_spread(keras: Any, keras_variant: Any, torch: Any, *, norm: str = "m
     """The port against the reference, held to the reference's distance from itself under an
     equally valid variation (``keras_variant``, described by ``how``)."""
     error = ERRORS[norm]
-    floor = FLOOR_ULPS * EPS32 * magnitude(keras, norm)
-    return Band(error(keras_variant, keras), error(torch, keras), floor, how)
+    return Band(error(keras_variant, keras), error(torch, keras), floor(keras, norm), how)
 
 
 def median(bands: list[Band]) -> Band:
