@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import keras
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -289,7 +290,8 @@ def test_predict_with_three_classes(tmp_path, capsys):
         module.classifier.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+                "pytorch-lightning_version": lightning.__version__},
                run / "model.ckpt")
     write_json(run / METRICS_FILE, {"schema_version": 1, "status": "complete",
                                     "weights": {"source": "none"},
@@ -316,7 +318,8 @@ def test_predict_refuses_a_head_that_does_not_fit_the_classes(tmp_path):
     module = TransferModule(build_base("none", 32), num_classes=3)
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+                "pytorch-lightning_version": lightning.__version__},
                run / "model.ckpt")
     write_json(run / METRICS_FILE, {"schema_version": 1, "weights": {"source": "none"},
                                     "data": {"class_names": ["cats", "dogs"]},

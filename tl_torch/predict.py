@@ -63,8 +63,10 @@ def load_run(run_dir: str | Path, *, fast: bool = True
         raise UserError(f"{run_dir} has no {MODEL_FILE}: expected the output folder of "
                         "python -m tl_torch.train or python -m tl_torch.convert from-keras")
     try:  # plain data only: a checkpoint is read without unpickling arbitrary objects
-        hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        hparams = saved["hyper_parameters"]
+        saved["pytorch-lightning_version"]  # noqa: B018  (what load_from_checkpoint reads first)
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
         raise UserError(f"{checkpoint} is not a readable Lightning checkpoint of this project "
                         f"({str(err).splitlines()[0][:200]})") from None
     overrides: dict[str, object] = {}
