@@ -15,6 +15,8 @@ import tl_torch.convert
 from parity_tests import checks_convert
 from parity_tests.rows import Row, failures
 
+pytestmark = pytest.mark.slow  # conversions run Keras in float64 in another process
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:

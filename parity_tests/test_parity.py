@@ -31,6 +31,7 @@ def test_3_preprocessing(parity) -> None:
     parity.check(checks_model.check_preprocessing())
 
 
+@pytest.mark.slow  # Keras in float64, two weight sets, two sizes
 def test_4_numerics(parity, workdir: Path) -> None:
     parity.check(checks_model.check_degenerate_weights_are_detected()
                  + checks_model.check_numerics(workdir))
@@ -52,6 +53,7 @@ def test_8_optimizers(parity) -> None:
     parity.check(checks_training.check_optimizers())
 
 
+@pytest.mark.slow  # 40 steps in three models, and a second Keras process
 def test_9_training_steps(parity) -> None:
     parity.check(checks_steps.check_steps())
 

@@ -21,6 +21,8 @@ from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
 from tl_torch.weights import base_config
 
+pytestmark = pytest.mark.slow  # conversions run Keras in another process
+
 SIZE = 96
 
 
