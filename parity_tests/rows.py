@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tl_common import bands
 from tl_common.bands import Band
 
 
@@ -54,20 +55,11 @@ def summary(array: Any) -> str:
     return f"{tuple(a.shape)} [{a.min():.4g}, {a.max():.4g}]"
 
 
-def max_abs_diff(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    if a.size == 0:
-        return 0.0
-    return float(np.max(np.abs(a - b)))
-
-
 def close(group: str, check: str, keras: Any, torch: Any, tolerance: float, *,
           tolerance_name: str = "", relative: bool = False, note: str = "") -> Row:
     """Arrays (or numbers) agree: max |diff| <= tolerance (relative: divided by max |keras|)."""
     k, t = np.asarray(keras, dtype=np.float64), np.asarray(torch, dtype=np.float64)
-    diff = max_abs_diff(k, t)
+    diff = bands.max_error(k, t)
     if relative and np.isfinite(diff):
         diff = diff / max(float(np.max(np.abs(k))) if k.size else 0.0, 1e-30)
     shown_k = _fmt(float(k)) if k.ndim == 0 else summary(k)
