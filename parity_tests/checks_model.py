@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -178,7 +180,6 @@ def check_numerics(directory: Path, sizes=pairs.NUMERIC_SIZES,
     """
     group = "4 numerics"
     rows = []
-    head = _head_weights()
     for label, path in pairs.weight_sets(directory).items():
         if only and not label.startswith(only):
             continue
@@ -186,26 +187,27 @@ def check_numerics(directory: Path, sizes=pairs.NUMERIC_SIZES,
         # show (moving mean and variance far from each other); the odd size is the demo's.
         for size in sizes if not label.startswith("calibrated random") else sizes[:1]:
             where = f"{label} {size}px"
-            x = pairs.preprocess(pairs.demo_images(size, NUMERIC_IMAGES))
+            keras_side = _keras_numerics(str(path), size)
+            x, k32, k64 = keras_side.x, keras_side.k32, keras_side.k64
             x64 = x.astype(np.float64)
-            kbase, tbase = pairs.keras_base(path, size), pairs.torch_base(path, size)
-            kbase64 = pairs.keras_base(path, size, float64=True)
-            k32, t32 = pairs.keras_layer_outputs(kbase, x), pairs.torch_layer_outputs(tbase, x)
-            k64 = pairs.keras_layer_outputs(kbase64, x64)
-            std = min(float(np.std(v)) for v in k32.values())
+            tbase = pairs.torch_base(path, size)
+            t32 = pairs.torch_layer_outputs(tbase, x)
             rows.append(verdict(group, f"{where}: activations not vanishing",
-                                f"min layer std {std:.3g}", "", std >= ACTIVATION_FLOOR,
+                                f"min layer std {keras_side.min_std:.3g}", "",
+                                keras_side.min_std >= ACTIVATION_FLOOR,
                                 tolerance=f">= {ACTIVATION_FLOOR:g}"))
             rows.append(_layer_bands(group, f"{where} float32", k64, k32, t32))
+            # Layer by layer above runs the base's own modules (the folded base has no layer
+            # boundaries to compare); what follows runs what training and prediction run.
+            tout, tlogits = _torch_module_outputs(tbase, pairs.demo_images(size, NUMERIC_IMAGES))
             out = "out_relu"
-            rows.append(measured(group, f"{where} float32: base output",
-                                 bands.against_exact(k64[out], k32[out], t32[out]),
-                                 keras=summary(k32[out]), torch=summary(t32[out])))
-            klogits, tlogits = _logits(kbase, tbase, x, head)
-            klogits64, _ = _logits(kbase64, None, x64, head)
-            rows.append(measured(group, f"{where} float32: logits",
-                                 bands.against_exact(klogits64, klogits, tlogits),
-                                 keras=summary(klogits), torch=summary(tlogits)))
+            rows.append(measured(group, f"{where} float32: base output (folded, as trained)",
+                                 bands.against_exact(k64[out], k32[out], tout),
+                                 keras=summary(k32[out]), torch=summary(tout)))
+            rows.append(measured(group, f"{where} float32: logits (the module's head, eval)",
+                                 bands.against_exact(keras_side.logits64, keras_side.logits,
+                                                     tlogits),
+                                 keras=summary(keras_side.logits), torch=summary(tlogits)))
             if float64 and size == sizes[0]:
                 t64 = pairs.torch_layer_outputs(pairs.torch_base(path, size, float64=True), x64)
                 rows += _layer_rows(group, f"{where} float64", k64, t64, FLOAT64_TOL)
@@ -226,32 +228,65 @@ def _layer_rows(group: str, label: str, kouts: dict, touts: dict, tol: float) ->
                 note=f"missing in torch: {missing[:3]}" if missing else "")]
 
 
+@functools.cache
 def _head_weights(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """A Keras Dense(1) initialisation (kernel (1280, 1), bias (1,)), float32."""
     init = keras.initializers.GlorotUniform(seed=seed)
     return keras.ops.convert_to_numpy(init((1280, 1))), np.zeros(1, np.float32)
 
 
-def _logits(kbase, tbase, x: np.ndarray, head: tuple[np.ndarray, np.ndarray]
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The recipe's head on both bases, the same weights in both, in the input's precision
-    (``tbase=None``: Keras' alone)."""
+@dataclass(frozen=True)
+class KerasNumerics:
+    """The Keras side of one numeric comparison: inputs, every layer's output in float32 and in
+    float64 (the exact answer), and the recipe's head on the base's output in both."""
+
+    x: np.ndarray
+    k32: dict[str, np.ndarray]
+    k64: dict[str, np.ndarray]
+    logits: np.ndarray
+    logits64: np.ndarray
+    min_std: float
+
+
+@functools.cache
+def _keras_numerics(path: str, size: int) -> KerasNumerics:
+    """Computed once per weights file and size in a test run: nothing on the Keras side depends
+    on the port, so the checks (and the planted mistakes) share it."""
+    x = pairs.preprocess(pairs.demo_images(size, NUMERIC_IMAGES))
+    x64 = x.astype(np.float64)
+    kbase = pairs.keras_base(path, size)
+    kbase64 = pairs.keras_base(path, size, float64=True)
+    k32 = pairs.keras_layer_outputs(kbase, x)
+    k64 = pairs.keras_layer_outputs(kbase64, x64)
+    return KerasNumerics(x=x, k32=k32, k64=k64, logits=_keras_logits(kbase, x),
+                         logits64=_keras_logits(kbase64, x64),
+                         min_std=min(float(np.std(v)) for v in k32.values()))
+
+
+def _keras_logits(kbase, x: np.ndarray) -> np.ndarray:
+    """The recipe's head (pooling, Dense(1) with :func:`_head_weights`) on Keras' base, in the
+    input's precision."""
     dtype = "float64" if x.dtype == np.float64 else "float32"
-    kernel, bias = (w.astype(dtype) for w in head)
+    kernel, bias = (w.astype(dtype) for w in _head_weights())
     dense = keras.layers.Dense(1, dtype=dtype)
     kfeat = keras.layers.GlobalAveragePooling2D(dtype=dtype)(kbase(x, training=False))
     dense.build(kfeat.shape)
     dense.set_weights([kernel, bias])
-    klogits = keras.ops.convert_to_numpy(dense(kfeat))[:, 0]
-    if tbase is None:
-        return klogits, None
-    linear = torch.nn.Linear(1280, 1).to(torch.float64 if dtype == "float64" else torch.float32)
+    return keras.ops.convert_to_numpy(dense(kfeat))[:, 0]
+
+
+def _torch_module_outputs(tbase, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The base's output (NHWC) and the logits as training and prediction compute them: through
+    :class:`TransferModule` in eval mode, its folded base (tl_torch.fast), its own pooling,
+    dropout and head, with the head set to :func:`_head_weights`. ``images``: [0, 255]."""
+    kernel, bias = _head_weights()
+    module = TransferModule(tbase, seed=0).eval()
     with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(kernel.T))
-        linear.bias.copy_(torch.from_numpy(bias))
-        features = tbase(pairs.nchw(x).to(linear.weight.dtype)).mean(dim=(2, 3))
-        tlogits = linear(features)[:, 0].numpy()
-    return klogits, tlogits
+        module.classifier.weight.copy_(torch.from_numpy(kernel.T))
+        module.classifier.bias.copy_(torch.from_numpy(bias))
+        x = pairs.nchw(images).contiguous(memory_format=torch.channels_last)
+        out = module.folded_base(module.base.preprocess(x))
+        return pairs.nhwc(out), module(pairs.nchw(images)).numpy()
 
 
 def check_degenerate_weights_are_detected(size: int = 96) -> list[Row]:
