@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 import tl_torch.data as data_module
@@ -71,3 +72,38 @@ def test_an_explicit_choice_wins(folder, monkeypatch):
     monkeypatch.setattr(data_module, "CACHE_BUDGET_BYTES", 0)
     dm = ImageFolderDataModule(Settings(data_dir=str(folder), image_size=SIZE), cache=True)
     assert dm.uses_cache() and isinstance(dm.dataset("validation"), ImageCache)
+
+
+@pytest.mark.parametrize("budget", ["fits", "too small"])
+def test_each_file_is_decoded_once(folder, monkeypatch, budget):
+    """The check of every file before training decodes it; with the cache on, those pixels are
+    the cache's (resized once), not decoded a second time. Without the cache the check's pixels
+    are not kept, and the per-epoch dataset decodes on access."""
+    import tl_common.images
+
+    decoded: list[str] = []
+    real = tl_common.images.decode_rgb
+
+    def counting(path):
+        decoded.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(tl_common.images, "decode_rgb", counting)
+    monkeypatch.setattr(data_module, "decode_rgb", counting)
+    if budget == "too small":
+        monkeypatch.setattr(data_module, "CACHE_BUDGET_BYTES", 0)
+    dm = datamodule(folder)
+    dm.setup()
+    datasets = [dm.dataset(s) for s in ("train", "validation", "test")]
+    files = sorted(p for s in ("train", "validation", "test") for p in dm.splits[s].paths)
+    assert sorted(decoded) == files  # once each, by the check
+    if budget == "fits":
+        assert all(isinstance(d, ImageCache) for d in datasets) and not dm._decoded
+        # The cache holds what decoding on access gives, image for image.
+        for split, cache in zip(("train", "validation", "test"), datasets, strict=True):
+            fresh = ImageFiles(dm.splits[split], SIZE)
+            for i in range(len(cache)):
+                assert torch.equal(cache[i][0], fresh[i][0])
+                assert int(cache[i][1]) == fresh[i][1]
+    else:
+        assert all(isinstance(d, ImageFiles) for d in datasets) and not dm._decoded

@@ -16,12 +16,17 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tl_common.errors import UserError
 from tl_common.images import BadImage, scan_images
 from tl_common.outputs import atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: ``keras.src.utils.image_dataset_utils.ALLOWLIST_FORMATS``: matched case-insensitively.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -202,7 +207,8 @@ def _write_bad_list(bad: list[BadImage], root: Path, path: Path | None) -> None:
 
 def load_splits(root: str | os.PathLike[str], test_fraction: float, seed: int, *,
                 skip_bad_images: bool = False, check_images: bool = True,
-                bad_list: Path | None = None) -> DataSplits:
+                bad_list: Path | None = None,
+                keep: Callable[[str, np.ndarray], None] | None = None) -> DataSplits:
     """Read ``root/train`` and ``root/validation``, check that every file decodes, and carve the
     test split out of validation.
 
@@ -210,6 +216,8 @@ def load_splits(root: str | os.PathLike[str], test_fraction: float, seed: int, *
     ``skip_bad_images`` are left out (before the split, so they take no test place) and recorded
     in :attr:`DataSplits.skipped`. ``bad_list``: a file to list them all in (the message names
     only the first few). ``check_images=False`` skips the decoding (the files are trusted).
+    ``keep``: given every readable file's full path and pixels as the check decodes them
+    (:func:`tl_common.images.scan_images`), so a caller that needs the pixels decodes once.
     """
     root = Path(root)
     for sub in ("train", "validation"):
@@ -224,7 +232,7 @@ def load_splits(root: str | os.PathLike[str], test_fraction: float, seed: int, *
                         f"validation has {list(validation.class_names)}")
     bad: list[BadImage] = []
     if check_images:
-        bad = scan_images(root, [f.path for f in train.files + validation.files])
+        bad = scan_images(root, [f.path for f in train.files + validation.files], keep=keep)
         _write_bad_list(bad, root, bad_list)
     if bad:
         if not skip_bad_images:

@@ -324,25 +324,34 @@ _DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
 
 # ---- the check before training --------------------------------------------------------------
 
-def check_image(path: str | os.PathLike[str]) -> str | None:
-    """Why the file is bad, or None if both frameworks read it (to the same pixels)."""
+def check_image(path: str | os.PathLike[str],
+                keep: Callable[[str, np.ndarray], None] | None = None) -> str | None:
+    """Why the file is bad, or None if both frameworks read it (to the same pixels). ``keep``:
+    called with the path and the pixels of a good file, for a caller that needs them."""
     try:
-        decode_rgb(path)
+        pixels = decode_rgb(path)
     except UnreadableImage as err:
         return err.reason
     except OSError as err:
         return f"cannot be read ({err.strerror or err})"
+    if keep is not None:
+        keep(str(path), pixels)
     return None
 
 
 def scan_images(root: str | os.PathLike[str], paths: Sequence[str], *, workers: int | None = None,
-                desc: str = "checking images") -> list[BadImage]:
+                desc: str = "checking images",
+                keep: Callable[[str, np.ndarray], None] | None = None) -> list[BadImage]:
     """Decode every file (``paths`` relative to ``root``) fully, in threads (the decoders release
-    the GIL), with a progress bar for long lists; return the bad ones in the list's order."""
+    the GIL), with a progress bar for long lists; return the bad ones in the list's order.
+
+    ``keep`` is called (in the threads) with each good file's full path and pixels: a caller
+    that keeps something of every image (the port's image cache) then decodes each file once.
+    """
     root, paths = Path(root), list(paths)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(tqdm(pool.map(lambda p: check_image(root / p), paths),
+        reasons = list(tqdm(pool.map(lambda p: check_image(root / p, keep), paths),
                             total=len(paths), desc=desc, unit="file", leave=False,
                             disable=len(paths) < PROGRESS_MIN_FILES))
     return [BadImage(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]

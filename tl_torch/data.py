@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from tl_common.data import resolve_data_root
-from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, FileList, load_splits
+from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, FileList, find_images, load_splits
 from tl_common.images import decode_rgb
 from tl_common.settings import Settings
 
@@ -65,14 +65,22 @@ class ImageFiles(Dataset):
 
 
 class ImageCache(Dataset):
-    """All images decoded and resized once, kept as one float32 tensor."""
+    """All images decoded and resized once, kept as one float32 tensor. ``decoded``: images
+    already resized (by full path), taken from it instead of decoded again, and removed."""
 
-    def __init__(self, files: FileList, image_size: int, desc: str = "decoding") -> None:
+    def __init__(self, files: FileList, image_size: int, desc: str = "decoding",
+                 decoded: dict[str, torch.Tensor] | None = None) -> None:
         self.labels = torch.tensor(files.labels)
         self.images = torch.empty(len(files), 3, image_size, image_size)
+        decoded = {} if decoded is None else decoded
+
+        def load(path: str) -> torch.Tensor:
+            image = decoded.pop(path, None)
+            return load_image(path, image_size) if image is None else image
+
         # Pillow's decoder and torch's resize release the GIL: threads use every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            jobs = pool.map(lambda p: load_image(p, image_size), files.paths)
+            jobs = pool.map(load, files.paths)
             for i, image in enumerate(tqdm(jobs, total=len(files), desc=desc, leave=False,
                                            disable=len(files) < 200)):
                 self.images[i] = image
@@ -136,6 +144,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._prepared = False
         self.splits: DataSplits | None = None
         self._datasets: dict[str, Dataset] = {}
+        self._decoded: dict[str, torch.Tensor] = {}  # resized while the files were checked
 
     def prepare_data(self) -> None:
         """Find, download or generate the images: once per machine (Lightning calls it on each
@@ -147,9 +156,27 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             s = self.settings
+            root = resolve_data_root(s)
             bad_list = None if s.output_dir is None else Path(s.output_dir) / BAD_IMAGES_FILE
-            self.splits = load_splits(resolve_data_root(s), s.test_fraction, s.seed,
-                                      skip_bad_images=s.skip_bad_images, bad_list=bad_list)
+            # The check of every file decodes it: when the images will be cached, the check
+            # keeps them, resized, so each file is decoded once.
+            keep = None
+            if self._may_cache(root):
+                def keep(path: str, pixels: np.ndarray) -> None:
+                    self._decoded[path] = resize_bilinear(pixels, s.image_size)
+            self.splits = load_splits(root, s.test_fraction, s.seed,
+                                      skip_bad_images=s.skip_bad_images, bad_list=bad_list,
+                                      keep=keep)
+
+    def _may_cache(self, root: Path) -> bool:
+        """Whether the cache may be used, by the number of files listed (before any is found
+        unreadable) and one process; :meth:`uses_cache` decides."""
+        if self.cache is not None:
+            return self.cache
+        if not all((root / sub).is_dir() for sub in ("train", "validation")):
+            return False  # load_splits names what is missing
+        listed = sum(len(find_images(root / sub)) for sub in ("train", "validation"))
+        return fits_in_cache(listed, self.settings.image_size)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -173,8 +200,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         if split not in self._datasets:
             files = self.splits[split]
             size = self.settings.image_size
-            self._datasets[split] = (ImageCache(files, size, desc=f"decoding {split}")
-                                     if self.uses_cache() else ImageFiles(files, size))
+            if self.uses_cache():
+                self._datasets[split] = ImageCache(files, size, desc=f"decoding {split}",
+                                                   decoded=self._decoded)
+            else:
+                self._decoded.clear()
+                self._datasets[split] = ImageFiles(files, size)
         return self._datasets[split]
 
     def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
