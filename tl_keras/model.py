@@ -15,12 +15,12 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import h5py
 import keras
 import numpy as np
 from keras import layers
 from keras.src.utils.naming import to_snake_case
 
+from tl_common import keras_files
 from tl_common.download import (
     DOWNLOAD_TIMEOUT_S,
     IMAGENET_BASE_URL,
@@ -109,36 +109,25 @@ def load_weights_file(base: keras.Model, path: Path) -> None:
     if kind == "model":
         _copy_from_model(base, path)
         return
-    with h5py.File(path, "r") as f:
+    with keras_files.open_keras_file(path) as kfile:
+        top = kfile.top
         if kind == "legacy_weights":  # loaded by order, layer by layer, weightless layers skipped
             _check_shapes(path, _shapes(layer for layer in base.layers if layer.weights),
-                          _legacy_h5_shapes(f))
+                          [(name, top.shapes(name)) for name in top.layers])
         else:
-            _check_shapes(path, _shapes(base.layers), _weights_h5_shapes(f, base))
+            _check_shapes(path, _shapes(base.layers), _weights_h5_shapes(top, base))
     base.load_weights(path)
 
 
 def _file_kind(path: Path) -> str:
-    """``model``, ``legacy_weights`` or ``weights`` (Keras 3), read from the content."""
+    """``model``, ``legacy_weights`` or ``weights`` (Keras 3): read from the content
+    (:func:`tl_common.keras_files.file_kind`), and the name Keras needs for that kind."""
     if not path.is_file():
         raise UserError(f"--weights={str(path)!r}: no such file; expected imagenet, demo, none, or "
                         "a Keras .h5, .weights.h5 or .keras file")
-    if zipfile.is_zipfile(path):
-        kind, endings = "model", (".keras",)
-    elif h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            if "model_config" in f.attrs:
-                kind, endings = "model", (".h5", ".hdf5")
-            elif "layer_names" in f.attrs:
-                kind, endings = "legacy_weights", (".h5", ".hdf5")
-            elif "layers" in f:
-                kind, endings = "weights", (".weights.h5",)
-            else:
-                raise UserError(f"{path} is an HDF5 file but not a Keras one (no model_config, "
-                                "layer_names or layers/): expected a Keras weights or model file")
-    else:
-        raise UserError(f"{path} is neither an HDF5 file (.h5, .weights.h5) nor a .keras archive: "
-                        "expected a Keras weights or model file")
+    kind = keras_files.file_kind(path)
+    endings = {"model": (".keras",) if zipfile.is_zipfile(path) else (".h5", ".hdf5"),
+               "legacy_weights": (".h5", ".hdf5"), "weights": (".weights.h5",)}[kind]
     # Keras chooses its reader by the file's name, not its content.
     if not path.name.endswith(endings) or (kind == "legacy_weights"
                                            and path.name.endswith(".weights.h5")):
@@ -151,26 +140,14 @@ def _shapes(layer_list: Iterable[keras.Layer]) -> list[tuple[str, Shapes]]:
     return [(layer.name, [tuple(w.shape) for w in layer.weights]) for layer in layer_list]
 
 
-def _names(values: Sequence[bytes | str]) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
-def _legacy_h5_shapes(f: h5py.File) -> list[tuple[str, Shapes]]:
-    """(layer name, weight shapes) of each layer with weights, in the file's order."""
-    found = []
-    for name in _names(f.attrs["layer_names"]):
-        shapes = [tuple(f[name][w].shape) for w in _names(f[name].attrs["weight_names"])]
-        if shapes:
-            found.append((name, shapes))
-    return found
-
-
-def _weights_h5_shapes(f: h5py.File, base: keras.Model) -> list[tuple[str, Shapes]]:
+def _weights_h5_shapes(top: keras_files.Container, base: keras.Model
+                       ) -> list[tuple[str, Shapes]]:
     """(layer name, weight shapes) per base layer, then the file's layers the base lacks.
 
     Keras 3 keys a model's layers by class and rank (``conv2d``, ``conv2d_1`` ...), not by name;
     follow the same rule over the base's layers.
     """
+    names = top.keys  # group key -> the name of the layer stored under it
     ranks: dict[str, int] = {}
     found, used = [], set()
     for layer in base.layers:
@@ -178,11 +155,8 @@ def _weights_h5_shapes(f: h5py.File, base: keras.Model) -> list[tuple[str, Shape
         ranks[kind] = ranks.get(kind, -1) + 1
         key = kind if ranks[kind] == 0 else f"{kind}_{ranks[kind]}"
         used.add(key)
-        group = f.get(f"layers/{key}/vars", {})
-        found.append((layer.name, [tuple(group[str(i)].shape) for i in range(len(group))]))
-    stored = f.get("layers", {})
-    found += [(key, [tuple(v.shape) for v in stored[key]["vars"].values()])
-              for key in stored if key not in used and len(stored[key].get("vars", {}))]
+        found.append((layer.name, top.shapes(names[key]) if key in names else []))
+    found += [(key, top.shapes(name)) for key, name in names.items() if key not in used]
     return found
 
 

@@ -1,12 +1,8 @@
 """Keras weight files <-> :class:`tl_torch.model.MobileNetV2Base`, with h5py and without TensorFlow.
 
-Reads, finding the MobileNetV2 base by structure (its layers and shapes, wherever it sits):
-- legacy HDF5 weights (``model.save_weights("x.h5")``; the official ImageNet files): root
-  attribute ``layer_names``, per layer ``weight_names`` such as ``Conv1/kernel:0``;
-- Keras 3 ``.weights.h5``: ``layers/<auto name>/vars/<i>``, the layer's name in the ``vars`` group's
-  ``name`` attribute, variables by creation order;
-- whole models: legacy ``.h5`` (``model_weights/...``) and ``.keras`` archives (a zip holding
-  ``model.weights.h5``), where the base is usually a nested sub-model next to someone's head.
+Reads any Keras weights or model file (legacy HDF5, Keras 3 ``.weights.h5``, whole ``.h5`` and
+``.keras`` models; the layouts are described in :mod:`tl_common.keras_files`, whose reader this
+uses), finding the MobileNetV2 base by structure: its layers and shapes, wherever it sits.
 
 Writes both weights layouts, so a base fine-tuned in PyTorch loads in Keras with
 ``base.load_weights(path)``.
@@ -20,13 +16,9 @@ Layout conversions (a reshape instead of these transposes keeps shapes and scram
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -34,6 +26,7 @@ import numpy as np
 import torch
 
 from tl_common.errors import UserError
+from tl_common.keras_files import Container, open_keras_file
 from tl_torch.model import MobileNetV2Base
 
 #: Keras variable names per layer type, in creation order (the order of ``layer.weights`` and of
@@ -44,8 +37,6 @@ KERAS_VARIABLES = {
     "BatchNormalization": (("gamma", "weight"), ("beta", "bias"),
                            ("moving_mean", "running_mean"), ("moving_variance", "running_var")),
 }
-#: Keras 2 named the depthwise kernel differently.
-VARIABLE_ALIASES = {"depthwise_kernel": "kernel"}
 #: Keras' version string written into exported files (the layout they follow).
 EXPORT_KERAS_VERSION = "3.15.1"
 
@@ -68,115 +59,7 @@ def torch_to_keras(keras_type: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-# ---- reading ---------------------------------------------------------------------------------
-
-@dataclass
-class _Container:
-    """Layers found side by side in a file (a model or sub-model): name -> {variable: dataset}."""
-
-    where: str
-    layers: dict[str, dict[str, h5py.Dataset]] = field(default_factory=dict)
-
-
-def _short_name(weight_name: str) -> str:
-    name = weight_name.split("/")[-1].split(":")[0]
-    return VARIABLE_ALIASES.get(name, name)
-
-
-def _decode(values: np.ndarray) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
-def _legacy_containers(group: h5py.Group, where: str) -> Iterator[_Container]:
-    """Legacy HDF5: a group with ``layer_names`` is a model; a layer group with ``weight_names``
-    that point into sub-groups named after other layers is a nested model."""
-    container = _Container(where)
-    for layer_name in _decode(group.attrs.get("layer_names", [])):
-        if layer_name not in group:
-            continue
-        layer_group = group[layer_name]
-        weight_names = _decode(layer_group.attrs.get("weight_names", []))
-        owners = {w.split("/")[0] for w in weight_names if "/" in w}
-        if len(owners) > 1 or (owners and owners != {layer_name} and
-                               all(o in layer_group for o in owners)):
-            # A nested model: its weight names are "<inner layer>/<variable>".
-            nested = _Container(f"{where}/{layer_name}")
-            for w in weight_names:
-                inner = w.split("/")[0]
-                nested.layers.setdefault(inner, {})[_short_name(w)] = layer_group[w]
-            yield nested
-            continue
-        if weight_names:
-            container.layers[layer_name] = {_short_name(w): layer_group[w] for w in weight_names}
-    yield container
-
-
-def _keras3_containers(group: h5py.Group, where: str) -> Iterator[_Container]:
-    """Keras 3: ``layers/<auto name>/vars`` with the layer's real name as an attribute; nested
-    models have ``layers`` of their own."""
-    if "layers" not in group:
-        return
-    container = _Container(where)
-    for key in group["layers"]:
-        layer_group = group["layers"][key]
-        if "layers" in layer_group:
-            yield from _keras3_containers(layer_group, f"{where}/layers/{key}")
-        elif "model" in layer_group:  # a layer wrapping a model (tl_keras' InferenceMode)
-            yield from _keras3_containers(layer_group["model"], f"{where}/layers/{key}/model")
-        vars_group = layer_group.get("vars")
-        if vars_group is None or len(vars_group) == 0:
-            continue
-        name = vars_group.attrs.get("name", key)
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        container.layers[name] = {str(i): vars_group[str(i)] for i in range(len(vars_group))}
-    yield container
-
-
-@dataclass
-class KerasWeightFile:
-    """An open Keras file and the layer containers found in it."""
-
-    path: Path
-    h5: h5py.File
-    containers: list[_Container]
-    whole_model: bool
-    keras3: bool
-
-    def close(self) -> None:
-        self.h5.close()
-
-
-def open_keras_file(path: str | os.PathLike[str]) -> KerasWeightFile:
-    """Open any Keras weights or model file and list the layer containers in it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                if "model.weights.h5" not in zf.namelist():
-                    raise UserError(f"{path} is a zip archive without model.weights.h5: "
-                                    "expected a .keras model file")
-                h5 = h5py.File(io.BytesIO(zf.read("model.weights.h5")), "r")
-            whole = True
-        else:
-            h5 = h5py.File(path, "r")
-            whole = "model_config" in h5.attrs or "model_weights" in h5
-    except OSError:
-        raise UserError(f"{path} is not an HDF5 or .keras file: expected Keras weights "
-                        "(.h5, .weights.h5) or a Keras model (.h5, .keras)") from None
-    try:
-        keras3 = "layers" in h5 and "layer_names" not in h5.attrs
-        if keras3:
-            containers = list(_keras3_containers(h5, ""))
-        else:
-            root = h5["model_weights"] if "model_weights" in h5 else h5
-            containers = list(_legacy_containers(root, "/" + root.name.strip("/")))
-    except (KeyError, OSError, ValueError) as err:
-        h5.close()
-        raise UserError(f"{path} is not a readable Keras file ({err})") from None
-    return KerasWeightFile(path, h5, containers, whole, keras3)
-
+# ---- reading (the file's structure: tl_common.keras_files) -----------------------------------
 
 def _expected(base: MobileNetV2Base) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
     """Per weighted Keras layer: (Keras variable, torch name, Keras shape), in creation order."""
@@ -193,7 +76,7 @@ def _expected(base: MobileNetV2Base) -> dict[str, list[tuple[str, str, tuple[int
     return expected
 
 
-def _mismatch(container: _Container, expected: dict, keras3: bool) -> str | None:
+def _mismatch(container: Container, expected: dict, keras3: bool) -> str | None:
     """The first difference between a container and the base, as a sentence; None if none."""
     for layer_name, entries in expected.items():
         found = container.layers.get(layer_name)
@@ -242,7 +125,7 @@ def read_base_weights(base: MobileNetV2Base, path: str | os.PathLike[str]
         kfile.close()
 
 
-def _convert(base: MobileNetV2Base, container: _Container, expected: dict,
+def _convert(base: MobileNetV2Base, container: Container, expected: dict,
              keras3: bool) -> dict[str, np.ndarray]:
     types = {layer.name: layer.type for layer in base.keras_layers}
     state = {}
