@@ -3,13 +3,15 @@
 - ``python -m parity_tests [--report-dir DIR] [pytest options]`` runs every check (pytest on this
   package), prints the table (check, Keras value, torch value, |diff|, tolerance, pass/fail),
   writes ``DIR/parity_report.json`` and ``DIR/parity_report.md`` (default ``parity_report``) and
-  exits non-zero on any failure.
+  exits non-zero on any failure. The report includes the free-running training rows (reported,
+  not judged), which the test command leaves out: ``TL_PARITY_FREE_RUNNING=0`` leaves them out here.
 - ``python -m parity_tests compare RUN_A RUN_B [--output DIR]`` puts two finished runs'
   ``metrics.json`` side by side and overlays their learning curves.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--report-dir")
         report_dir = argv[i + 1]
         del argv[i:i + 2]
+    os.environ.setdefault("TL_PARITY_FREE_RUNNING", "1")  # parity_tests.checks_steps
     here = str(Path(__file__).parent)
     return int(pytest.main([here, "--parity-report", report_dir, "-p", "no:cacheprovider", *argv]))
 
