@@ -201,13 +201,18 @@ def check_numerics(directory: Path, sizes=pairs.NUMERIC_SIZES,
             # boundaries to compare); what follows runs what training and prediction run.
             tout, tlogits = _torch_module_outputs(tbase, pairs.demo_images(size, NUMERIC_IMAGES))
             out = "out_relu"
+            # The folded base rounds other numbers than Keras (its weights are w * gamma / sigma),
+            # so its largest error over a few values is a noisy multiple of Keras' (measured up to
+            # 4.3x on the logits under oneDNN limited to SSE4.1) while its rms stays steady: these
+            # two rows judge the rms; the layer-by-layer row above, the largest error.
             rows.append(measured(group, f"{where} float32: base output (folded, as trained)",
-                                 bands.against_exact(k64[out], k32[out], tout),
-                                 keras=summary(k32[out]), torch=summary(tout)))
+                                 bands.against_exact(k64[out], k32[out], tout, norm="rms"),
+                                 keras=summary(k32[out]), torch=summary(tout), note="rms"))
             rows.append(measured(group, f"{where} float32: logits (the module's head, eval)",
                                  bands.against_exact(keras_side.logits64, keras_side.logits,
-                                                     tlogits),
-                                 keras=summary(keras_side.logits), torch=summary(tlogits)))
+                                                     tlogits, norm="rms"),
+                                 keras=summary(keras_side.logits), torch=summary(tlogits),
+                                 note="rms"))
             if float64 and size == sizes[0]:
                 t64 = pairs.torch_layer_outputs(pairs.torch_base(path, size, float64=True), x64)
                 rows += _layer_rows(group, f"{where} float64", k64, t64, FLOAT64_TOL)
