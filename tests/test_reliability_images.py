@@ -36,9 +36,6 @@ SAME, REFUSED, REFUSED_TF_READS = "same", "refused", "refused, TF reads"
 #: Decoded pixels (uint8) must be equal, not close: the same libjpeg-turbo IDCT and upsampling for
 #: JPEG, lossless formats otherwise.
 PIXEL_ATOL = 0
-#: Both pipelines' float32 [0, 255] images after the bilinear resize (parity_tests' PIXEL_TOL: the
-#: two resizes compute source coordinates in float32; an ulp there, times a sharp edge's step).
-RESIZED_ATOL = 2e-2
 SIZE = 40
 
 
@@ -392,8 +389,11 @@ def test_too_large_jpeg_is_refused_by_both():
 # ---- both input pipelines, end to end ----------------------------------------------------------
 
 def test_both_pipelines_give_rgb_at_the_requested_size(outcomes, tmp_path):
-    """Every file read the same comes out of both trainers' loaders as RGB SIZE x SIZE, equal up
-    to the resize's float32 rounding."""
+    """Every file read the same comes out of both trainers' loaders as RGB SIZE x SIZE, and the
+    port's resize is as close to the exact one (parity_tests.exact: TensorFlow's bilinear resize
+    in float64) as TensorFlow's own, by the band of tl_common.bands."""
+    from parity_tests import exact
+    from tl_common import bands
     from tl_keras.data import load_image as keras_load
     from tl_torch.data import load_image as torch_load
 
@@ -406,6 +406,9 @@ def test_both_pipelines_give_rgb_at_the_requested_size(outcomes, tmp_path):
         k = keras_load(str(path), SIZE).numpy()
         t = torch_load(str(path), SIZE).permute(1, 2, 0).numpy()
         assert k.shape == t.shape == (SIZE, SIZE, 3), name
-        assert np.abs(k - t).max() <= RESIZED_ATOL, name
+        truth = exact.resize_bilinear(decode_rgb(path), SIZE)
+        assert exact.sane(truth, k), name
+        band = bands.against_exact(truth, k, t)
+        assert band.passed, f"{name}: {band.port_error:.3g} > {band.describe()}"
         checked += 1
     assert checked >= 45
