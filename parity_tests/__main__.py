@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--report-dir")
         report_dir = argv[i + 1]
         del argv[i:i + 2]
+    # The checks that run both trainers (14, 15) are part of the report.
+    os.environ.setdefault("TL_PARITY_TRAINERS", "1")
     here = str(Path(__file__).parent)
     return int(pytest.main([here, "--parity-report", report_dir, "-p", "no:cacheprovider", *argv]))
 
