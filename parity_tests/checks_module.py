@@ -66,6 +66,12 @@ def keras_side() -> dict:
     return results
 
 
+def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Binary cross-entropy from logits, the batch's mean, in float64."""
+    z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
 def port_module() -> TransferModule:
     """The module as ``tl_torch.train`` makes it (defaults: folded base, augmentation,
     Dropout(0.2)), with Keras' head init."""
@@ -93,13 +99,26 @@ def check_module() -> list[Row]:
                  bands.against_exact(e["logits"], f["logits"], logits),
                  keras=summary(f["logits"]), torch=summary(logits),
                  note="Keras model(x, training=False); exact: the same in float64"),
+        # The logits' error is the row above's; here each framework's loss is held to the exact
+        # binary cross-entropy of its own logits: the loss function and its metric alone.
         measured(GROUP, "evaluation: loss (the module's validation _step and metric)",
-                 bands.against_exact(e["loss"], f["loss"], loss), keras=f["loss"], torch=loss),
+                 bands.Band(abs(f["loss"] - _bce(f["logits"], k["labels"])),
+                            abs(loss - _bce(logits, k["labels"])),
+                            bands.floor(_bce(f["logits"], k["labels"])),
+                            "each loss vs the float64 cross-entropy of its own logits"),
+                 keras=f["loss"], torch=loss),
         # The decision is the logit's sign: equal unless a logit lies within rounding of 0.
         verdict(GROUP, "evaluation: accuracy (the module's metric; Keras' BinaryAccuracy(0))",
                 f"{f['accuracy']:.6f}", f"{accuracy:.6f}", f["accuracy"] == accuracy,
                 tolerance="exact", note=f"smallest |logit| {margin:.3g}"),
     ]
+    # Fine-tuning: the fold leaves the unfrozen layers to their modules; nothing else changes.
+    module.set_phase("fine_tuning")
+    with torch.no_grad():
+        tuned = module(images).numpy()
+    rows.append(measured(GROUP, "evaluation in fine-tuning (layers from 100 unfrozen): logits",
+                         bands.against_exact(e["logits"], f["logits"], tuned),
+                         keras=summary(f["logits"]), torch=summary(tuned)))
     # Dropout in training: kept features scaled by 1 / (1 - rate), the rest zeroed.
     module.train()
     ones = torch.ones(DROPOUT_DRAWS, 1280)
