@@ -3,7 +3,9 @@
 - ``python -m parity_tests [--report-dir DIR] [pytest options]`` runs every check (pytest on this
   package), prints the table (check, Keras value, torch value, |diff|, tolerance, pass/fail),
   writes ``DIR/parity_report.json`` and ``DIR/parity_report.md`` (default ``parity_report``) and
-  exits non-zero on any failure.
+  exits non-zero on any failure. It sets ``TL_PARITY_TRAINERS=1`` (unless set otherwise), so the
+  checks that run both trainers' ``main`` (14 and 15) are in the report; under plain ``pytest``
+  they are skipped without it.
 - ``python -m parity_tests compare RUN_A RUN_B [--output DIR]`` puts two finished runs'
   ``metrics.json`` side by side and overlays their learning curves.
 """

@@ -2,7 +2,9 @@
 port) and asserts that the matching check fails. Rows from these runs are not reported; the
 same checks pass on the port as it is (test_parity.py).
 
-Cheap variants of the checks are used where they suffice (one weight set, one size).
+Cheap variants of the checks are used where they suffice (one weight set, one size). The
+mistakes in the trainer's wiring and in prediction need both trainers run (checks 14, 15): they
+carry the ``trainers`` marker and run with ``TL_PARITY_TRAINERS=1`` (``python -m parity_tests``).
 """
 
 from __future__ import annotations
