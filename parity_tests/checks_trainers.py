@@ -104,6 +104,11 @@ class Record:
     steps: list[Step] = field(default_factory=list)
     epochs: list[tuple[int, str]] = field(default_factory=list)   # the history's (epoch, phase)
     run_dir: Path | None = None
+    # Each augmentation draw: (stage, images, angles in degrees); stage is "train" inside a
+    # training step, "evaluate" elsewhere.
+    draws: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
+    # Each pass through the head's Dropout: (stage, training mode, features zeroed, features).
+    dropout: list[tuple[str, bool, int, int]] = field(default_factory=list)
 
 
 # ---- the Keras recorder ----------------------------------------------------------------------
@@ -134,7 +139,39 @@ class KerasRecorder(keras.callbacks.Callback):
         names = _keras_layer_names(model)
         train_step, fit = model.train_step, model.fit
 
+        self._stage = "evaluate"
+
         def recording_train_step(data):
+            self._stage = "train"
+            try:
+                return record_step(data)
+            finally:
+                self._stage = "evaluate"
+
+        flip, rotation = model.get_layer("data_augmentation").layers
+        draw = rotation.get_random_transformation
+
+        def recording_draw(data, training=True, seed=None):
+            found = draw(data, training=training, seed=seed)
+            if found is not None:  # Keras draws nothing outside training
+                self.record.draws.append((self._stage, int(data.shape[0]), keras.ops.convert_to_numpy(
+                    found["angle"]).reshape(-1)))
+            return found
+
+        rotation.get_random_transformation = recording_draw
+        dropout = model.get_layer("dropout")
+        dropout_call = dropout.call
+
+        def recording_dropout(inputs, training=False):
+            out = dropout_call(inputs, training=training)
+            x, y = keras.ops.convert_to_numpy(inputs), keras.ops.convert_to_numpy(out)
+            self.record.dropout.append((self._stage, bool(training),
+                                        int(((y == 0) & (x != 0)).sum()), int((x != 0).sum())))
+            return out
+
+        dropout.call = recording_dropout
+
+        def record_step(data):
             x, y = data[0], data[1]
             opt = model.optimizer
             kind = type(opt).__name__
@@ -161,6 +198,7 @@ class KerasRecorder(keras.callbacks.Callback):
 
         model.train_step = recording_train_step
         model.fit = recording_fit
+        del flip
         return model
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -210,6 +248,27 @@ class TorchRecorder(Callback):
 
     def __init__(self) -> None:
         self.record = Record()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def stage() -> str:
+            return "train" if trainer.training else "evaluate"
+
+        if pl_module.augment is not None:
+            draw = pl_module.augment.draw
+
+            def recording_draw(n, generator=None):
+                flips, angles = draw(n, generator)
+                self.record.draws.append((stage(), int(n), angles.detach().cpu().numpy()))
+                return flips, angles
+
+            pl_module.augment.draw = recording_draw
+
+        def dropout_hook(module, inputs, output) -> None:
+            x, y = inputs[0].detach(), output.detach()
+            self.record.dropout.append((stage(), bool(module.training),
+                                        int(((y == 0) & (x != 0)).sum()), int((x != 0).sum())))
+
+        pl_module.dropout.register_forward_hook(dropout_hook)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         images, labels = batch
@@ -382,6 +441,7 @@ def check_recorded(directory: Path, torch_record: Record | None = None) -> list[
                       f"{ksteps} {sorted({len(s.labels) for s in k.steps})}",
                       f"{tsteps} {sorted({len(s.labels) for s in t.steps})}"))
     rows += data_rows(k, t)
+    rows += randomness_rows(k, t)
     for epoch in range(len(k.epochs)):
         kl = [s.loss for s in k.steps if s.epoch == epoch]
         tl = [s.loss for s in t.steps if s.epoch == epoch]
@@ -389,6 +449,41 @@ def check_recorded(directory: Path, torch_record: Record | None = None) -> list[
                                "random draws)", " ".join(f"{v:.3f}" for v in kl)[:60],
                         " ".join(f"{v:.3f}" for v in tl)[:60], None, "reported", True,
                         judged=False))
+    return rows
+
+
+def randomness_rows(k: Record, t: Record, group: str = GROUP) -> list[Row]:
+    """Augmentation and Dropout: drawn in every training step and never outside one."""
+    from scipy import stats
+
+    def draws(r: Record) -> tuple[bool, str]:
+        train = [d for d in r.draws if d[0] == "train"]
+        sizes = [len(s.labels) for s in r.steps]
+        angles = np.concatenate([d[2] for d in train]) if train else np.zeros(0)
+        ok = ([d[1] for d in train] == sizes and len(train) == len(r.draws)
+              and all(len(d[2]) == d[1] for d in train)
+              and bool(np.all(np.abs(angles) <= 0.2 * 360)))
+        return ok, (f"{len(train)} of {len(sizes)} steps, {len(r.draws) - len(train)} outside; "
+                    f"|angle| <= {np.abs(angles).max() if angles.size else 0:.1f}")
+
+    def dropped(r: Record) -> tuple[bool, str, float]:
+        train = [d for d in r.dropout if d[0] == "train"]
+        other = [d for d in r.dropout if d[0] != "train"]
+        ok = (len(train) == len(r.steps) and all(d[1] for d in train)
+              and not any(d[1] or d[2] for d in other))
+        zeroed, total = sum(d[2] for d in train), sum(d[3] for d in train)
+        p = stats.binomtest(zeroed, total, 0.2).pvalue if total else 0.0
+        return ok, (f"{len(train)} steps in training mode, {len(other)} passes outside: "
+                    f"{sum(d[2] for d in other)} zeroed; share {zeroed / max(total, 1):.4f}"), p
+
+    (kok, kdesc), (tok, tdesc) = draws(k), draws(t)
+    rows = [verdict(group, "augmentation: one angle per image in every training step, "
+                           "none outside training", kdesc, tdesc, kok and tok, tolerance="exact")]
+    (kok, kdesc, kp), (tok, tdesc, tp) = dropped(k), dropped(t)
+    rows.append(verdict(group, "Dropout: in training mode in every training step only, share "
+                               "zeroed = 0.2 (binomial p-value)", f"{kdesc} (p={kp:.3g})",
+                        f"{tdesc} (p={tp:.3g})", kok and tok and kp > 1e-3 and tp > 1e-3,
+                        tolerance="exact; p > 0.001"))
     return rows
 
 

@@ -157,8 +157,10 @@ def test_loss_summed_not_averaged(monkeypatch) -> None:
 # for the wiring rows) against the reference's recorded run, made once per session.
 
 def torch_wiring(tmp_path: Path) -> list[Row]:
-    return checks_trainers.wiring_rows(checks_trainers.keras_record(),
-                                       checks_trainers.run_torch(tmp_path, limit_batches=1))
+    keras_run = checks_trainers.keras_record()
+    torch_run = checks_trainers.run_torch(tmp_path, limit_batches=1)
+    return (checks_trainers.wiring_rows(keras_run, torch_run)
+            + checks_trainers.randomness_rows(keras_run, torch_run))
 
 
 @pytest.mark.trainers
@@ -223,6 +225,14 @@ def test_optimizer_kept_from_feature_extraction(monkeypatch, tmp_path) -> None:
                         lambda self, trainer, pl_module: pl_module.set_phase("fine_tuning")
                         if trainer.current_epoch >= self.initial_epochs else None)
     assert_caught(torch_wiring(tmp_path), where="the optimizer holds exactly the trainable")
+
+
+@pytest.mark.trainers
+def test_validation_in_training_mode(monkeypatch, tmp_path) -> None:
+    # A hook that puts the module back in training mode for validation: Dropout drops there.
+    monkeypatch.setattr(tl_torch.module.TransferModule, "on_validation_start",
+                        lambda self: self.train(), raising=False)
+    assert_caught(torch_wiring(tmp_path), where="Dropout: in training mode")
 
 
 def cached_pipeline() -> list[Row]:
