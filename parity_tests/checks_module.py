@@ -40,14 +40,15 @@ def keras_side() -> dict:
     images, labels = pairs.demo_images(SIZE, IMAGES), pairs.demo_labels(IMAGES)
     results = {}
     for float64 in (False, True):
-        base = pairs.keras_base(demo_weights_path(), SIZE, float64=float64)
+        # The float64 twin takes the float32 model's weights (the file is read once).
+        base = pairs.keras_base("none" if float64 else demo_weights_path(), SIZE, float64=float64)
         with pairs.float64_policy() if float64 else contextlib.nullcontext():
             model = kmodel.build_model(base, seed=0)
             kmodel.compile_for(model, "feature_extraction", 1e-4)
         if float64:
-            model.get_layer("dense").set_weights(
-                [w.astype(np.float64) for w in results["head"]])
+            model.set_weights([w.astype(np.float64) for w in results["weights"]])
         else:
+            results["weights"] = model.get_weights()
             results["head"] = model.get_layer("dense").get_weights()
         x = images.astype(np.float64 if float64 else np.float32)
         logits = keras.ops.convert_to_numpy(model(x, training=False)).reshape(-1)
