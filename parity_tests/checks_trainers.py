@@ -133,15 +133,14 @@ class KerasRecorder(keras.callbacks.Callback):
         super().__init__()
         self.record = Record()
         self._epoch = 0
-        self._phase = ""
+        self._stage = "evaluate"   # "train" inside a training step
+        self._history: list | None = None
         self._seen = 0
         self._mean = 0.0
 
     def attach(self, model: keras.Model) -> keras.Model:
         names = _keras_layer_names(model)
         train_step, fit = model.train_step, model.fit
-
-        self._stage = "evaluate"
 
         def recording_train_step(data):
             self._stage = "train"
@@ -150,7 +149,7 @@ class KerasRecorder(keras.callbacks.Callback):
             finally:
                 self._stage = "evaluate"
 
-        flip, rotation = model.get_layer("data_augmentation").layers
+        rotation = model.get_layer("data_augmentation").layers[1]  # RandomFlip, RandomRotation
         draw = rotation.get_random_transformation
 
         def recording_draw(data, training=True, seed=None):
@@ -192,15 +191,13 @@ class KerasRecorder(keras.callbacks.Callback):
             return train_step(data)
 
         def recording_fit(*args, callbacks=(), **kwargs):
-            phases = [c.phase for c in callbacks if hasattr(c, "phase")]
-            self._phase = phases[0] if phases else ""
+            # The run's own history list (tl_keras.train.EpochLog's), read at each epoch's end.
             self._history = next((c.history for c in callbacks if hasattr(c, "history")
                                   and isinstance(c.history, list)), None)
             return fit(*args, callbacks=[*callbacks, self], **kwargs)
 
         model.train_step = recording_train_step
         model.fit = recording_fit
-        del flip
         return model
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
