@@ -3,8 +3,10 @@
 - ``python -m parity_tests [--report-dir DIR] [pytest options]`` runs every check (pytest on this
   package), prints the table (check, Keras value, torch value, |diff|, tolerance, pass/fail),
   writes ``DIR/parity_report.json`` and ``DIR/parity_report.md`` (default ``parity_report``) and
-  exits non-zero on any failure. The report includes the free-running training rows (reported,
-  not judged), which the test command leaves out: ``TL_PARITY_FREE_RUNNING=0`` leaves them out here.
+  exits non-zero on any failure. It sets ``TL_PARITY_TRAINERS=1`` and ``TL_PARITY_FREE_RUNNING=1``
+  (unless set otherwise), so the report holds what the test command leaves out for time: the
+  checks that run both trainers' ``main`` (14 and 15; skipped under plain ``pytest`` without the
+  variable) and the free-running training rows (reported, not judged).
 - ``python -m parity_tests compare RUN_A RUN_B [--output DIR]`` puts two finished runs'
   ``metrics.json`` side by side and overlays their learning curves.
 """
@@ -33,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--report-dir")
         report_dir = argv[i + 1]
         del argv[i:i + 2]
-    os.environ.setdefault("TL_PARITY_FREE_RUNNING", "1")  # parity_tests.checks_steps
+    # What the test command leaves out for time is part of the report: the checks that run both
+    # trainers (14, 15), and the free-running rows (parity_tests.checks_steps).
+    os.environ.setdefault("TL_PARITY_TRAINERS", "1")
+    os.environ.setdefault("TL_PARITY_FREE_RUNNING", "1")
     here = str(Path(__file__).parent)
     return int(pytest.main([here, "--parity-report", report_dir, "-p", "no:cacheprovider", *argv]))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
+
 import keras
 import numpy as np
 import torch
@@ -14,7 +17,7 @@ from tl_common.demo import demo_data_root
 from tl_common.files import find_images
 from tl_common.settings import Settings
 from tl_keras import model as kmodel
-from tl_keras.data import make_dataset
+from tl_keras.data import TrainingData, make_dataset
 from tl_torch.augment import RandomFlipRotation, augment
 from tl_torch.data import ImageFolderDataModule
 
@@ -125,6 +128,14 @@ def check_augmentation(size: int = 160) -> list[Row]:
         verdict(group, "the exact rotation reproduces Keras' images to float32 precision", "", "",
                 exact.sane(truth, kout), tolerance=f"{exact.SANITY_RTOL:g} of the range"),
     ]
+    # The module's augmentation layer as training calls it (its forward, in training mode),
+    # with Keras' draws in place of its own.
+    layer = RandomFlipRotation(FACTOR).train()
+    layer.draw = lambda n, generator=None: (torch.from_numpy(flips), torch.from_numpy(angles))
+    lout = pairs.nhwc(layer(pairs.nchw(images), torch.Generator().manual_seed(0)))
+    rows.append(measured(group, "the augmentation layer's forward (training), Keras' draws",
+                         bands.against_exact(truth, kout, lout), keras=summary(kout),
+                         torch=summary(lout), note="RandomFlipRotation.forward"))
     # The draws' distributions.
     rotation = kmodel.data_augmentation(5).layers[1]
     kangles = keras.ops.convert_to_numpy(rotation.get_random_transformation(
@@ -160,3 +171,34 @@ def check_augmentation(size: int = 160) -> list[Row]:
                         np.array_equal(keval, images) and np.array_equal(teval, images),
                         tolerance="exact"))
     return rows
+
+
+# ---- 6 input pipeline, as training reads it: the cache ----------------------------------------
+
+@functools.cache
+def _keras_training_epoch(size: int, batch: int):
+    """The reference's training batches of epoch 0 (``tl_keras.data.TrainingData``)."""
+    from parity_tests.checks_trainers import Record, Step
+
+    settings = Settings(demo=True, image_size=size, batch_size=batch)
+    splits = ImageFolderDataModule(settings, cache=False, num_workers=0)
+    splits.setup()
+    data = TrainingData(splits.splits.train, size, batch, settings.seed)
+    return Record([Step(0, (), (), 0, True, images, labels)
+                   for images, labels in data.one_epoch(0).as_numpy_iterator()])
+
+
+def check_cached_pipeline(size: int = 32, batch: int = 48) -> list[Row]:
+    """One training epoch through the port's data module with its cache on (as ``tl_torch.train``
+    reads it), and through the reference's ``TrainingData``: every file once, with its label, and
+    the pixels against the exact resize of their files."""
+    from parity_tests.checks_trainers import Record, Step, data_rows
+
+    settings = Settings(demo=True, image_size=size, batch_size=batch)
+    data = ImageFolderDataModule(settings, cache=True, num_workers=0)
+    data.setup()
+    torch_record = Record([Step(0, (), (), 0, True, pairs.nhwc(images), labels.numpy())
+                           for images, labels in data.train_dataloader()])
+    rows = data_rows(_keras_training_epoch(size, batch), torch_record, group="6 input pipeline")
+    return [replace(r, check=r.check.replace("epoch 1: ", "through the cache, one epoch: "))
+            for r in rows]

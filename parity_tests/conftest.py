@@ -27,6 +27,19 @@ def numerics_settings() -> None:
     _ENVIRONMENT.update(environment.describe())
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``trainers`` (both trainers' main, recorded: about a minute) run only when
+    TL_PARITY_TRAINERS=1; ``python -m parity_tests`` sets it."""
+    from parity_tests.checks_trainers import ENV, enabled
+
+    if enabled():
+        return
+    skip = pytest.mark.skip(reason=f"runs both trainers: set {ENV}=1 (python -m parity_tests does)")
+    for item in items:
+        if "trainers" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--parity-report", default=None, metavar="DIR",
                      help="write parity_report.json and parity_report.md into DIR")

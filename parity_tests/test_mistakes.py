@@ -2,7 +2,9 @@
 port) and asserts that the matching check fails. Rows from these runs are not reported; the
 same checks pass on the port as it is (test_parity.py).
 
-Cheap variants of the checks are used where they suffice (one weight set, one size).
+Cheap variants of the checks are used where they suffice (one weight set, one size). The
+mistakes in the trainer's wiring and in prediction need both trainers run (checks 14, 15): they
+carry the ``trainers`` marker and run with ``TL_PARITY_TRAINERS=1`` (``python -m parity_tests``).
 """
 
 from __future__ import annotations
@@ -10,17 +12,29 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
 import tl_torch.augment
+import tl_torch.data
 import tl_torch.freezing
 import tl_torch.keras_weights
 import tl_torch.model
 import tl_torch.module
 import tl_torch.padding
+import tl_torch.predict
+import tl_torch.train
 import tl_torch.weights
-from parity_tests import checks_data, checks_model, checks_steps, checks_training
+from parity_tests import (
+    checks_data,
+    checks_model,
+    checks_module,
+    checks_steps,
+    checks_trainers,
+    checks_training,
+)
 from parity_tests.rows import Row, failures
 from tl_torch.model import MobileNetV2Base
 from tl_torch.optim import KerasRMSprop
@@ -136,3 +150,213 @@ def test_loss_summed_not_averaged(monkeypatch) -> None:
                         functools.partial(torch.nn.BCEWithLogitsLoss, reduction="sum"))
     setup = checks_steps.Setup(steps=1, free_running=False)
     assert_caught(checks_steps.check_steps(setup), where="loss of each of 1 steps")
+
+
+# ---- outside the model's numerics: the trainer's wiring, data, augmentation, head, prediction --
+# The trainer's mistakes run tl_torch.train.main with a recorder (one batch per epoch is enough
+# for the wiring rows) against the reference's recorded run, made once per session.
+
+def torch_wiring(tmp_path: Path) -> list[Row]:
+    keras_run = checks_trainers.keras_record()
+    torch_run = checks_trainers.run_torch(tmp_path, limit_batches=1)
+    return (checks_trainers.wiring_rows(keras_run, torch_run)
+            + checks_trainers.randomness_rows(keras_run, torch_run))
+
+
+@pytest.mark.trainers
+def test_fine_tuning_learning_rate_not_divided(monkeypatch, tmp_path) -> None:
+    # The port's trainer hands the module the feature-extraction rate for both phases.
+    made = tl_torch.train.TransferModule
+
+    def same_rate(*args, **kwargs):
+        return made(*args, **{**kwargs, "fine_tune_learning_rate": kwargs["learning_rate"]})
+
+    monkeypatch.setattr(tl_torch.train, "TransferModule", same_rate)
+    assert_caught(torch_wiring(tmp_path), where="optimizer class and hyperparameters")
+
+
+@pytest.mark.trainers
+def test_torch_rmsprop_in_fine_tuning(monkeypatch, tmp_path) -> None:
+    # torch.optim.RMSprop (alpha 0.99, epsilon outside the root) where Keras' RMSprop belongs.
+    monkeypatch.setattr(tl_torch.module, "KerasRMSprop",
+                        lambda params, lr: torch.optim.RMSprop(params, lr=lr))
+    assert_caught(torch_wiring(tmp_path), where="optimizer class and hyperparameters")
+
+
+@pytest.mark.trainers
+def test_phase_switch_one_epoch_late(monkeypatch, tmp_path) -> None:
+    # The switch at the end of epoch initial_epochs instead of its start (or an off-by-one in
+    # Lightning's 0-based epochs): fine-tuning starts one epoch late.
+    switch = tl_torch.train.TwoPhaseFineTuning
+    monkeypatch.setattr(tl_torch.train, "TwoPhaseFineTuning",
+                        lambda initial_epochs: switch(initial_epochs + 1))
+    assert_caught(torch_wiring(tmp_path), where="history: (epoch, phase)")
+
+
+@pytest.mark.trainers
+def test_fine_tuning_epochs_numbered_from_one(monkeypatch, tmp_path) -> None:
+    # Phase B's epochs counted afresh (Keras' initial_epoch forgotten).
+    entry = tl_torch.train.history_entry
+
+    def restarted(epoch, phase, logs):
+        return entry(epoch if phase == "feature_extraction" else epoch - 1, phase, logs)
+
+    monkeypatch.setattr(tl_torch.train, "history_entry", restarted)
+    assert_caught(torch_wiring(tmp_path), where="history: (epoch, phase)")
+
+
+@pytest.mark.trainers
+def test_base_left_frozen_in_fine_tuning(monkeypatch, tmp_path) -> None:
+    # The phase is switched (new optimizer) but the base is never unfrozen.
+    set_phase = tl_torch.module.TransferModule.set_phase
+
+    def frozen(self, phase):
+        set_phase(self, "feature_extraction")
+        self.phase = phase
+
+    monkeypatch.setattr(tl_torch.module.TransferModule, "set_phase", frozen)
+    assert_caught(torch_wiring(tmp_path), where="trainable tensors")
+
+
+@pytest.mark.trainers
+def test_optimizer_kept_from_feature_extraction(monkeypatch, tmp_path) -> None:
+    # The base unfrozen, but the optimizer not rebuilt: Adam goes on with the head alone.
+    monkeypatch.setattr(tl_torch.module.TwoPhaseFineTuning, "on_train_epoch_start",
+                        lambda self, trainer, pl_module: pl_module.set_phase("fine_tuning")
+                        if trainer.current_epoch >= self.initial_epochs else None)
+    assert_caught(torch_wiring(tmp_path), where="the optimizer holds exactly the trainable")
+
+
+@pytest.mark.trainers
+def test_validation_in_training_mode(monkeypatch, tmp_path) -> None:
+    # A hook that puts the module back in training mode for validation: Dropout drops there.
+    monkeypatch.setattr(tl_torch.module.TransferModule, "on_validation_start",
+                        lambda self: self.train(), raising=False)
+    assert_caught(torch_wiring(tmp_path), where="Dropout: in training mode")
+
+
+def cached_pipeline() -> list[Row]:
+    return checks_data.check_cached_pipeline()
+
+
+def test_cache_labels_swapped(monkeypatch) -> None:
+    init = tl_torch.data.ImageCache.__init__
+
+    def swapped(self, files, image_size, desc="decoding"):
+        init(self, files, image_size, desc)
+        self.labels = 1 - self.labels
+
+    monkeypatch.setattr(tl_torch.data.ImageCache, "__init__", swapped)
+    assert_caught(cached_pipeline(), where="every training file once, with its label")
+
+
+def test_cache_images_out_of_order(monkeypatch) -> None:
+    # The cache's images filled as the threads finish, not in the file list's order.
+    init = tl_torch.data.ImageCache.__init__
+
+    def shuffled(self, files, image_size, desc="decoding"):
+        init(self, files, image_size, desc)
+        self.images = self.images[torch.randperm(len(self.images),
+                                                 generator=torch.Generator().manual_seed(0))]
+
+    monkeypatch.setattr(tl_torch.data.ImageCache, "__init__", shuffled)
+    assert_caught(cached_pipeline(), where="every training file once, with its label")
+
+
+def test_cache_keeps_other_size(monkeypatch) -> None:
+    # A stale cache: images decoded at another size, scaled to the wanted one on the way out.
+    init = tl_torch.data.ImageCache.__init__
+
+    def stale(self, files, image_size, desc="decoding"):
+        init(self, files, image_size * 2, desc)
+        self.images = torch.nn.functional.interpolate(self.images, size=(image_size, image_size),
+                                                      mode="bilinear", align_corners=False)
+
+    monkeypatch.setattr(tl_torch.data.ImageCache, "__init__", stale)
+    assert_caught(cached_pipeline(), where="pixels reaching the model")
+
+
+def test_resize_with_antialias(monkeypatch) -> None:
+    # torchvision's Resize default: antialiased downscaling.
+    def antialiased(pixels, size):
+        x = torch.as_tensor(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0).float()
+        return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                               align_corners=False, antialias=True).squeeze(0)
+
+    monkeypatch.setattr(tl_torch.data, "resize_bilinear", antialiased)
+    assert_caught(cached_pipeline(), where="pixels reaching the model")
+
+
+def test_flip_up_down(monkeypatch) -> None:
+    monkeypatch.setattr(tl_torch.augment, "flip_horizontal",
+                        lambda images, flips: torch.where(flips[:, None, None, None],
+                                                          images.flip(-2), images))
+    assert_caught(checks_data.check_augmentation(), where="Keras' flips and angles")
+
+
+def test_augmentation_layer_rotates_before_flipping(monkeypatch) -> None:
+    # The layer's forward applies its draws in the other order than Keras' Sequential.
+    def rotate_then_flip(self, images, generator=None):
+        flips, angles = self.draw(images.shape[0], generator)
+        none = torch.zeros_like(flips)
+        rotated = tl_torch.augment.augment(images, none, angles, self.fill_mode)
+        return tl_torch.augment.flip_horizontal(rotated, flips)
+
+    monkeypatch.setattr(tl_torch.augment.RandomFlipRotation, "forward", rotate_then_flip)
+    assert_caught(checks_data.check_augmentation(), where="the augmentation layer's forward")
+
+
+def test_augmentation_active_at_evaluation(monkeypatch) -> None:
+    # A torchvision-style transform (no training mode) applied in every step of the module.
+    def always(self, images, generator=None):
+        flips, angles = self.draw(images.shape[0], generator)
+        return tl_torch.augment.augment(images, flips, angles, self.fill_mode)
+
+    step = tl_torch.module.TransferModule._step
+    monkeypatch.setattr(tl_torch.augment.RandomFlipRotation, "forward", always)
+    monkeypatch.setattr(tl_torch.module.TransferModule, "_step",
+                        lambda self, batch, loss, acc, augment: step(
+                            self, batch, loss, acc, augment=True))
+    assert_caught(checks_module.check_module(), where="evaluation: loss")
+
+
+def test_dropout_active_at_inference(monkeypatch) -> None:
+    monkeypatch.setattr(tl_torch.module.nn, "Dropout",
+                        lambda p: functools.partial(torch.nn.functional.dropout, p=p,
+                                                    training=True))
+    assert_caught(checks_module.check_module(), where="evaluation: logits")
+
+
+def test_dropout_rate_0_5(monkeypatch) -> None:
+    # torch's nn.Dropout() default rate where the recipe's 0.2 belongs.
+    dropout = tl_torch.module.nn.Dropout
+    monkeypatch.setattr(tl_torch.module.nn, "Dropout", lambda p: dropout())
+    assert_caught(checks_module.check_module(), where="Dropout's kept features")
+
+
+def test_accuracy_of_logit_above_one_half(monkeypatch) -> None:
+    # The recipe's metrics=["accuracy"]: a 0.5 threshold, applied to logits.
+    probabilities = tl_torch.module.TransferModule.probabilities
+    monkeypatch.setattr(tl_torch.module.TransferModule, "probabilities",
+                        lambda self, logits: ((logits > 0.5).long(),
+                                              probabilities(self, logits)[1]))
+    assert_caught(checks_module.check_module(), where="evaluation: accuracy")
+
+
+@pytest.mark.trainers
+def test_predict_class_names_reversed(monkeypatch) -> None:
+    load_run = tl_torch.predict.load_run
+
+    def reversed_names(*args, **kwargs):
+        module, names, size = load_run(*args, **kwargs)
+        return module, tuple(reversed(names)), size
+
+    monkeypatch.setattr(tl_torch.predict, "load_run", reversed_names)
+    assert_caught(checks_trainers.check_prediction(), where="class names and their order")
+
+
+@pytest.mark.trainers
+def test_predict_without_sigmoid(monkeypatch) -> None:
+    monkeypatch.setattr(tl_torch.module.TransferModule, "probabilities",
+                        lambda self, logits: ((logits > 0).long(), logits.abs()))
+    assert_caught(checks_trainers.check_prediction(), where="probability of the class predicted")

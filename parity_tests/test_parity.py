@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from parity_tests import checks_data, checks_e2e, checks_model, checks_steps, checks_training
+from parity_tests import (
+    checks_data,
+    checks_e2e,
+    checks_model,
+    checks_module,
+    checks_steps,
+    checks_trainers,
+    checks_training,
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +50,7 @@ def test_5_batchnorm(parity) -> None:
 
 
 def test_6_input_pipeline(parity) -> None:
-    parity.check(checks_data.check_pipeline())
+    parity.check(checks_data.check_pipeline() + checks_data.check_cached_pipeline())
 
 
 def test_7_augmentation(parity) -> None:
@@ -65,3 +73,17 @@ def test_10_head(parity) -> None:
 @pytest.mark.slow
 def test_11_end_to_end(parity, workdir: Path) -> None:
     parity.check(checks_e2e.check_end_to_end(workdir))
+
+
+@pytest.mark.trainers
+def test_14_trainers_recorded(parity, workdir: Path) -> None:
+    parity.check(checks_trainers.check_recorded(workdir))
+
+
+@pytest.mark.trainers
+def test_15_prediction(parity) -> None:
+    parity.check(checks_trainers.check_prediction())
+
+
+def test_16_module(parity) -> None:
+    parity.check(checks_module.check_module())
