@@ -70,15 +70,18 @@ def keras_float64(model: keras.Model) -> keras.Model:
 
 
 def _head(model: keras.Model, name: str, seed: int) -> None:
-    """The Dense layer's kernel scaled by HEAD_SCALE, and a bias that centres its logits on the
+    """A Glorot-uniform kernel scaled by HEAD_SCALE, and a bias that centres its logits on the
     demo images, plus noise: probabilities spread over (0, 1), none saturated at 0 or 1, and a
     dropped bias shows."""
     dense = model.get_layer(name)
     kernel, _ = dense.get_weights()
-    kernel = kernel * HEAD_SCALE
+    # Glorot-uniform like the layer's own init, from a seeded generator: the same heads, and so
+    # the same margins, in every run.
+    rng = np.random.default_rng(seed)
+    bound = np.sqrt(6.0 / sum(kernel.shape))
+    kernel = (rng.uniform(-bound, bound, kernel.shape) * HEAD_SCALE).astype(np.float32)
     features = keras.Model(model.inputs, dense.input)(pairs.demo_images(SIZE), training=False)
     logits = keras.ops.convert_to_numpy(features) @ kernel
-    rng = np.random.default_rng(seed)
     bias = -logits.mean(axis=0) + rng.normal(0.0, 0.5, kernel.shape[1])
     dense.set_weights([kernel, bias.astype(np.float32)])
 
