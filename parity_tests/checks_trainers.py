@@ -181,7 +181,11 @@ class KerasRecorder(keras.callbacks.Callback):
             counts: dict[str, int] = {}
             for v in model.trainable_variables:
                 counts[names.get(id(v), "?")] = counts.get(names.get(id(v), "?"), 0) + 1
-            held = {id(v) for v in getattr(opt, "_trainable_variables", [])}
+            if not hasattr(opt, "_trainable_variables"):  # Keras 3's, read here only
+                raise RuntimeError(f"{kind} has no _trainable_variables: the Keras recorder "
+                                   "must learn where this Keras keeps the optimizer's variables")
+            # Empty until the optimizer is built by its first update (the phase's first step).
+            held = {id(v) for v in opt._trainable_variables}
             self.record.steps.append(Step(
                 self._epoch, (kind, hyper), tuple(counts.items()),
                 sum(int(np.prod(v.shape)) for v in model.trainable_variables),
