@@ -249,7 +249,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc.get('train_images', '?')} training JPEGs; at least {C.MIN_REPEATS}, fewer than "
         f"{doc['sizes']['repeats']} past a {doc['sizes']['budget_s']:.0f} s budget). Cells: "
         "**median** [interquartile range] (min–max) over repetitions. Keras: `train_on_batch` / "
-        "`predict_on_batch` on a compiled model; port: `TransferModule._step` + backward + its "
+        "`predict_on_batch` on a compiled model; port: `TransferModule.shared_step` + backward + its "
         "optimizer; `module(x)` under inference_mode.",
         "",
         "| row | measure | unit | Keras | torch (port) | torch ÷ Keras: median (paired; best) "

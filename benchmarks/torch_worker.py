@@ -1,7 +1,7 @@
 """The PyTorch port's measurements, served to :mod:`benchmarks.runner` (see :mod:`benchmarks.worker`).
 
 Everything goes through the port's own code paths:
-- training: ``TransferModule._step`` (augmentation, preprocessing, base with the folded frozen part,
+- training: ``TransferModule.shared_step`` (augmentation, preprocessing, base with the folded frozen part,
   head, loss, metrics) + backward + the optimizer ``configure_optimizers`` returns (KerasAdam in
   phase A, KerasRMSprop in phase B), after ``set_phase`` and ``on_train_epoch_start`` (which
   refreshes the folded layers), as the Lightning loop calls them; Lightning's own per-step
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             if hasattr(module, "on_train_batch_start"):  # seeds the step's dropout draws
                 module.on_train_batch_start(batch, 0)
             with autocast():
-                loss = module._step(batch, module.train_loss, module.train_acc, augment=True)
+                loss = module.shared_step(batch, module.train_loss, module.train_acc, augment=True)
             optimizer.zero_grad(set_to_none=True)  # Lightning's default
             loss.backward()
             optimizer.step()

@@ -2,7 +2,7 @@
 
 Check 4 compares the bases layer by layer with a pooling and head of its own; here the module
 runs itself: ``TransferModule`` with the trainer's defaults (the folded base, its own pooling,
-Dropout and head, its loss and accuracy metrics), evaluated through its own ``_step`` as
+Dropout and head, its loss and accuracy metrics), evaluated through its own ``shared_step`` as
 ``validation_step`` calls it, against the recipe's Keras model (``tl_keras.build_model``: the
 augmentation, ``preprocess_input``, the base in inference mode, pooling, Dropout, Dense) called
 with ``training=False``, with the same head weights (Keras' init). The exact answer is the Keras
@@ -91,7 +91,7 @@ def check_module() -> list[Row]:
     images, labels = pairs.nchw(k["images"]), torch.from_numpy(k["labels"].astype(np.int64))
     with torch.no_grad():
         logits = module(images).numpy()
-        module._step((images, labels), module.val_loss, module.val_acc, augment=False)
+        module.shared_step((images, labels), module.val_loss, module.val_acc, augment=False)
     loss, accuracy = float(module.val_loss.compute()), float(module.val_acc.compute())
     e, f = k["64"], k["32"]
     margin = float(np.abs(e["logits"]).min())

@@ -228,7 +228,7 @@ class ReplayedDropout(nn.Module):
 
 
 class TorchTrainer:
-    """``TransferModule`` as the trainer builds it, trained through its own ``_step`` with the
+    """``TransferModule`` as the trainer builds it, trained through its own ``shared_step`` with the
     reference's flips, angles and dropout masks."""
 
     def __init__(self, setup: Setup, keras_model) -> None:
@@ -264,7 +264,7 @@ class TorchTrainer:
     def step(self, images: np.ndarray, labels: np.ndarray, draws: Draws) -> float:
         self.draws = draws
         self.module.dropout.keep = torch.from_numpy(draws.keep)
-        loss = self.module._step((pairs.nchw(images), torch.from_numpy(labels)),
+        loss = self.module.shared_step((pairs.nchw(images), torch.from_numpy(labels)),
                                  self.module.train_loss, self.module.train_acc, augment=True)
         self.optimizer.zero_grad()
         loss.backward()

@@ -88,7 +88,7 @@ def check_batchnorm(size: int = 96, steps: int = 2,
     images, labels = pairs.demo_images(size), pairs.demo_labels()
     kbase = pairs.keras_base(demo_weights_path(), size)
     module = _torch_module(size)
-    module._generator = torch.Generator().manual_seed(0)
+    module.augment_generator = torch.Generator().manual_seed(0)
     index = {layer.name: i for i, layer in enumerate(kbase.layers)}
     kbns = [layer for layer in kbase.layers if isinstance(layer, keras.layers.BatchNormalization)]
     tbns = [layer.module for layer in module.base.keras_layers if layer.type == "BatchNormalization"]
@@ -120,7 +120,7 @@ def check_batchnorm(size: int = 96, steps: int = 2,
                 module.fast = folded
                 before = _bn_state(tbase=module.base)
                 for _ in range(steps):
-                    loss = module._step((pairs.nchw(images), torch.from_numpy(labels)),
+                    loss = module.shared_step((pairs.nchw(images), torch.from_numpy(labels)),
                                         module.train_loss, module.train_acc, augment=True)
                     optimizer.zero_grad()
                     loss.backward()

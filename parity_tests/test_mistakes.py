@@ -312,7 +312,7 @@ def test_augmentation_active_at_evaluation(monkeypatch) -> None:
         flips, angles = self.draw(images.shape[0], generator)
         return tl_torch.augment.augment(images, flips, angles, self.fill_mode)
 
-    step = tl_torch.module.TransferModule._step
+    step = tl_torch.module.TransferModule.shared_step
     monkeypatch.setattr(tl_torch.augment.RandomFlipRotation, "forward", always)
     monkeypatch.setattr(tl_torch.module.TransferModule, "_step",
                         lambda self, batch, loss, acc, augment: step(

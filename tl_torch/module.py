@@ -107,7 +107,9 @@ class TransferModule(L.LightningModule):
         self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
         self.phase = "feature_extraction"
         self.set_phase("feature_extraction")
-        self._generator: torch.Generator | None = None
+        # The augmentation's random draws: seeded per epoch (on_train_epoch_start); public, so
+        # a comparison can set its own.
+        self.augment_generator: torch.Generator | None = None
         # What features() runs: the base folded (tl_torch.fast.fold: the same function, faster;
         # it reads the base's weights and freezing at each call, so it is built once), or the
         # base's own modules with fast=False. An attribute, so a comparison can run both.
@@ -169,7 +171,7 @@ class TransferModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Augmentation draws from its own generator, seeded per epoch: see epoch_seed.
         seed = epoch_seed(self.hparams.seed, self.current_epoch, self.global_rank)
-        self._generator = torch.Generator().manual_seed(seed + 1)
+        self.augment_generator = torch.Generator().manual_seed(seed + 1)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout draws from torch's global generator, which Lightning's DataLoader iterators
@@ -179,11 +181,14 @@ class TransferModule(L.LightningModule):
         torch.manual_seed(step_seed(self.hparams.seed, self.current_epoch, batch_idx,
                                     self.global_rank))
 
-    def _step(self, batch, loss_metric: MeanMetric, acc_metric: Metric,
-              augment: bool) -> torch.Tensor:
+    def shared_step(self, batch, loss_metric: MeanMetric, acc_metric: Metric,
+                    augment: bool) -> torch.Tensor:
+        """One batch as training, validation and testing run it: augmentation (``augment``,
+        drawn from :attr:`augment_generator`), forward, the loss (returned), and the loss and
+        accuracy metrics updated."""
         images, labels = batch
         if augment and self.augment is not None:
-            images = self.augment(images, generator=self._generator)
+            images = self.augment(images, generator=self.augment_generator)
         logits = self(images)
         loss = self.loss_fn(logits, labels.float() if self.binary else labels.long())
         # Accuracy of logit > 0 (sigmoid > 0.5), as BinaryAccuracy(threshold=0.0) in Keras, or of
@@ -194,18 +199,18 @@ class TransferModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, self.train_loss, self.train_acc, augment=True)
+        loss = self.shared_step(batch, self.train_loss, self.train_acc, augment=True)
         self.log("loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("accuracy", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, self.val_loss, self.val_acc, augment=False)
+        self.shared_step(batch, self.val_loss, self.val_acc, augment=False)
         self.log("val_loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val_accuracy", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, self.test_loss, self.test_acc, augment=False)
+        self.shared_step(batch, self.test_loss, self.test_acc, augment=False)
         self.log("test_loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test_accuracy", self.test_acc, on_step=False, on_epoch=True)
 
