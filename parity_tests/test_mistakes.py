@@ -242,8 +242,8 @@ def cached_pipeline() -> list[Row]:
 def test_cache_labels_swapped(monkeypatch) -> None:
     init = tl_torch.data.ImageCache.__init__
 
-    def swapped(self, files, image_size, desc="decoding"):
-        init(self, files, image_size, desc)
+    def swapped(self, files, image_size, desc="decoding", **kwargs):
+        init(self, files, image_size, desc, **kwargs)
         self.labels = 1 - self.labels
 
     monkeypatch.setattr(tl_torch.data.ImageCache, "__init__", swapped)
@@ -254,8 +254,8 @@ def test_cache_images_out_of_order(monkeypatch) -> None:
     # The cache's images filled as the threads finish, not in the file list's order.
     init = tl_torch.data.ImageCache.__init__
 
-    def shuffled(self, files, image_size, desc="decoding"):
-        init(self, files, image_size, desc)
+    def shuffled(self, files, image_size, desc="decoding", **kwargs):
+        init(self, files, image_size, desc, **kwargs)
         self.images = self.images[torch.randperm(len(self.images),
                                                  generator=torch.Generator().manual_seed(0))]
 
@@ -267,8 +267,8 @@ def test_cache_keeps_other_size(monkeypatch) -> None:
     # A stale cache: images decoded at another size, scaled to the wanted one on the way out.
     init = tl_torch.data.ImageCache.__init__
 
-    def stale(self, files, image_size, desc="decoding"):
-        init(self, files, image_size * 2, desc)
+    def stale(self, files, image_size, desc="decoding", **kwargs):
+        init(self, files, image_size * 2, desc)  # decoded afresh: nothing kept at this size
         self.images = torch.nn.functional.interpolate(self.images, size=(image_size, image_size),
                                                       mode="bilinear", align_corners=False)
 
@@ -314,7 +314,7 @@ def test_augmentation_active_at_evaluation(monkeypatch) -> None:
 
     step = tl_torch.module.TransferModule.shared_step
     monkeypatch.setattr(tl_torch.augment.RandomFlipRotation, "forward", always)
-    monkeypatch.setattr(tl_torch.module.TransferModule, "_step",
+    monkeypatch.setattr(tl_torch.module.TransferModule, "shared_step",
                         lambda self, batch, loss, acc, augment: step(
                             self, batch, loss, acc, augment=True))
     assert_caught(checks_module.check_module(), where="evaluation: loss")
