@@ -7,11 +7,12 @@ been read: it records the file lists) and read by ``--resume``, in two steps: th
 soon as the folder is locked, the weights file and the file lists once they are read.
 
 Compared (a change breaks bit-exact resume): every setting that enters the numbers
-(:data:`COMPARED`), the data folder and a weights file by their real paths (another spelling
-— relative, ``~``, through a symlink — is the same file), the sha256 of the weights file, the class names and the
-sha256 of each split's file list; for the port also Lightning's accelerator, devices, strategy
-and precision. Not compared (safe to change): ``--output-dir``'s spelling, ``--config``,
-``--resume``/``--overwrite``, and ``--skip-bad-images`` as long as the file lists stay the same.
+(:data:`COMPARED`); the data folder and a weights file by their real paths (another spelling —
+relative, ``~``, through a symlink — is the same file); the sha256 of the weights file, the
+class names and the sha256 of each split's file list; for the port also Lightning's
+accelerator, devices, strategy and precision. Not compared (safe to change): the spelling of
+``--output-dir``, ``--config``, ``--resume``/``--overwrite``, and ``--skip-bad-images`` as long
+as the file lists stay the same.
 """
 
 from __future__ import annotations
