@@ -656,7 +656,7 @@ def retype(value):
 
 
 if dtype == "float32":
-    model = keras.models.load_model(model_path, compile=False)
+    model = keras.models.load_model(model_path, compile=False, safe_mode=True)
 else:
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
