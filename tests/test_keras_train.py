@@ -539,35 +539,39 @@ def assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_kill_or_ctrl_c_equals_uninterrupted_run(data_dir, demo_weights, tmp_path,
-                                                              kill_when_paused):
-    """Graph-mode runs stopped in epoch 4 (fine-tuning) after its first step, one with SIGKILL,
-    one with SIGINT (Ctrl-C: it stops after the step under way, with one line). Both leave the
-    same state, bitwise: phase A's result, the backup of epoch 3, the history of epochs 1-3,
-    which are the uninterrupted run's (graph mode, oneDNN on, is deterministic across
-    processes). The Ctrl-C'd run, resumed with --resume, ends with the uninterrupted run's
-    history, test numbers and model.keras, bitwise; the killed run's state being the same bytes
-    of weights, its resumption is the same computation (one graph-mode process saved)."""
+def test_resume_after_ctrl_c_and_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path,
+                                                               kill_when_paused):
+    """A graph-mode run gets SIGINT (Ctrl-C) in epoch 4, fine-tuning, after its first step: it
+    stops after the step under way, with one line, leaving phase A's result and the backup of
+    epoch 3. Resumed with --resume, it is killed with SIGKILL at the same step, which leaves the
+    same state, bitwise. Resumed again, it ends with the uninterrupted run's history, test
+    numbers and model.keras, bitwise. Its first three epochs, in another process than the
+    uninterrupted run's, are that run's too: graph mode (oneDNN on) is deterministic across
+    processes."""
     script = tmp_path / "hooked_train.py"
     script.write_text(HOOKED_TRAIN)
-    stopped = ("killed", "interrupted")
-    runs = {name: tmp_path / name for name in (*stopped, "uninterrupted")}
-    procs = {name: start_run(script, resume_args(data_dir, runs[name]), tmp_path / f"{name}.log",
-                             TL_TEST_PAUSE_AT=KILL_AT,
-                             TL_TEST_MARKER=str(tmp_path / f"{name}.marker"))
-             for name in stopped}
-    procs["uninterrupted"] = start_run(script, resume_args(data_dir, runs["uninterrupted"]),
-                                       tmp_path / "uninterrupted.log")
+    runs = {name: tmp_path / name for name in ("stopped", "uninterrupted")}
+    out = runs["stopped"]
+
+    def paused_run(name: str, *extra: str) -> subprocess.Popen:
+        return start_run(script, resume_args(data_dir, out, *extra), tmp_path / f"{name}.log",
+                         TL_TEST_PAUSE_AT=KILL_AT, TL_TEST_MARKER=str(tmp_path / f"{name}.marker"))
+
+    procs = {"interrupted": paused_run("interrupted"),
+             "uninterrupted": start_run(script, resume_args(data_dir, runs["uninterrupted"]),
+                                        tmp_path / "uninterrupted.log")}
     try:
-        kill_when_paused(procs["killed"], tmp_path / "killed.marker", tmp_path / "killed.log",
-                         SUBPROCESS_TIMEOUT_S)
         interrupt_when_paused(procs["interrupted"], tmp_path / "interrupted.marker",
                               tmp_path / "interrupted.log")
-        states = {name: resume_state(runs[name]) for name in stopped}
-        assert not any((runs[name] / METRICS_FILE).exists() for name in stopped)
-        assert states["interrupted"]["epoch"] == 3
-        assert_same_state(states["killed"], states["interrupted"])
-        out = runs["interrupted"]
+        # What the stop left: phase A's record, the backup of epoch 3, no finished run.
+        assert not (out / METRICS_FILE).exists()
+        state = resume_state(out)
+        assert state["epoch"] == 3
+        procs["killed"] = paused_run("killed", "--resume")
+        kill_when_paused(procs["killed"], tmp_path / "killed.marker", tmp_path / "killed.log",
+                         SUBPROCESS_TIMEOUT_S)
+        assert "feature extraction is finished" in (tmp_path / "killed.log").read_text()
+        assert_same_state(resume_state(out), state)
         procs["resumed"] = start_run(script, resume_args(data_dir, out, "--resume"),
                                      tmp_path / "resumed.log")
         for name in ("uninterrupted", "resumed"):
@@ -577,9 +581,8 @@ def test_resume_after_kill_or_ctrl_c_equals_uninterrupted_run(data_dir, demo_wei
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert "feature extraction is finished" in (tmp_path / "resumed.log").read_text()
     reference = read_metrics(runs["uninterrupted"])
-    assert states["interrupted"]["history"] == reference["history"][:3]  # every float, exactly
+    assert state["history"] == reference["history"][:3]  # determinism: every float, exactly
     doc = read_metrics(out)
     assert doc["history"] == reference["history"] and doc["test"] == reference["test"]
     assert_same_model(out, runs["uninterrupted"])
