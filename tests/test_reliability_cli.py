@@ -194,6 +194,8 @@ def test_nan_loss_stops_an_overwrite_run_that_never_looks_finished(framework, ca
     assert not (out / "model.keras").exists() and not (out / "model.ckpt").exists()
     assert not (out / "checkpoints").exists()                 # torch: no epoch checkpoint
     assert not (out / "backup").exists() and not (out / "history.json").exists()   # keras
+    # The settings record alone is nothing to resume: a plain rerun is not refused.
+    assert not keras_train.RunState(out).exists()
 
 
 # ---- checkpoints are written atomically ---------------------------------------------------------

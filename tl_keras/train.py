@@ -58,7 +58,7 @@ from tl_common.outputs import (
     replaced_atomically,
     write_json,
 )
-from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorded_settings
+from tl_common.resume import ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
 from tl_keras.data import TrainingData, make_dataset
@@ -110,14 +110,15 @@ class RunState:
         return ResumeRecord(self.path)
 
     def files(self) -> list[Path]:
-        return [self.backup, self.history, self.phase_a_weights, self.phase_a, self.path / RECORD_FILE]
+        return [self.backup, self.history, self.phase_a_weights, self.phase_a]
 
     def exists(self) -> bool:
+        """Whether there is something to resume (the settings record alone is not)."""
         return any(p.exists() for p in self.files())
 
     def clear(self) -> None:
         shutil.rmtree(self.backup, ignore_errors=True)
-        for p in self.files()[1:]:
+        for p in [*self.files()[1:], self.record.path]:
             p.unlink(missing_ok=True)
 
 
