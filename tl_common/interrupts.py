@@ -42,10 +42,12 @@ class StopRequests:
     def __init__(self, message: str, on_abort: Callable[[], None] | None = None) -> None:
         self.message, self.on_abort = message, on_abort
         self.signum: int | None = None
+        self._pid = os.getpid()
         self._deferring = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # signals reach it alone
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -81,6 +83,14 @@ class StopRequests:
         self.check()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            # A forked child that inherited the handler (a DataLoader worker, which Ctrl-C in a
+            # terminal reaches too): Python's own behaviour, which torch's workers expect.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.signum is not None:
             if signum == signal.SIGINT:  # the user insists
                 print(f"error: stopped at once by a second SIGINT: {self.message}",
