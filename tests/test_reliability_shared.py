@@ -32,6 +32,7 @@ from PIL import Image
 import tl_common.demo as demo
 import tl_keras.train as keras_train
 import tl_torch.convert as convert
+import tl_torch.keras_weights as keras_weights
 import tl_torch.predict as predict
 import tl_torch.train as torch_train
 from tl_common.data import check_output_dir_placement
@@ -43,6 +44,7 @@ from tl_common.outputs import METRICS_FILE, write_json
 from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, parse, settings_from
 from tl_torch.data import ImageFiles, ImageReadError
+from tl_torch.model import MobileNetV2Base
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"keras": keras_train.main, "torch": torch_train.main}
@@ -164,6 +166,25 @@ def test_a_signal_outside_training_raises_at_once():
     assert info.value.signum == signal.SIGTERM
 
 
+def test_a_forked_data_loader_worker_keeps_pythons_own_ctrl_c():
+    """Ctrl-C in a terminal reaches DataLoader workers too; forked, they inherit the handler,
+    which then raises KeyboardInterrupt there, as torch's workers expect (they exit quietly)."""
+    with StopRequests("state kept") as stop:
+        pid = os.fork()
+        if pid == 0:   # the child: nothing but this, then out
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+                os._exit(3)
+            except KeyboardInterrupt:
+                os._exit(7)
+            except BaseException:
+                os._exit(9)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 7
+        assert stop.signum is None   # the training process was not asked to stop
+
+
 @pytest.mark.parametrize(("error", "status", "line"), [
     (Interrupted(signal.SIGINT, "kept"), 130, "error: stopped by SIGINT: kept"),
     (Interrupted(signal.SIGTERM, "kept"), 143, "error: stopped by SIGTERM: kept"),
@@ -257,6 +278,21 @@ def test_full_disk_while_generating_the_demo_cache(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []   # no half set, nothing that looks finished
     assert demo.demo_data_root() == root    # space back: generated whole
     assert (root / ".complete").exists() and len(list(root.rglob("*.jpg"))) == 6
+
+
+def test_full_disk_while_exporting_the_base_keeps_the_previous_file(tmp_path, monkeypatch):
+    """base.weights.h5 is written by h5py (HDF5's C library): its file cannot be had."""
+    path = tmp_path / "base.weights.h5"
+    path.write_bytes(b"the previous export")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(keras_weights.h5py, "File", no_space)
+    with pytest.raises(UserError, match=rf"^disk full while writing {re.escape(str(path))} "):
+        keras_weights.save_keras_weights(MobileNetV2Base(), path)
+    assert path.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 # ---- resume with other settings ----------------------------------------------------------------

@@ -517,6 +517,8 @@ KILL_POINTS = {
     # Ctrl-C in epoch 4 (phase B) after its first step: its second step runs, then the run
     # stops; last.ckpt holds epoch 3
     "ctrl-c-in-fine-tuning": ("3,1", signal.SIGINT),
+    # the same with SIGTERM, which Lightning handles too: whichever stops first, one line, 143
+    "sigterm-in-fine-tuning": ("3,1", signal.SIGTERM),
 }
 
 
@@ -549,6 +551,7 @@ def killed_runs(data_dir, hooked_train, demo_weights, tmp_path_factory,
     ("in-fine-tuning", 2, "fine_tuning", {"velocity"}),
     ("at-phase-boundary", 1, "feature_extraction", {"step", "momentum", "velocity"}),
     ("ctrl-c-in-fine-tuning", 2, "fine_tuning", {"velocity"}),
+    ("sigterm-in-fine-tuning", 2, "fine_tuning", {"velocity"}),
 ])
 def test_resume_after_kill_equals_uninterrupted_run(finished_run, killed_runs, data_dir, capsys,
                                                     name, saved_epoch, phase, optimizer_keys):
