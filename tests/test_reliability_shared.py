@@ -159,6 +159,18 @@ def test_a_signal_in_training_waits_for_the_safe_point(signum, status):
     assert {s: signal.getsignal(s) for s in before} == before   # handlers restored
 
 
+def test_ctrl_c_ignored_at_start_stays_ignored():
+    """A run started with SIGINT ignored (nohup, a background job of a script) keeps it so."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequests("state kept"):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_signal_outside_training_raises_at_once():
     with StopRequests("state kept"), pytest.raises(Interrupted) as info:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -50,6 +50,9 @@ class StopRequests:
         self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # signals reach it alone
             for signum in SIGNALS:
+                if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # started with Ctrl-C ignored (nohup, a background job): kept so,
+                    # as Python itself does
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
