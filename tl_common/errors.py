@@ -28,7 +28,7 @@ def non_finite_loss(loss: object, epoch: int, step: int) -> UserError:
 
 
 class Interrupted(BaseException):  # noqa: N818  (a signal, like KeyboardInterrupt)
-    """SIGINT or SIGTERM stopped the run at a safe point; ``message`` says what is kept.
+    """SIGINT or SIGTERM stopped the run at a safe point; ``message`` says how to go on.
 
     A ``BaseException``, as ``KeyboardInterrupt`` is: no ``except Exception`` on the way out
     (Keras', Lightning's, ours) takes it for an error of its own."""

@@ -73,8 +73,8 @@ from tl_keras.model import (
 
 MODEL_FILE = "model.keras"
 #: What the one line says after Ctrl-C or SIGTERM.
-INTERRUPTED = ("the backup of the last finished epoch is kept; rerun with --resume to continue "
-               "from it")
+INTERRUPTED = ("rerun with --resume to continue from the last finished epoch (its backup, "
+               "in backup/)")
 
 #: Each epoch's random state starts at draw ``epoch * SEED_DRAWS_PER_EPOCH`` of every
 #: SeedGenerator (see :class:`EpochSeeds`), so epochs draw from ranges of their own as long as

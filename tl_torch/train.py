@@ -66,8 +66,8 @@ LAST_CHECKPOINT = "last"
 MODEL_FILE = "model.ckpt"
 BASE_WEIGHTS_FILE = "base.weights.h5"
 #: What the one line says after Ctrl-C or SIGTERM.
-INTERRUPTED = ("checkpoints/last.ckpt holds the last finished epoch; rerun with --resume to "
-               "continue from it")
+INTERRUPTED = ("rerun with --resume to continue from the last finished epoch "
+               "(checkpoints/last.ckpt)")
 
 
 class KerasHistory(Callback):
