@@ -4,7 +4,8 @@ output folder, a full disk, odd paths, resuming with other settings, files from 
 Mostly framework-free pieces (tl_common.lock, .interrupts, .resume, .outputs, .demo) and both
 trainers' command lines up to the point where they refuse; the whole-trainer cases (a SIGINT in
 fine-tuning then --resume, a full disk during a checkpoint write, data that changes mid-run) are
-in tests/test_torch_train.py and tests/test_keras_train.py, beside the kill -9 cases they mirror.
+in tests/test_torch_train.py and tests/test_keras_train.py, beside the kill -9 cases they mirror,
+and the odd-path runs of both trainers in tests/test_reliability_cli.py.
 Run: ``python -m pytest tests/test_reliability_shared.py -q``.
 """
 
