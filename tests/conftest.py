@@ -172,3 +172,31 @@ def keras_eager():
     with pytest.MonkeyPatch.context() as m:
         m.setattr(keras_train, "compile_for", compile_eagerly)
         yield
+
+
+def fill_disk_(monkeypatch: pytest.MonkeyPatch, name_part: str, code: int = 28) -> list[str]:
+    """From now on ``os.write`` to a file whose path contains ``name_part`` writes half of what
+    it is given, then fails as a full disk does (``OSError(code)``: ENOSPC = 28 by default,
+    EDQUOT for a quota). Returns the list of paths it failed on."""
+    real_write = os.write
+    failed: list[str] = []
+
+    def write(fd: int, data) -> int:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if name_part in target:
+            real_write(fd, bytes(data[: len(data) // 2]))
+            failed.append(target)
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return failed
+
+
+@pytest.fixture
+def fill_disk() -> Callable[..., list[str]]:
+    """The :func:`fill_disk_` helper: a full disk for the writes of some files."""
+    return fill_disk_

@@ -11,11 +11,15 @@ Run: ``TL_PARITY_CACHE=/tmp/tlcache python -m pytest tests/test_keras_train.py -
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -334,13 +338,96 @@ def test_resume_equals_uninterrupted_run(uninterrupted_run, data_dir, tmp_path, 
     assert_same_model(out, reference)
 
 
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_backup_then_resume(data_dir, tmp_path, monkeypatch, capsys):
+    """The backup of epoch 2 finds the disk full (h5py writes through HDF5's C library: the
+    save is made to fail after writing half a file): one line naming the backup; the backup of
+    epoch 1 stays whole and loadable. --resume with another learning rate is refused in one
+    line; with space back, --resume redoes epoch 2 and finishes. (Bit-exact resume from a
+    backup: test_resume_equals_uninterrupted_run, whatever stopped the run.)"""
+    out = tmp_path / "out"
+    argv = args(data_dir, out, epochs=(2, 1))
+    backup = out / "backup" / "feature_extraction" / "latest.weights.h5"
+    save_weights = keras.Model.save_weights
+
+    def full_disk_at_epoch_2(self, filepath, *args, **kwargs):
+        history = json.loads((out / "history.json").read_text())
+        if "backup" in str(filepath) and history[-1]["epoch"] == 2:
+            Path(filepath).write_bytes(b"\x89HDF\r\n\x1a\n half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save_weights(self, filepath, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(keras.Model, "save_weights", full_disk_at_epoch_2)
+        with pytest.raises(SystemExit):
+            run_main(train.main, argv)
+    assert error_lines(capsys) == [
+        f"error: disk full while writing {backup} (No space left on device); the files "
+        "already there are unchanged: free some space and run again (with --resume for an "
+        "unfinished training run)"]
+    assert train.BackupAndRestore(str(backup.parent)).backed_up_epoch() == 1
+    assert sorted(p.name for p in backup.parent.iterdir()) == ["latest.weights.h5"]
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit):
+        run_main(train.main, [*argv, "--resume", "--learning-rate", "0.001"])
+    assert error_lines(capsys) == [
+        f"error: cannot resume {out}: --fine-tune-learning-rate changed (1e-05 -> 0.0001), "
+        "--learning-rate changed (0.0001 -> 0.001); run with the recorded settings (in "
+        "run_settings.json), or use --overwrite to start over"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    doc = train.main([*argv, "--resume"])
+    assert [(h["epoch"], h["phase"]) for h in doc["history"]] == [
+        (1, "feature_extraction"), (2, "feature_extraction"), (3, "fine_tuning")]
+    assert doc["history"][0] == json.loads(before[out / "history.json"])[0]   # not trained again
+
+
+@pytest.mark.slow
+def test_data_folder_gone_mid_run_is_one_line_and_resumable(data_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    """The data folder vanishes once feature extraction is done: fine-tuning stops with one
+    line quoting TensorFlow's reason; phase A's result is kept, and --resume with the data back
+    finishes the run."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(data_dir, data)
+    epoch_end = train.EpochLog.on_epoch_end
+
+    def vanish_after_phase_a(self, epoch, logs=None):
+        epoch_end(self, epoch, logs)
+        if self.phase == "feature_extraction":
+            data.rename(tmp_path / "moved away")
+
+    with monkeypatch.context() as m:
+        m.setattr(train.EpochLog, "on_epoch_end", vanish_after_phase_a)
+        with pytest.raises(SystemExit):
+            run_main(train.main, args(data, out))
+    (line,) = error_lines(capsys)
+    assert line.startswith("error: the data could not be read during training (")
+    assert f"{data}/" in line and "No such file or directory" in line
+    assert line.endswith("restore it, then rerun with --resume to continue from the last "
+                         "finished epoch")
+    assert (out / "phase_a.json").exists()
+    (tmp_path / "moved away").rename(data)
+    doc = train.main(args(data, out, "--resume"))
+    assert [h["phase"] for h in doc["history"]] == ["feature_extraction", "fine_tuning"]
+
+
 # ---- resume after kill -9, in graph mode -----------------------------------------------------
 
 HOOKED_TRAIN = '''\
 """python -m tl_keras.train with a test hook (tests/test_keras_train.py), inert unless set:
 TL_TEST_PAUSE_AT="epoch,batch" (0-based): write the pid to $TL_TEST_MARKER when that training
-step is about to start and sleep there, for the test to kill -9 the process."""
+step is about to start and wait there, for the test to kill -9 the process or to send it a
+signal (the wait ends once the trainer has recorded one)."""
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -360,7 +447,10 @@ class PausingEpochSeeds(train.EpochSeeds):
             marker = Path(os.environ["TL_TEST_MARKER"])
             marker.with_suffix(".tmp").write_text(str(os.getpid()))
             os.replace(marker.with_suffix(".tmp"), marker)  # never seen half-written
-            time.sleep(600)
+            stop = getattr(signal.getsignal(signal.SIGINT), "__self__")  # the StopRequests
+            deadline = time.monotonic() + 600
+            while not stop.requested and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 train.EpochSeeds = PausingEpochSeeds
@@ -372,15 +462,41 @@ if __name__ == "__main__":
 KILL_AT = "3,1"
 #: How long a subprocess may take to reach its pause point or to finish (2 loaded CPU cores).
 SUBPROCESS_TIMEOUT_S = 300
+#: How long a run may take to stop after SIGINT: the step under way, then the way out of fit
+#: (measured about 1 s here; the bound leaves room for 2 loaded cores).
+STOP_WITHIN_S = 10
 
 
 def start_run(script: Path, argv: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """The run's stdout goes to ``log``, its stderr to ``log`` with the suffix ``.err``."""
     environment = dict(os.environ, PYTHONPATH=str(REPO), **env)
     if "TL_TEST_PAUSE_AT" not in env:
         environment.pop("TL_TEST_PAUSE_AT", None)
-    with open(log, "w") as f:
+    with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
         return subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, env=environment,
-                                stdout=f, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=err)
+
+
+def interrupt_when_paused(proc: subprocess.Popen, marker: Path, log: Path) -> None:
+    """Wait for the run's pause point and send it SIGINT (Ctrl-C): it must exit 130 within
+    :data:`STOP_WITHIN_S`, with one ``error:`` line, the last on its stderr, and no traceback."""
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"run ended (rc {proc.returncode}) or timed out before its pause point:\n"
+                        + log.with_suffix(".err").read_text()[-3000:])
+        time.sleep(0.1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=60)
+    seconds = time.monotonic() - sent
+    err = log.with_suffix(".err").read_text()
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        err.splitlines()[-1]] == [f"error: stopped by SIGINT: {train.INTERRUPTED}"]
+    assert seconds < STOP_WITHIN_S
 
 
 def finish(proc: subprocess.Popen, log: Path) -> None:
@@ -389,33 +505,73 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        pytest.fail(f"run timed out:\n{log.read_text()[-3000:]}")
-    assert rc == 0, log.read_text()[-3000:]
+        pytest.fail(f"run timed out:\n{log.with_suffix('.err').read_text()[-3000:]}")
+    assert rc == 0, log.with_suffix(".err").read_text()[-3000:]
+
+
+def h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.update({name: obj[()]})
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def resume_state(out: Path) -> dict[str, object]:
+    """What --resume reads in a stopped run's folder: the backup (arrays and epoch), the history,
+    phase A's weights and history (its record's time taken is not compared)."""
+    backup = out / "backup" / "fine_tuning"
+    return {"epoch": train.BackupAndRestore(str(backup)).backed_up_epoch(),
+            "backup": h5_arrays(backup / "latest.weights.h5"),
+            "phase_a_weights": h5_arrays(out / "phase_a.weights.h5"),
+            "history": json.loads((out / "history.json").read_text()),
+            "phase_a_history": json.loads((out / "phase_a.json").read_text())["history"]}
+
+
+def assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict) and key in ("backup", "phase_a_weights"):
+            assert a[key].keys() == b[key].keys()
+            assert all(np.array_equal(a[key][k], b[key][k]) for k in a[key]), key
+        else:
+            assert a[key] == b[key], key
 
 
 @pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path,
-                                                    kill_when_paused):
-    """A graph-mode run killed with SIGKILL in fine-tuning, then resumed with --resume, ends
-    with the uninterrupted run's history, test numbers and model.keras, bitwise. Its first three
-    epochs, in another process than the uninterrupted run's, are that run's too: graph mode
-    (oneDNN on) is deterministic across processes."""
+def test_resume_after_ctrl_c_and_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path,
+                                                               kill_when_paused):
+    """A graph-mode run gets SIGINT (Ctrl-C) in epoch 4, fine-tuning, after its first step: it
+    stops after the step under way, with one line, leaving phase A's result and the backup of
+    epoch 3. Resumed with --resume, it is killed with SIGKILL at the same step, which leaves the
+    same state, bitwise. Resumed again, it ends with the uninterrupted run's history, test
+    numbers and model.keras, bitwise. Its first three epochs, in another process than the
+    uninterrupted run's, are that run's too: graph mode (oneDNN on) is deterministic across
+    processes."""
     script = tmp_path / "hooked_train.py"
     script.write_text(HOOKED_TRAIN)
-    runs = {name: tmp_path / name for name in ("killed", "uninterrupted")}
-    marker = tmp_path / "killed.marker"
-    procs = {"killed": start_run(script, resume_args(data_dir, runs["killed"]),
-                                 tmp_path / "killed.log", TL_TEST_PAUSE_AT=KILL_AT,
-                                 TL_TEST_MARKER=str(marker)),
+    runs = {name: tmp_path / name for name in ("stopped", "uninterrupted")}
+    out = runs["stopped"]
+
+    def paused_run(name: str, *extra: str) -> subprocess.Popen:
+        return start_run(script, resume_args(data_dir, out, *extra), tmp_path / f"{name}.log",
+                         TL_TEST_PAUSE_AT=KILL_AT, TL_TEST_MARKER=str(tmp_path / f"{name}.marker"))
+
+    procs = {"interrupted": paused_run("interrupted"),
              "uninterrupted": start_run(script, resume_args(data_dir, runs["uninterrupted"]),
                                         tmp_path / "uninterrupted.log")}
     try:
-        kill_when_paused(procs["killed"], marker, tmp_path / "killed.log", SUBPROCESS_TIMEOUT_S)
-        out = runs["killed"]
-        # What the kill left: phase A's record, the backup of epoch 3, no finished run.
-        assert not (out / METRICS_FILE).exists() and (out / "phase_a.json").exists()
-        assert train.BackupAndRestore(str(out / "backup" / "fine_tuning")).backed_up_epoch() == 3
-        killed_history = json.loads((out / "history.json").read_text())
+        interrupt_when_paused(procs["interrupted"], tmp_path / "interrupted.marker",
+                              tmp_path / "interrupted.log")
+        # What the stop left: phase A's record, the backup of epoch 3, no finished run.
+        assert not (out / METRICS_FILE).exists()
+        state = resume_state(out)
+        assert state["epoch"] == 3
+        procs["killed"] = paused_run("killed", "--resume")
+        kill_when_paused(procs["killed"], tmp_path / "killed.marker", tmp_path / "killed.log",
+                         SUBPROCESS_TIMEOUT_S)
+        assert "feature extraction is finished" in (tmp_path / "killed.log").read_text()
+        assert_same_state(resume_state(out), state)
         procs["resumed"] = start_run(script, resume_args(data_dir, out, "--resume"),
                                      tmp_path / "resumed.log")
         for name in ("uninterrupted", "resumed"):
@@ -425,9 +581,8 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert "feature extraction is finished" in (tmp_path / "resumed.log").read_text()
     reference = read_metrics(runs["uninterrupted"])
-    assert killed_history == reference["history"][:3]  # determinism: every float, exactly
-    doc = read_metrics(runs["killed"])
+    assert state["history"] == reference["history"][:3]  # determinism: every float, exactly
+    doc = read_metrics(out)
     assert doc["history"] == reference["history"] and doc["test"] == reference["test"]
-    assert_same_model(runs["killed"], runs["uninterrupted"])
+    assert_same_model(out, runs["uninterrupted"])

@@ -10,8 +10,11 @@ output folder holds afterwards. Run: ``python -m pytest tests/test_reliability_c
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -191,6 +194,8 @@ def test_nan_loss_stops_an_overwrite_run_that_never_looks_finished(framework, ca
     assert not (out / "model.keras").exists() and not (out / "model.ckpt").exists()
     assert not (out / "checkpoints").exists()                 # torch: no epoch checkpoint
     assert not (out / "backup").exists() and not (out / "history.json").exists()   # keras
+    # The settings record alone is nothing to resume: a plain rerun is not refused.
+    assert not keras_train.RunState(out).exists()
 
 
 # ---- checkpoints are written atomically ---------------------------------------------------------
@@ -278,6 +283,63 @@ def test_weights_under_home_finish_with_the_same_record_in_both(cats_and_dogs, h
     assert records["keras"] == records["torch"] == {
         "source": "file", "path": str(home_with_weights / "w.h5"),
         "sha256": sha256_of(demo_weights)}
+
+
+@pytest.fixture
+def odd_paths(tmp_path, cats_and_dogs, demo_weights, monkeypatch) -> dict[str, Path]:
+    """Every odd path at once. The data in a folder with spaces and non-ASCII characters,
+    reached through a symlinked folder under ``~``; the weights file under ``~`` (spaces,
+    non-ASCII); a config file with a space and non-ASCII in its name, given by a relative
+    path, naming the data and the weights with ``~`` and the output folder relative to the
+    working folder, which is the data folder: the output lands inside the data, beside
+    ``train/`` and ``validation/``."""
+    monkeypatch.setenv("TL_PARITY_CACHE", str(cache_home()))
+    monkeypatch.setenv("KERAS_HOME", str(keras_home()))
+    home = tmp_path / "hôme dir"
+    home.mkdir()
+    real = tmp_path / "réal data" / "cats and dogs"
+    shutil.copytree(cats_and_dogs, real)
+    (home / "dätä sets").symlink_to(tmp_path / "réal data")
+    weights = home / "wéights dir" / "w 1.h5"
+    weights.parent.mkdir()
+    shutil.copy(demo_weights, weights)
+    cwd = home / "dätä sets" / "cats and dogs"
+    (cwd / "cönfig 1.yaml").write_text(
+        "data_dir: ~/dätä sets/cats and dogs\nweights: ~/wéights dir/w 1.h5\n"
+        "image_size: 32\nbatch_size: 4\nlimit_batches: 2\ninitial_epochs: 1\n"
+        "fine_tune_epochs: 1\n", encoding="utf-8")
+    monkeypatch.setenv("HOME", str(home))
+    return {"home": home, "real": real, "cwd": cwd, "weights": weights}
+
+
+def check_odd_paths_run(paths: dict[str, Path], output: str) -> None:
+    out = paths["real"] / output   # through the symlink, into the real folder
+    doc = read_metrics(out)
+    assert doc["status"] == "complete"
+    assert doc["data"]["class_names"] == ["cats", "dogs"]   # the output folder is no class
+    assert doc["data"]["root"] == str(paths["cwd"])
+    assert doc["weights"]["path"] == str(paths["weights"])
+
+
+@pytest.mark.slow
+def test_odd_paths_through_the_port_command_line(odd_paths):
+    """As a user types it, under the C locale: ``python -m tl_torch.train --config 'cönfig
+    1.yaml' --output-dir 'runs/ñ out'`` in the data folder."""
+    env = dict(os.environ, HOME=str(odd_paths["home"]), LC_ALL="C", LANG="C",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-m", "tl_torch.train", "--config", "cönfig 1.yaml",
+                             "--output-dir", "runs/ñ out"], cwd=odd_paths["cwd"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    check_odd_paths_run(odd_paths, "runs/ñ out")
+
+
+@pytest.mark.slow
+def test_odd_paths_through_the_reference(odd_paths, monkeypatch):
+    monkeypatch.chdir(odd_paths["cwd"])
+    run_main(keras_train.main, ["--config", "cönfig 1.yaml", "--output-dir", "runs/ñ keras"])
+    check_odd_paths_run(odd_paths, "runs/ñ keras")
 
 
 # ---- N classes in predict ------------------------------------------------------------------------

@@ -12,10 +12,14 @@ Run: ``TL_PARITY_CACHE=/tmp/tlcache python -m pytest tests/test_torch_train.py -
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -26,10 +30,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
 
+import tl_torch.data
 import tl_torch.predict as predict
 import tl_torch.train as train
 from tl_common.errors import UserError, run_main
 from tl_common.files import load_splits
+from tl_common.lock import LOCK_FILE
 from tl_common.outputs import HISTORY_KEYS, read_layer_table, read_metrics
 from tl_common.settings import Settings
 from tl_torch import load_keras_weights
@@ -65,6 +71,9 @@ PHASES_2_2 = ["feature_extraction", "feature_extraction", "fine_tuning", "fine_t
 THREADS = 1
 #: How long a subprocess may take to reach its pause point or to finish (2 loaded CPU cores).
 SUBPROCESS_TIMEOUT_S = 400
+#: How long a run may take to stop after SIGINT: the step under way, then Lightning's teardown
+#: (measured about 1 s here; the bound leaves room for 2 loaded cores).
+STOP_WITHIN_S = 10
 #: Validation loss of the DDP run against one process evaluating the saved model on the whole
 #: split: both run the same float32 model, but the run goes through the folded frozen layers
 #: (tl_torch.fast: ~1e-6 relative rounding) and in other batches (measured 1.9e-6 relative).
@@ -78,9 +87,11 @@ PRINTED_PROB_ATOL = 5e-5
 HOOKED_TRAIN = '''\
 """python -m tl_torch.train with two test hooks (tests/test_torch_train.py), inert unless set:
 TL_TEST_PAUSE_AT="epoch,batch" (0-based): write the pid to $TL_TEST_MARKER when that training
-step is about to start and sleep there, for the test to kill -9 the process;
+step is about to start and wait there, for the test to kill -9 the process or to send it a
+signal (the wait ends once the trainer has recorded one);
 TL_TEST_DUMP_DIR: every process saves its module's state_dict when fit ends (rank<r>.pt)."""
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -101,7 +112,10 @@ def on_train_batch_start(self, batch, batch_idx):
         marker = Path(os.environ["TL_TEST_MARKER"])
         marker.with_suffix(".tmp").write_text(str(os.getpid()))
         os.replace(marker.with_suffix(".tmp"), marker)  # never seen half-written
-        time.sleep(600)
+        stop = getattr(signal.getsignal(signal.SIGINT), "__self__", None)  # the StopRequests
+        deadline = time.monotonic() + 600
+        while not stop.requested and time.monotonic() < deadline:
+            time.sleep(0.05)
     return _batch_start(self, batch, batch_idx)
 
 
@@ -176,10 +190,36 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def start_paused_run(script: Path, argv: list[str], pause_at: str, marker: Path,
                      log: Path) -> subprocess.Popen:
+    """The run's stdout goes to ``log``, its stderr to ``log`` with the suffix ``.err``."""
     env = subprocess_env(TL_TEST_PAUSE_AT=pause_at, TL_TEST_MARKER=str(marker))
-    with open(log, "w") as f:
+    with open(log, "w") as out, open(log.with_suffix(".err"), "w") as err:
         return subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, env=env,
-                                stdout=f, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=err)
+
+
+def interrupt_when_paused(proc: subprocess.Popen, marker: Path, log: Path, signum: int) -> float:
+    """Wait for the run's pause point, send it ``signum``; it must exit 128 + signum within
+    :data:`STOP_WITHIN_S` with one ``error:`` line, the last on its stderr, and no traceback.
+    Returns the seconds from the signal to the exit."""
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"run ended (rc {proc.returncode}) or timed out before its pause point:\n"
+                        + log.with_suffix(".err").read_text()[-3000:])
+        time.sleep(0.1)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    rc = proc.wait(timeout=60)
+    seconds = time.monotonic() - sent
+    err = log.with_suffix(".err").read_text()
+    assert rc == 128 + signum, err[-3000:]
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        err.splitlines()[-1]] == [f"error: stopped by {signal.Signals(signum).name}: "
+                                  f"{train.INTERRUPTED}"]
+    assert seconds < STOP_WITHIN_S
+    return seconds
 
 
 # ---- fixtures --------------------------------------------------------------------------------
@@ -467,12 +507,18 @@ def test_checkpoint_holds_the_fine_tuning_optimizer(finished_run):
 
 # ---- 5. resume after kill -9 -----------------------------------------------------------------
 
-#: Where the runs are killed (0-based epoch, batch about to start), 2 + 2 epochs of 2 batches.
+#: Where the runs are stopped (0-based epoch, batch about to start), 2 + 2 epochs of 2 batches,
+#: and how: SIGKILL, or SIGINT (Ctrl-C), after which the step under way ends and the run stops.
 KILL_POINTS = {
     # in epoch 4 (phase B) after its first step: last.ckpt holds epoch 3
-    "in-fine-tuning": "3,1",
+    "in-fine-tuning": ("3,1", signal.SIGKILL),
     # as epoch 3 starts, the phase switched in memory only: last.ckpt holds epoch 2
-    "at-phase-boundary": "2,0",
+    "at-phase-boundary": ("2,0", signal.SIGKILL),
+    # Ctrl-C in epoch 4 (phase B) after its first step: its second step runs, then the run
+    # stops; last.ckpt holds epoch 3
+    "ctrl-c-in-fine-tuning": ("3,1", signal.SIGINT),
+    # the same with SIGTERM, which Lightning handles too: whichever stops first, one line, 143
+    "sigterm-in-fine-tuning": ("3,1", signal.SIGTERM),
 }
 
 
@@ -480,15 +526,18 @@ KILL_POINTS = {
 def killed_runs(data_dir, hooked_train, demo_weights, tmp_path_factory,
                 kill_when_paused) -> dict[str, Path]:
     """The runs of KILL_POINTS, started together (their imports overlap) and each killed with
-    SIGKILL at its pause point; their output folders."""
+    SIGKILL, or sent SIGINT, at its pause point; their output folders."""
     root = tmp_path_factory.mktemp("killed")
     procs = {name: start_paused_run(hooked_train, run_args(data_dir, root / name), pause_at,
                                     root / f"{name}.marker", root / f"{name}.log")
-             for name, pause_at in KILL_POINTS.items()}
+             for name, (pause_at, _) in KILL_POINTS.items()}
     try:
         for name, proc in procs.items():
-            kill_when_paused(proc, root / f"{name}.marker", root / f"{name}.log",
-                             SUBPROCESS_TIMEOUT_S)
+            marker, log = root / f"{name}.marker", root / f"{name}.log"
+            if KILL_POINTS[name][1] == signal.SIGKILL:
+                kill_when_paused(proc, marker, log, SUBPROCESS_TIMEOUT_S)
+            else:
+                interrupt_when_paused(proc, marker, log, KILL_POINTS[name][1])
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -501,6 +550,8 @@ def killed_runs(data_dir, hooked_train, demo_weights, tmp_path_factory,
 @pytest.mark.parametrize(("name", "saved_epoch", "phase", "optimizer_keys"), [
     ("in-fine-tuning", 2, "fine_tuning", {"velocity"}),
     ("at-phase-boundary", 1, "feature_extraction", {"step", "momentum", "velocity"}),
+    ("ctrl-c-in-fine-tuning", 2, "fine_tuning", {"velocity"}),
+    ("sigterm-in-fine-tuning", 2, "fine_tuning", {"velocity"}),
 ])
 def test_resume_after_kill_equals_uninterrupted_run(finished_run, killed_runs, data_dir, capsys,
                                                     name, saved_epoch, phase, optimizer_keys):
@@ -517,13 +568,20 @@ def test_resume_after_kill_equals_uninterrupted_run(finished_run, killed_runs, d
     assert group["lr"] == (LEARNING_RATE if phase == "feature_extraction" else LEARNING_RATE / 10)
     assert {k for s in saved["optimizer_states"][0]["state"].values() for k in s} == optimizer_keys
 
-    # 6. An unfinished run is not reused without --resume, and nothing in it changes.
+    # 6. An unfinished run is not reused without --resume, and nothing in it changes. A killed
+    # run left its lock file (not the lock: the kernel dropped it): taken over with a warning,
+    # and removed when this run ends; a run stopped by SIGINT removed it itself.
+    killed = KILL_POINTS[name][1] == signal.SIGKILL
+    assert (out / LOCK_FILE).exists() == killed
     before = file_snapshot(out)
     with pytest.raises(SystemExit) as exit_info:
         run_main(train.main, argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds an unfinished run" in err[0] and "--resume" in err[0]
+    assert len(err) == 1 + killed and "holds an unfinished run" in err[-1] and "--resume" in err[-1]
+    if killed:
+        assert err[0].startswith(f"warning: taking over {out / LOCK_FILE}: its owner (pid ")
+    before.pop(LOCK_FILE, None)
     assert file_snapshot(out) == before
 
     doc = train.main([*argv, "--resume"])
@@ -534,6 +592,126 @@ def test_resume_after_kill_equals_uninterrupted_run(finished_run, killed_runs, d
     assert_same_tensors(resumed["state_dict"], uninterrupted["state_dict"])
     assert_same_optimizer_state(resumed["optimizer_states"][0],
                                 uninterrupted["optimizer_states"][0])
+
+
+def assert_same_as_reference(doc: dict, out: Path, finished_run) -> None:
+    """A resumed run ended as the uninterrupted reference did: history and test numbers
+    (floats exactly), weights and optimizer state bitwise, the same epoch and step."""
+    reference, reference_doc = finished_run
+    assert doc["history"] == reference_doc["history"] and doc["test"] == reference_doc["test"]
+    resumed, uninterrupted = (load_checkpoint(d / "model.ckpt") for d in (out, reference))
+    assert (resumed["epoch"], resumed["global_step"]) == (uninterrupted["epoch"], 8)
+    assert_same_tensors(resumed["state_dict"], uninterrupted["state_dict"])
+    assert_same_optimizer_state(resumed["optimizer_states"][0],
+                                uninterrupted["optimizer_states"][0])
+
+
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_full_disk_then_resume_when_space_returns(finished_run, data_dir, tmp_path, monkeypatch,
+                                                  fill_disk, capsys):
+    """The checkpoint of epoch 3 finds the disk full: one line, last.ckpt still that of epoch 2
+    (loadable, plain data). --resume with another learning rate is refused in one line. Resumed,
+    the run then finds the disk full at metrics.json; resumed again, it ends as the
+    uninterrupted run."""
+    out = tmp_path / "out"
+    argv = run_args(data_dir, out)
+    last = out / "checkpoints" / "last.ckpt"
+    save = train.AtomicCheckpointIO.save_checkpoint
+
+    def save_on_a_full_disk(self, checkpoint, path, storage_options=None):
+        if checkpoint["epoch"] == 2:   # 0-based: the first epoch of fine-tuning
+            with pytest.MonkeyPatch.context() as m:
+                fill_disk(m, ".last.ckpt.")
+                return save(self, checkpoint, path, storage_options)
+        return save(self, checkpoint, path, storage_options)
+
+    with monkeypatch.context() as m:
+        m.setattr(train.AtomicCheckpointIO, "save_checkpoint", save_on_a_full_disk)
+        with pytest.raises(SystemExit):
+            run_main(train.main, argv)
+    assert error_lines(capsys) == [
+        f"error: disk full while writing {last} (No space left on device); the files already "
+        "there are unchanged: free some space and run again (with --resume for an unfinished "
+        "training run)"]
+    assert train.read_checkpoint(last)["epoch"] == 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert not (out / LOCK_FILE).exists()   # released on the way out
+
+    before = file_snapshot(out)
+    with pytest.raises(SystemExit):
+        run_main(train.main, [*run_args(data_dir, out), "--resume", "--learning-rate", "0.001"])
+    assert error_lines(capsys) == [
+        f"error: cannot resume {out}: --fine-tune-learning-rate changed (2e-05 -> 0.0001), "
+        "--learning-rate changed (0.0002 -> 0.001); run with the recorded settings (in "
+        "run_settings.json), or use --overwrite to start over"]
+    assert file_snapshot(out) == before
+
+    with monkeypatch.context() as m:
+        fill_disk(m, ".metrics.json.")
+        with pytest.raises(SystemExit):
+            run_main(train.main, [*argv, "--resume"])
+    assert error_lines(capsys) == [
+        f"error: disk full while writing {out / 'metrics.json'} (No space left on device); the "
+        "files already there are unchanged: free some space and run again (with --resume for "
+        "an unfinished training run)"]
+    assert not (out / "metrics.json").exists()
+
+    assert_same_as_reference(train.main([*argv, "--resume"]), out, finished_run)
+
+
+@pytest.mark.slow
+def test_data_that_changes_mid_run_is_one_line_and_resumable(finished_run, data_dir, tmp_path,
+                                                               monkeypatch, capsys):
+    """Images decoded every epoch (the path of data too large to keep decoded): the training
+    images replaced by bad files after epoch 1, then the whole data folder gone after epoch 3;
+    each time one line, last.ckpt kept; with the data back, --resume ends as the uninterrupted
+    run."""
+    monkeypatch.setattr(tl_torch.data, "CACHE_BUDGET_BYTES", 0)
+    # In this process: DataLoader workers are covered in tests/test_reliability_shared.py.
+    monkeypatch.setattr(train, "ImageFolderDataModule",
+                        functools.partial(ImageFolderDataModule, num_workers=0))
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(data_dir, data)
+    argv = run_args(data, out)
+    history_end = train.KerasHistory.on_train_epoch_end
+    changes = {}
+
+    def change_data_after_epoch(self, trainer, pl_module):
+        history_end(self, trainer, pl_module)
+        if trainer.current_epoch in changes:
+            changes.pop(trainer.current_epoch)()
+
+    def corrupt_training_images():
+        for image in (data / "train").rglob("*.jpg"):
+            image.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG any more")
+
+    monkeypatch.setattr(train.KerasHistory, "on_train_epoch_end", change_data_after_epoch)
+    changes[0] = corrupt_training_images
+    with pytest.raises(SystemExit):
+        run_main(train.main, argv)
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"error: {data}/train/") and "cannot be read any more (" in line
+    assert line.endswith("restore it, then rerun with --resume to continue from the last "
+                         "finished epoch")
+    assert train.read_checkpoint(out / "checkpoints" / "last.ckpt")["epoch"] == 0
+
+    shutil.rmtree(data)
+    shutil.copytree(data_dir, data)
+    changes[2] = lambda: data.rename(tmp_path / "moved away")
+    with pytest.raises(SystemExit):
+        run_main(train.main, [*argv, "--resume"])
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"error: {data}/train/") and "(No such file or directory)" in line
+    assert train.read_checkpoint(out / "checkpoints" / "last.ckpt")["epoch"] == 2
+
+    (tmp_path / "moved away").rename(data)
+    assert_same_as_reference(train.main([*argv, "--resume"]), out, finished_run)
 
 
 # ---- 6. outputs protection -------------------------------------------------------------------

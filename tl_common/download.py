@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tl_common.errors import UserError
+from tl_common.errors import UserError, disk_full_is_one_line
 
 #: Seconds without an answer before a download gives up.
 DOWNLOAD_TIMEOUT_S = 30
@@ -61,6 +61,11 @@ def download(url: str, dest: Path, *, what: str, way_out: str, sha256: str | Non
 
     Raises :class:`UserError` naming the URL, the reason and ``way_out`` when it cannot.
     """
+    with disk_full_is_one_line(dest):
+        return _download(url, dest, what=what, way_out=way_out, sha256=sha256)
+
+
+def _download(url: str, dest: Path, *, what: str, way_out: str, sha256: str | None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)

@@ -4,6 +4,7 @@ half-written file that a later run would read as finished)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -11,12 +12,12 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tl_common.errors import UserError
+from tl_common.errors import UserError, disk_full, disk_full_is_one_line, is_disk_full
 
 SCHEMA_VERSION = 1
 METRICS_FILE = "metrics.json"
@@ -29,20 +30,29 @@ LAYER_TABLE_COLUMNS = ("index", "type", "name", "trainable")
 
 
 # ---- atomic files ----------------------------------------------------------------------------
+#
+# Every file a run writes goes to a temporary file beside its name, is fsynced and then renamed
+# over the name: a kill, a signal or a full disk at any moment leaves the previous version whole
+# (or none), never a half-written one. A full disk or quota is one line naming the file
+# (tl_common.errors.disk_full); the temporary file is removed.
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_full_is_one_line(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            try:
+                view = memoryview(data)
+                while view:  # os.write may write less than asked
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -51,6 +61,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike[str], tmp_name: str) -> Iterator[Path]:
+    """For writers that want a file name (Keras, h5py): yields ``tmp_name`` beside ``path`` to
+    write, then fsyncs it and renames it over ``path``; on any failure the temporary file is
+    removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(tmp_name)
+    with disk_full_is_one_line(path):
+        try:
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 # ---- the output folder -----------------------------------------------------------------------
@@ -84,6 +114,11 @@ class RunDir:
 
         ``has_state``: the framework found a checkpoint or backup of an unfinished run here.
         """
+        self.create()
+        self.check_reuse(resume=resume, overwrite=overwrite, has_state=has_state)
+
+    def create(self) -> None:
+        """Create the folder; one line if it is a file or cannot be written to."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--output-dir={str(self.path)!r} is a file, not a folder")
         try:
@@ -91,8 +126,14 @@ class RunDir:
             probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-")
             probe.close()
         except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(self.path, err) from None
             raise UserError(f"--output-dir={str(self.path)!r} is not writable "
                             f"({err.strerror}): choose a folder you can write to") from None
+
+    def check_reuse(self, *, resume: bool, overwrite: bool, has_state: bool) -> None:
+        """Refuse to reuse a folder that holds a finished run (without ``--overwrite``) or an
+        unfinished one (without ``--resume``); read-only."""
         if resume and self.is_finished():
             raise UserError(f"{self.path} holds a finished run: nothing to resume; pass "
                             "--overwrite to run it again")
@@ -104,7 +145,6 @@ class RunDir:
         if has_state:
             raise UserError(f"{self.path} holds an unfinished run: pass --resume to continue it, "
                             "or --overwrite to start afresh")
-
 
     def clear_outputs(self, *others: str) -> None:
         """Remove a finished run's outputs before an ``--overwrite`` run starts: ``metrics.json``

@@ -198,7 +198,8 @@ def _find_base_layers(model: keras.Model, reference: list[tuple[str, str]]) -> l
 
 def _copy_from_model(base: keras.Model, path: Path) -> None:
     try:
-        model = keras.models.load_model(path, compile=False)
+        # safe_mode: a Lambda layer in a file from elsewhere would run its code when loaded.
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises ValueError, TypeError, OSError ... on a bad file
         message = " ".join(str(err).split())[:300]
         raise UserError(f"Keras could not load the model in {path}: {message}") from None

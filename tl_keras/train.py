@@ -15,6 +15,11 @@ the last finished epoch (``backup/<phase>/latest.weights.h5``, weights and optim
 epoch number inside), the history so far (``history.json``) and, once feature extraction is
 done, its weights and record (``phase_a.weights.h5``, ``phase_a.json``).
 
+While it runs the folder is locked (``run.lock``: a second run there stops with one line), and
+``run_settings.json`` records the settings that ``--resume`` must find unchanged. Ctrl-C or
+SIGTERM stops the run after the current step with one line (exit 130 / 143), the backup of the
+last finished epoch kept (see :mod:`tl_common.interrupts`).
+
 A run killed at any point and resumed ends with the same weights and history, bit for bit, as
 an uninterrupted one with the same seed: every random draw of an epoch depends on the seed and
 the epoch alone, never on how many epochs ran in this process. The data order comes from
@@ -23,12 +28,14 @@ the epoch alone, never on how many epochs ran in this process. The data order co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +43,22 @@ import h5py
 import keras
 import tensorflow as tf
 
-from tl_common.data import resolve_data_root
+from tl_common.data import check_output_dir_placement, resolve_data_root
 from tl_common.errors import UserError, non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
 from tl_common.head import decide
+from tl_common.interrupts import StopRequests
+from tl_common.lock import OutputLock
 from tl_common.outputs import (
     RunDir,
     finish_run,
     format_counts,
     format_layer_table,
     history_entry,
+    replaced_atomically,
     write_json,
 )
+from tl_common.resume import ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
 from tl_keras.data import TrainingData, make_dataset
@@ -61,6 +72,9 @@ from tl_keras.model import (
 )
 
 MODEL_FILE = "model.keras"
+#: What the one line says after Ctrl-C or SIGTERM.
+INTERRUPTED = ("rerun with --resume to continue from the last finished epoch (its backup, "
+               "in backup/)")
 
 #: Each epoch's random state starts at draw ``epoch * SEED_DRAWS_PER_EPOCH`` of every
 #: SeedGenerator (see :class:`EpochSeeds`), so epochs draw from ranges of their own as long as
@@ -91,15 +105,20 @@ class RunState:
     def phase_a(self) -> Path:  # written last: feature extraction is done
         return self.path / "phase_a.json"
 
+    @property
+    def record(self) -> ResumeRecord:  # the settings --resume must find unchanged
+        return ResumeRecord(self.path)
+
     def files(self) -> list[Path]:
         return [self.backup, self.history, self.phase_a_weights, self.phase_a]
 
     def exists(self) -> bool:
+        """Whether there is something to resume (the settings record alone is not)."""
         return any(p.exists() for p in self.files())
 
     def clear(self) -> None:
         shutil.rmtree(self.backup, ignore_errors=True)
-        for p in self.files()[1:]:
+        for p in [*self.files()[1:], self.record.path]:
             p.unlink(missing_ok=True)
 
 
@@ -187,11 +206,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self) -> None:
         os.makedirs(self.backup_dir, exist_ok=True)
-        tmp = os.path.join(self.backup_dir, ".latest.tmp.weights.h5")  # Keras wants .weights.h5
-        self.model.save_weights(tmp, overwrite=True)
-        with h5py.File(tmp, "a") as f:
-            f.attrs[self.EPOCH_ATTRIBUTE] = self._current_epoch
-        os.replace(tmp, self._weights_path)
+        # Keras wants the .weights.h5 ending on the temporary file too.
+        with replaced_atomically(self._weights_path, ".latest.tmp.weights.h5") as tmp:
+            self.model.save_weights(tmp, overwrite=True)
+            with h5py.File(tmp, "a") as f:
+                f.attrs[self.EPOCH_ATTRIBUTE] = self._current_epoch
 
     def _load_model(self) -> None:
         epoch = self.backed_up_epoch()
@@ -203,8 +222,51 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self.model._initial_epoch = epoch
 
 
+class StopOnRequest(keras.callbacks.Callback):
+    """Ends training at a safe point after Ctrl-C or SIGTERM (:mod:`tl_common.interrupts`): after
+    the current training step or validation batch, before the epoch's end writes its history and
+    backup; the backup of the last finished epoch stays what --resume continues from."""
+
+    def __init__(self, stop: StopRequests) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.stop.check()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.stop.check()
+
+
+#: TensorFlow's errors for a file that cannot be opened or decoded any more.
+_DATA_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
+                tf.errors.InvalidArgumentError)
+
+
+@contextlib.contextmanager
+def reading_data() -> Iterator[None]:
+    """Files read before training and gone or damaged since (a vanished folder, a file replaced
+    by a bad one) are one line; the backup of the last finished epoch is kept for --resume.
+
+    TensorFlow's message names the missing file, not the undecodable one (its decoder does not
+    know the path): the line quotes TensorFlow's reason."""
+    try:
+        yield
+    except _DATA_ERRORS as err:
+        lines = [line.strip() for line in str(err.message).splitlines() if line.strip()]
+        reason = next((line for line in lines if "failed to" in line or "No such file" in line
+                       or "image" in line.lower() or "Permission denied" in line), None)
+        if reason is None or (isinstance(err, tf.errors.InvalidArgumentError)
+                              and "image" not in reason.lower()):
+            raise
+        raise UserError(f"the data could not be read during training ({reason[:240]}): it "
+                        "changed after the check at the start of the run; restore it, then "
+                        "rerun with --resume to continue from the last finished epoch") from None
+
+
 def fit(model: keras.Model, train_data: TrainingData, validation: tf.data.Dataset, phase: str,
-        *, initial_epoch: int, epochs: int, history: list[dict[str, Any]], state: RunState) -> float:
+        *, initial_epoch: int, epochs: int, history: list[dict[str, Any]], state: RunState,
+        stop: StopRequests) -> float:
     """Train one phase, backed up after every epoch; return the seconds it took."""
     # Kept after the fit (Keras deletes it by default) until the phase's result is saved: a kill
     # in between must not lose the phase.
@@ -213,6 +275,7 @@ def fit(model: keras.Model, train_data: TrainingData, validation: tf.data.Datase
     restored = backup.backed_up_epoch()
     first = initial_epoch if restored is None else restored
     callbacks = [
+        StopOnRequest(stop),
         EpochSeeds(),
         TerminateOnNaN(),
         # Before the backup, so that the saved history never lags behind the saved epoch.
@@ -227,15 +290,16 @@ def fit(model: keras.Model, train_data: TrainingData, validation: tf.data.Datase
     # reads none of it) to restore the backup's weights and optimizer state.
     batches = train_data.epochs(range(first, max(epochs, first + 1)))
     # shuffle=False: the epochs come in their own orders; Keras would ignore True, with a warning.
-    model.fit(batches, steps_per_epoch=train_data.steps_per_epoch, validation_data=validation,
-              initial_epoch=first, epochs=epochs, callbacks=callbacks, shuffle=False)
+    with stop.deferred(), reading_data():
+        model.fit(batches, steps_per_epoch=train_data.steps_per_epoch, validation_data=validation,
+                  initial_epoch=first, epochs=epochs, callbacks=callbacks, shuffle=False)
     return time.perf_counter() - start
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.keras")  # Keras insists on the .keras ending
-    model.save(tmp)
-    os.replace(tmp, path)
+    # Keras insists on the .keras ending
+    with replaced_atomically(path, f".{path.stem}.tmp.keras") as tmp:
+        model.save(tmp)
 
 
 def load_data(settings: Settings, run_dir: RunDir) -> DataSplits:
@@ -275,106 +339,159 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser("keras", "Train the transfer-learning recipe with Keras 3 (the "
                                    "reference): feature extraction, then fine-tuning.")
     settings = settings_from(parse(parser, argv), "keras")
+    check_output_dir_placement(settings)
+    run_dir = RunDir(Path(settings.output_dir))
+    run_dir.create()
+    with OutputLock(run_dir.path) as lock, \
+            StopRequests(INTERRUPTED, on_abort=lock.release) as stop:
+        return run(settings, run_dir, stop)
+
+
+def run(settings: Settings, run_dir: RunDir, stop: StopRequests) -> dict[str, Any]:
+    """The recipe in a locked output folder, Ctrl-C and SIGTERM handled by ``stop``."""
     started = time.perf_counter()
-    run_dir, state = RunDir(Path(settings.output_dir)), RunState(Path(settings.output_dir))
-    run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite, has_state=state.exists())
-    if settings.overwrite:
-        # The old outputs first (metrics.json before anything), then the old backup, which
-        # BackupAndRestore would otherwise restore.
-        run_dir.clear_outputs(MODEL_FILE, BAD_IMAGES_FILE)
-        state.clear()
-    if settings.resume and not state.exists():
-        print(f"--resume: nothing to resume in {run_dir.path}; starting from the beginning")
+    state = RunState(run_dir.path)
+    resuming = prepare_output_dir(run_dir, state, settings)
     keras.utils.set_random_seed(settings.seed)
-
-    # ---- the base first: a weights file that does not fit stops the run before the data ------
-    with naming_flag("weights", settings.weights_source):
-        base = build_base(settings.weights_source, settings.image_size)
-        # Now, not after training: nothing about the weights file can fail once it is done.
-        weights = weights_record(settings.weights_source, settings.image_size)
-
-    # ---- data -------------------------------------------------------------------------------
+    base, weights = load_base(settings)
     splits = load_data(settings, run_dir)
+    inputs = recorded_inputs(weights, splits.summary())
+    if not (resuming and state.record.check("inputs", inputs)):
+        state.record.write(recorded_settings(settings), inputs)
     train_data = TrainingData(splits.train, settings.image_size, settings.batch_size,
                               settings.seed, settings.limit_batches)
     data = {split: make_dataset(splits[split], settings.image_size, settings.batch_size,
                                 shuffle=False, seed=settings.seed,
                                 limit_batches=settings.limit_batches)
             for split in ("validation", "test")}
-
-    # ---- model ------------------------------------------------------------------------------
     model = build_model(base, dropout=settings.dropout, seed=settings.seed,
                         num_classes=len(splits.class_names))
-    history: list[dict[str, Any]] = []
-    if settings.resume and state.history.exists():
-        history = json.loads(state.history.read_text())
-    counts: dict[str, dict[str, int]] = {}
-    timings: dict[str, float] = {}
-
-    def show_counts(phase: str) -> None:
-        trainable, non_trainable = count_params(model)
-        counts[phase] = {"trainable": trainable, "non_trainable": non_trainable}
-        print(format_counts(phase, trainable, non_trainable))
-
-    # ---- phase A: feature extraction, the whole base frozen ----------------------------------
-    set_phase(base, "feature_extraction")
-    show_counts("feature_extraction")
-    if settings.resume and state.phase_a.exists():
-        record = json.loads(state.phase_a.read_text())
-        # Loaded before compiling: the file's Adam state is not wanted, and is then ignored.
-        model.load_weights(state.phase_a_weights)
-        history = record["history"] + [h for h in history if h["phase"] == "fine_tuning"]
-        timings["feature_extraction_s"] = record["seconds"]
-        print("--resume: feature extraction is finished; going on with fine-tuning")
-    else:
-        compile_for(model, "feature_extraction", settings.learning_rate)
-        if not (state.backup / "feature_extraction").exists():
-            loss0, accuracy0 = model.evaluate(data["validation"], verbose=0)
-            print(f"initial loss: {loss0:.2f}\ninitial accuracy: {accuracy0:.2f}")
-        timings["feature_extraction_s"] = fit(
-            model, train_data, data["validation"], "feature_extraction", initial_epoch=0,
-            epochs=settings.initial_epochs, history=history, state=state)
-        tmp = state.phase_a_weights.with_name(".phase_a.tmp.weights.h5")
-        model.save_weights(tmp)
-        os.replace(tmp, state.phase_a_weights)
-        write_json(state.phase_a, {"history": history, "seconds": timings["feature_extraction_s"]})
-        shutil.rmtree(state.backup / "feature_extraction")
-
-    # ---- phase B: fine-tuning, the base from fine_tune_at on ----------------------------------
-    set_phase(base, "fine_tuning", settings.fine_tune_at)
-    table = layer_table(base)
-    print(format_layer_table(table))
-    show_counts("fine_tuning")
-    compile_for(model, "fine_tuning", settings.fine_tuning_lr)
-    # The recipe's history.epoch[-1] would repeat phase A's last epoch.
-    phase_a_epochs = sum(h["phase"] == "feature_extraction" for h in history)
-    timings["fine_tuning_s"] = fit(
-        model, train_data, data["validation"], "fine_tuning", initial_epoch=phase_a_epochs,
-        epochs=settings.total_epochs, history=history, state=state)
+    phases = Phases(model, base, settings, train_data, data["validation"], state, stop,
+                    history=json.loads(state.history.read_text())
+                    if resuming and state.history.exists() else [])
+    phases.feature_extraction(resuming)
+    table = phases.fine_tuning()
 
     # ---- test, predictions, the feature-extractor aside --------------------------------------
     start = time.perf_counter()
-    test_loss, test_accuracy = model.evaluate(data["test"])
-    timings["test_s"] = time.perf_counter() - start
+    with reading_data():
+        test_loss, test_accuracy = model.evaluate(data["test"])
+    phases.timings["test_s"] = time.perf_counter() - start
     print(f"test loss: {test_loss:.4f}  test accuracy: {test_accuracy:.4f}")
-    show_predictions(model, base, data["test"], splits)
+    with reading_data():
+        show_predictions(model, base, data["test"], splits)
 
     # ---- outputs ----------------------------------------------------------------------------
     save_model(model, run_dir.path / MODEL_FILE)
-    timings["total_s"] = time.perf_counter() - started
+    phases.timings["total_s"] = time.perf_counter() - started
     document = finish_run(
         run_dir, framework="keras", table=table,
         curves_title=f"Keras {keras.__version__}: MobileNetV2 {settings.image_size}px, "
                      f"{settings.weights_source} weights",
         versions={"tensorflow": tf.__version__, "keras": keras.__version__},
-        settings=settings.to_dict(), data=splits.summary(), weights=weights, counts=counts,
-        history=history, test={"loss": float(test_loss), "accuracy": float(test_accuracy)},
-        timings=timings,
+        settings=settings.to_dict(), data=splits.summary(), weights=weights,
+        counts=phases.counts, history=phases.history,
+        test={"loss": float(test_loss), "accuracy": float(test_accuracy)},
+        timings=phases.timings,
     )
     state.clear()
     print(f"outputs in {run_dir.path}: metrics.json, learning_curves.png, layer_table.csv, "
           f"{MODEL_FILE}")
     return document
+
+
+def prepare_output_dir(run_dir: RunDir, state: RunState, settings: Settings) -> bool:
+    """Refuse to reuse a folder against --resume/--overwrite, or to resume with other settings;
+    clear it for --overwrite. True when there is a run to resume."""
+    run_dir.check_reuse(resume=settings.resume, overwrite=settings.overwrite,
+                        has_state=state.exists())
+    if settings.overwrite:
+        # The old outputs first (metrics.json before anything), then the old backup, which
+        # BackupAndRestore would otherwise restore.
+        run_dir.clear_outputs(MODEL_FILE, BAD_IMAGES_FILE)
+        state.clear()
+    if not settings.resume:
+        return False
+    if not state.exists():
+        print(f"--resume: nothing to resume in {run_dir.path}; starting from the beginning")
+        return False
+    if not state.record.check("settings", recorded_settings(settings)):
+        print(f"warning: {state.record.path} is missing: the settings of the run being resumed "
+              "cannot be compared with these", file=sys.stderr)
+    return True
+
+
+def load_base(settings: Settings) -> tuple[keras.Model, dict[str, Any]]:
+    """The base first: a weights file that does not fit stops the run before the data is read."""
+    with naming_flag("weights", settings.weights_source):
+        base = build_base(settings.weights_source, settings.image_size)
+        # Now, not after training: nothing about the weights file can fail once it is done.
+        weights = weights_record(settings.weights_source, settings.image_size)
+    return base, weights
+
+
+@dataclass
+class Phases:
+    """The recipe's two phases on one model; they share the history, counts and timings."""
+
+    model: keras.Model
+    base: keras.Model
+    settings: Settings
+    train_data: TrainingData
+    validation: tf.data.Dataset
+    state: RunState
+    stop: StopRequests
+    history: list[dict[str, Any]]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def show_counts(self, phase: str) -> None:
+        trainable, non_trainable = count_params(self.model)
+        self.counts[phase] = {"trainable": trainable, "non_trainable": non_trainable}
+        print(format_counts(phase, trainable, non_trainable))
+
+    def fit(self, phase: str, initial_epoch: int, epochs: int) -> None:
+        self.timings[f"{phase}_s"] = fit(
+            self.model, self.train_data, self.validation, phase, initial_epoch=initial_epoch,
+            epochs=epochs, history=self.history, state=self.state, stop=self.stop)
+
+    def feature_extraction(self, resuming: bool) -> None:
+        """Phase A, the whole base frozen; or, resumed after it, its saved result."""
+        model, state = self.model, self.state
+        set_phase(self.base, "feature_extraction")
+        self.show_counts("feature_extraction")
+        if resuming and state.phase_a.exists():
+            record = json.loads(state.phase_a.read_text())
+            # Loaded before compiling: the file's Adam state is not wanted, and is then ignored.
+            model.load_weights(state.phase_a_weights)
+            self.history[:] = record["history"] + [h for h in self.history
+                                                   if h["phase"] == "fine_tuning"]
+            self.timings["feature_extraction_s"] = record["seconds"]
+            print("--resume: feature extraction is finished; going on with fine-tuning")
+            return
+        compile_for(model, "feature_extraction", self.settings.learning_rate)
+        if not (state.backup / "feature_extraction").exists():
+            with reading_data():
+                loss0, accuracy0 = model.evaluate(self.validation, verbose=0)
+            print(f"initial loss: {loss0:.2f}\ninitial accuracy: {accuracy0:.2f}")
+        self.fit("feature_extraction", 0, self.settings.initial_epochs)
+        with replaced_atomically(state.phase_a_weights, ".phase_a.tmp.weights.h5") as tmp:
+            model.save_weights(tmp)
+        write_json(state.phase_a, {"history": self.history,
+                                   "seconds": self.timings["feature_extraction_s"]})
+        shutil.rmtree(state.backup / "feature_extraction")
+
+    def fine_tuning(self) -> list:
+        """Phase B, the base from fine_tune_at on; returns the layer table."""
+        set_phase(self.base, "fine_tuning", self.settings.fine_tune_at)
+        table = layer_table(self.base)
+        print(format_layer_table(table))
+        self.show_counts("fine_tuning")
+        compile_for(self.model, "fine_tuning", self.settings.fine_tuning_lr)
+        # The recipe's history.epoch[-1] would repeat phase A's last epoch.
+        phase_a_epochs = sum(h["phase"] == "feature_extraction" for h in self.history)
+        self.fit("fine_tuning", phase_a_epochs, self.settings.total_epochs)
+        return table
 
 
 if __name__ == "__main__":

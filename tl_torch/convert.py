@@ -51,7 +51,6 @@ import copy
 import importlib.util
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -71,7 +70,7 @@ from torch import nn
 from tl_common import bands
 from tl_common.errors import UserError, run_main
 from tl_common.mobilenet_v2 import LAST_FILTERS
-from tl_common.outputs import atomic_write_bytes, read_metrics, write_json
+from tl_common.outputs import atomic_write_bytes, read_metrics, replaced_atomically, write_json
 from tl_torch.data import load_images
 from tl_torch.keras_weights import EXPORT_KERAS_VERSION, load_keras_weights, open_keras_file
 from tl_torch.model import KERAS_BN_MOMENTUM, MobileNetV2Base
@@ -610,17 +609,13 @@ def write_onnx(module: TransferModule, image_size: int, path: Path) -> Path:
         raise UserError("torch.onnx.export needs the onnx package: pip install onnx")
     example = torch.zeros(1, 3, image_size, image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replaced_atomically(path, f".{path.name}.tmp") as tmp:
         torch.onnx.export(_Probabilities(unfolded_copy(module)), (example,), str(tmp),
                           dynamo=False,
                           opset_version=ONNX_OPSET, input_names=["images"],
                           output_names=["logits", "probabilities"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"},
                                         "probabilities": {0: "batch"}})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -656,7 +651,7 @@ def retype(value):
 
 
 if dtype == "float32":
-    model = keras.models.load_model(model_path, compile=False)
+    model = keras.models.load_model(model_path, compile=False, safe_mode=True)
 else:
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")

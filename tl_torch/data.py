@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from tl_common.data import resolve_data_root
+from tl_common.errors import UserError
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, FileList, find_images, load_splits
-from tl_common.images import decode_rgb
+from tl_common.images import UnreadableImage, decode_rgb
 from tl_common.settings import Settings
 
 __all__ = ["ImageCache", "ImageFiles", "ImageFolderDataModule", "decode_rgb", "load_image",
@@ -51,6 +52,30 @@ def load_image(path: str, size: int) -> torch.Tensor:
     return resize_bilinear(decode_rgb(path), size)
 
 
+class ImageReadError(UserError):
+    """A file that was read and checked before training can no longer be read during it: it
+    vanished (with its folder, perhaps), lost its permissions, or was replaced by a bad file.
+
+    One line for the user. Raised in a DataLoader worker, it comes back to the training process
+    as ``ImageReadError(<the worker's traceback>)`` (torch's ``ExceptionWrapper.reraise``): the
+    line is then the traceback's last one, which is this error's own message."""
+
+    def __init__(self, message: str) -> None:
+        last = message.strip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def read_training_image(path: str, size: int) -> torch.Tensor:
+    """:func:`load_image` for the training loop: a failure is :class:`ImageReadError`."""
+    try:
+        return load_image(path, size)
+    except (OSError, UnreadableImage) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ImageReadError(f"{path} cannot be read any more ({reason}): the data changed "
+                             "after the check at the start of the run; restore it, then rerun "
+                             "with --resume to continue from the last finished epoch") from None
+
+
 class ImageFiles(Dataset):
     """Decodes and resizes on every access (for DataLoader workers)."""
 
@@ -61,7 +86,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.paths[i], self.image_size), self.labels[i]
+        return read_training_image(self.paths[i], self.image_size), self.labels[i]
 
 
 class ImageCache(Dataset):
@@ -76,7 +101,7 @@ class ImageCache(Dataset):
 
         def load(path: str) -> torch.Tensor:
             image = decoded.pop(path, None)
-            return load_image(path, image_size) if image is None else image
+            return read_training_image(path, image_size) if image is None else image
 
         # Pillow's decoder and torch's resize release the GIL: threads use every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:

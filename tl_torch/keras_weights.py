@@ -27,6 +27,7 @@ import torch
 
 from tl_common.errors import UserError
 from tl_common.keras_files import Container, open_keras_file
+from tl_common.outputs import replaced_atomically
 from tl_torch.model import MobileNetV2Base
 
 #: Keras variable names per layer type, in creation order (the order of ``layer.weights`` and of
@@ -175,16 +176,11 @@ def save_keras_weights(base: MobileNetV2Base, path: str | os.PathLike[str]) -> P
     if not path.name.endswith(".h5"):
         raise UserError(f"cannot export to {path}: expected a name ending in .weights.h5 "
                         "(Keras 3 layout) or .h5 (legacy HDF5 layout)")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            if path.name.endswith(".weights.h5"):
-                _write_keras3(base, f)
-            else:
-                _write_legacy(base, f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced_atomically(path, f".{path.name}.tmp") as tmp, h5py.File(tmp, "w") as f:
+        if path.name.endswith(".weights.h5"):
+            _write_keras3(base, f)
+        else:
+            _write_legacy(base, f)
     return path
 
 

@@ -13,12 +13,20 @@ last.ckpt`` (for ``--resume``), ``logs/`` (Lightning's CSV log) and ``bad_images
 files cannot be read (the run stops before training, or with ``--skip-bad-images`` trains
 without them). Every file is written beside its name and renamed over it, so a killed run leaves
 the last complete version or none; ``metrics.json`` is written last and marks a finished run.
+
+While it runs the folder is locked (``run.lock``: a second run there stops with one line);
+``run_settings.json`` records the settings that ``--resume`` must find unchanged. Ctrl-C or
+SIGTERM stops the run after the current step with one line (exit 130 / 143); ``--resume`` then
+continues from the last finished epoch, as after a kill (see :mod:`tl_common.interrupts`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import pickle
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,9 +38,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_common.errors import non_finite_loss, run_main
+from tl_common.data import check_output_dir_placement
+from tl_common.errors import UserError, non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
+from tl_common.interrupts import StopRequests
+from tl_common.lock import OutputLock
 from tl_common.outputs import (
     RunDir,
     atomic_write_bytes,
@@ -40,6 +52,7 @@ from tl_common.outputs import (
     format_counts,
     history_entry,
 )
+from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
 from tl_torch.data import ImageFolderDataModule, load_images
@@ -52,6 +65,9 @@ from tl_torch.weights import build_base
 LAST_CHECKPOINT = "last"
 MODEL_FILE = "model.ckpt"
 BASE_WEIGHTS_FILE = "base.weights.h5"
+#: What the one line says after Ctrl-C or SIGTERM.
+INTERRUPTED = ("rerun with --resume to continue from the last finished epoch "
+               "(checkpoints/last.ckpt)")
 
 
 class KerasHistory(Callback):
@@ -113,6 +129,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buffer.getvalue())
 
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Plain data only, whatever the caller asks: ``--resume`` reads a file from a folder
+        anyone may have written to, and a pickle can run code when it is read."""
+        return read_checkpoint(path, map_location=map_location)
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint of this project, read with ``torch.load(weights_only=True)``: tensors,
+    numbers, strings, lists and dicts; anything else (a pickled object) is one line."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise UserError(f"{path} is not a checkpoint of this project that holds plain data only "
+                        f"({' '.join(str(err).split())[:160]}); use --overwrite to start over"
+                        ) from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a Lightning checkpoint (a {type(checkpoint).__name__}); "
+                        "use --overwrite to start over")
+    return checkpoint
+
+
+class StopOnRequest(Callback):
+    """Ends training at a safe point after Ctrl-C or SIGTERM (:mod:`tl_common.interrupts`): after
+    the current training step, or validation batch, never inside a step or a checkpoint write.
+    Under DDP every process learns after each step that one of them was asked, so that all stop
+    after the same step."""
+
+    def __init__(self, stop: StopRequests) -> None:
+        self.stop = stop
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        requested = self.stop.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            raise self.stop.error(self.stop.signum or signal.SIGTERM)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        # Alone only: DDP's validation shards may differ in length, a collective here could hang.
+        if trainer.world_size == 1:
+            self.stop.check()
+
 
 def build_arg_parser():
     parser = build_parser("torch", description=__doc__.split("\n\n")[0])
@@ -136,11 +198,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the recipe; return the metrics.json document (None on DDP's other processes)."""
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
+    check_output_dir_placement(settings)
     keep_freed_memory()  # large activations reuse freed memory: see tl_torch/fast.py
     run_dir = RunDir(Path(settings.output_dir))
+    with contextlib.ExitStack() as stack:
+        lock = None
+        if rank_zero_only.rank == 0:  # DDP's other processes rerun this script: rank 0 owns it
+            run_dir.create()
+            lock = stack.enter_context(OutputLock(run_dir.path))
+        stop = stack.enter_context(StopRequests(INTERRUPTED,
+                                                on_abort=lock.release if lock else None))
+        return run(settings, ns, run_dir, stop)
+
+
+def run(settings: Settings, ns: Any, run_dir: RunDir, stop: StopRequests
+        ) -> dict[str, Any] | None:
+    """The recipe in a locked output folder, Ctrl-C and SIGTERM handled by ``stop``."""
     last = run_dir.path / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
-    if rank_zero_only.rank == 0:  # DDP's other processes rerun this script; the checks are rank 0's
+    record = ResumeRecord(run_dir.path)
+    resuming = settings.resume and last.exists()
+    current = recorded_settings(settings, accelerator=ns.accelerator, devices=ns.devices,
+                                strategy=ns.strategy, precision=ns.precision)
+    if rank_zero_only.rank == 0:  # the checks are rank 0's
         prepare_output_dir(run_dir, settings, has_state=last.exists())
+        if resuming:
+            if not record.check("settings", current):
+                print(f"warning: {record.path} is missing: the settings of the run being resumed "
+                      "cannot be compared with these", file=sys.stderr)
+            read_checkpoint(last)  # plain data, before any work: see AtomicCheckpointIO
     started = time.perf_counter()
     L.seed_everything(settings.seed, workers=True, verbose=False)
 
@@ -152,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         weights = weights_record(settings.weights_source, settings.image_size)
     data = load_data(settings, run_dir)
     splits = data.splits
+    if rank_zero_only.rank == 0:
+        inputs = recorded_inputs(weights, splits.summary())
+        if not (resuming and record.check("inputs", inputs)):
+            record.write(current, inputs)
     module = TransferModule(base, learning_rate=settings.learning_rate,
                             fine_tune_learning_rate=settings.fine_tuning_lr,
                             fine_tune_at=settings.fine_tune_at, dropout=settings.dropout,
@@ -162,11 +251,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     rank_zero_only(print)(format_counts("feature_extraction", **counts["feature_extraction"]))
 
     history = KerasHistory()
-    resume_from = str(last) if settings.resume and last.exists() else None
-    if settings.resume and resume_from is None:
+    if settings.resume and not resuming:
         rank_zero_only(print)(f"nothing to resume in {run_dir.path}: starting a new run")
-    trainer = build_trainer(settings, ns, run_dir, history)
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    trainer = build_trainer(settings, ns, run_dir, history, stop)
+    with stop.deferred():
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None,
+                        weights_only=True)
+        except SIGTERMException:  # Lightning's own SIGTERM handling stopped first
+            raise stop.error(signal.SIGTERM) from None
     test_started = time.perf_counter()
     test = trainer.test(module, datamodule=data, verbose=False)[0]
     test_seconds = time.perf_counter() - test_started
@@ -199,7 +292,8 @@ def prepare_output_dir(run_dir: RunDir, settings: Settings, *, has_state: bool) 
     """Refuse to reuse a folder against --resume/--overwrite; clear it for --overwrite."""
     run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite, has_state=has_state)
     if settings.overwrite:  # metrics.json first: see RunDir.clear_outputs
-        run_dir.clear_outputs(MODEL_FILE, BASE_WEIGHTS_FILE, BAD_IMAGES_FILE, "checkpoints", "logs")
+        run_dir.clear_outputs(MODEL_FILE, BASE_WEIGHTS_FILE, BAD_IMAGES_FILE, RECORD_FILE,
+                              "checkpoints", "logs")
 
 
 def load_data(settings: Settings, run_dir: RunDir) -> ImageFolderDataModule:
@@ -232,15 +326,18 @@ def phase_counts(module: TransferModule) -> tuple[dict[str, dict[str, int]], lis
     return counts, table
 
 
-def build_trainer(settings: Settings, ns: Any, run_dir: RunDir, history: KerasHistory) -> L.Trainer:
-    """Lightning's Trainer for both phases: phase switch, history, checkpoints for --resume."""
+def build_trainer(settings: Settings, ns: Any, run_dir: RunDir, history: KerasHistory,
+                  stop: StopRequests) -> L.Trainer:
+    """Lightning's Trainer for both phases: phase switch, history, checkpoints for --resume,
+    a stop at the next safe point on Ctrl-C or SIGTERM."""
     limit = settings.limit_batches if settings.limit_batches is not None else 1.0
     return L.Trainer(
         max_epochs=settings.total_epochs,
         accelerator=ns.accelerator, devices=_devices(ns.devices), strategy=ns.strategy,
         precision=ns.precision,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[StopOnNonFiniteLoss(), TwoPhaseFineTuning(settings.initial_epochs), history,
+        callbacks=[StopOnNonFiniteLoss(), StopOnRequest(stop),
+                   TwoPhaseFineTuning(settings.initial_epochs), history,
                    # save_top_k=1 without a monitor: the latest epoch, overwritten each time
                    # (save_top_k=0 would save nothing at all).
                    ModelCheckpoint(dirpath=run_dir.path / "checkpoints", filename=LAST_CHECKPOINT,
