@@ -145,17 +145,26 @@ def _band_row(check: str, parity: convert.Parity, note: str = "") -> Row:
                bool(parity.result_error <= parity.band), note)
 
 
+@functools.cache
+def _keras_outputs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The Keras model's outputs on the demo images, float32 and float64: once per file in a
+    run (nothing here depends on the port, so the planted mistakes share them)."""
+    model = keras.models.load_model(path, compile=False)
+    x = pairs.nhwc(_images())
+    return (keras.ops.convert_to_numpy(model(x, training=False)),
+            keras.ops.convert_to_numpy(keras_float64(model)(x.astype(np.float64),
+                                                            training=False)))
+
+
 def _from_keras(path: Path, label: str, class_names: tuple[str, ...],
                 given: list[str] | None) -> tuple[list[Row], TransferModule]:
-    model = keras.models.load_model(path, compile=False)
     found = convert.inspect_keras_model(path)
     module, _ = convert.module_from_keras(path, class_names=given)
     images = _images()
     x = pairs.nhwc(images)
-    source32 = convert.probabilities(keras.ops.convert_to_numpy(model(x, training=False)),
-                                     found.activation)
-    exact = convert.probabilities(keras.ops.convert_to_numpy(
-        keras_float64(model)(x.astype(np.float64), training=False)), found.activation)
+    outputs32, outputs64 = _keras_outputs(path)
+    source32 = convert.probabilities(outputs32, found.activation)
+    exact = convert.probabilities(outputs64, found.activation)
     result32 = _port(module, images)
     parity = convert.compare("from-keras", str(path), "port", source32, result32, exact)
     keras_names = [class_names[i] for i in convert.predicted_classes(source32)]

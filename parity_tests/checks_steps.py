@@ -1,7 +1,7 @@
 """Check 9: training, step by step from a shared state with augmentation and dropout on (the
 reference's random draws replayed in the port), then free-running.
 
-Step by step: before each of 20 feature-extraction and 20 fine-tuning steps, the port and a
+Step by step: before each of 12 feature-extraction and 12 fine-tuning steps, the port and a
 float64 copy of the Keras model are set to the Keras model's current weights and optimizer state
 (nothing accumulates); all three take one step on the same batch with the same flips, angles and
 dropout mask (drawn by the Keras model's own layers). The float64 step is the exact answer: the
@@ -65,7 +65,7 @@ class Setup:
 
     size: int = 64
     batch: int = 8
-    steps: int = 20             # of each phase, step by step
+    steps: int = 12             # of each phase, step by step
     free_steps: int = 10        # of each phase, free-running
     num_classes: int = 2
     augment: bool = True
