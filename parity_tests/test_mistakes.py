@@ -39,6 +39,9 @@ from parity_tests.rows import Row, failures
 from tl_torch.model import MobileNetV2Base
 from tl_torch.optim import KerasRMSprop
 
+#: About a minute together on two cores: in the full test command, not in the quick tier.
+pytestmark = pytest.mark.slow
+
 
 def assert_caught(rows: list[Row], *, where: str) -> None:
     """Some row whose check name contains ``where`` failed."""

@@ -27,6 +27,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("parity")
 
 
+@pytest.mark.slow  # six Keras bases built
 def test_1_architecture(parity) -> None:
     parity.check(checks_model.check_architecture())
 
@@ -45,6 +46,7 @@ def test_4_numerics(parity, workdir: Path) -> None:
                  + checks_model.check_numerics(workdir))
 
 
+@pytest.mark.slow  # training steps in both frameworks, folded and unfolded
 def test_5_batchnorm(parity) -> None:
     parity.check(checks_training.check_batchnorm())
 
