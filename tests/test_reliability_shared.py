@@ -457,7 +457,8 @@ def test_predict_refuses_a_planted_pickle(tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(image)
     line = one_error_line(predict.main, [str(run), str(image)], capsys)
-    assert line.startswith(f"error: {run / 'model.ckpt'} is not a readable Lightning checkpoint")
+    assert line.startswith(f"error: {run / 'model.ckpt'} is not a readable checkpoint of this project "
+                           "holding plain data only (Weights only load failed")
     assert_payload_is_live(run / "model.ckpt", marker)
 
 
@@ -468,8 +469,8 @@ def test_resume_refuses_a_planted_pickle_before_any_work(tmp_path, capsys):
     line = one_error_line(torch_train.main, ["--data-dir", str(tmp_path / "no data"),
                                              "--weights", "none", "--output-dir", str(out),
                                              "--resume"], capsys)
-    assert line.startswith(f"error: {last} is not a checkpoint of this project that holds plain "
-                           "data only (Weights only load failed")
+    assert line.startswith(f"error: {last} is not a readable checkpoint of this project "
+                           "holding plain data only (Weights only load failed")
     assert line.endswith("use --overwrite to start over")
     assert_payload_is_live(last, marker)
 
@@ -479,7 +480,7 @@ def test_lightning_resume_path_reads_plain_data_only(tmp_path):
     asked: the planted file is refused there too."""
     path, marker = tmp_path / "last.ckpt", tmp_path / "ran"
     plant_payload(path, marker)
-    with pytest.raises(UserError, match="holds plain data only"):
+    with pytest.raises(UserError, match="holding plain data only"):
         torch_train.AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
     assert_payload_is_live(path, marker)
 

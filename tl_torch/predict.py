@@ -11,7 +11,6 @@ Folders are searched recursively for the image types Keras reads.
 from __future__ import annotations
 
 import argparse
-import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tl_torch.data import load_images
 from tl_torch.fast import keep_freed_memory
 from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
-from tl_torch.train import MODEL_FILE
+from tl_torch.train import MODEL_FILE, read_checkpoint
 from tl_torch.weights import base_config
 
 #: Images per forward pass.
@@ -62,13 +61,19 @@ def load_run(run_dir: str | Path, *, fast: bool = True
     if not checkpoint.is_file():
         raise UserError(f"{run_dir} has no {MODEL_FILE}: expected the output folder of "
                         "python -m tl_torch.train or python -m tl_torch.convert from-keras")
-    try:  # plain data only: a checkpoint is read without unpickling arbitrary objects
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        hparams = saved["hyper_parameters"]
-        saved["pytorch-lightning_version"]  # noqa: B018  (what load_from_checkpoint reads first)
-    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
-        raise UserError(f"{checkpoint} is not a readable Lightning checkpoint of this project "
-                        f"({str(err).splitlines()[0][:200]})") from None
+    way_out = ("expected the model.ckpt of python -m tl_torch.train or python -m tl_torch.convert "
+               "from-keras")
+    # Plain data only: a checkpoint is read without unpickling arbitrary objects.
+    saved = read_checkpoint(checkpoint, way_out=way_out)
+    # What load_from_checkpoint reads first.
+    missing = [key for key in ("hyper_parameters", "pytorch-lightning_version") if key not in saved]
+    if missing:
+        raise UserError(f"{checkpoint} is not a Lightning checkpoint of this project (no "
+                        f"{missing[0]!r} in it); {way_out}")
+    hparams = saved["hyper_parameters"]
+    if not isinstance(hparams, dict):
+        raise UserError(f"{checkpoint} holds hyper_parameters of type {type(hparams).__name__}, "
+                        f"not a dict; {way_out}")
     overrides: dict[str, object] = {}
     class_names, image_size = hparams.get("class_names"), hparams.get("image_size")
     if "base_config" not in hparams or class_names is None or image_size is None:

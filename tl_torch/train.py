@@ -136,18 +136,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location=map_location)
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu", *,
+                    way_out: str = "use --overwrite to start over") -> dict[str, Any]:
     """A checkpoint of this project, read with ``torch.load(weights_only=True)``: tensors,
-    numbers, strings, lists and dicts; anything else (a pickled object) is one line."""
+    numbers, strings, lists and dicts; anything else (a pickled object), a damaged or a foreign
+    file is one line ending in ``way_out``. ``--resume`` and ``tl_torch.predict`` read with it."""
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise UserError(f"{path} is not a checkpoint of this project that holds plain data only "
-                        f"({' '.join(str(err).split())[:160]}); use --overwrite to start over"
-                        ) from None
+        raise UserError(f"{path} is not a readable checkpoint of this project holding plain data "
+                        f"only ({' '.join(str(err).split())[:160]}); {way_out}") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a Lightning checkpoint (a {type(checkpoint).__name__}); "
-                        "use --overwrite to start over")
+                        f"{way_out}")
     return checkpoint
 
 
