@@ -29,15 +29,18 @@ def numerics_settings() -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``trainers`` (both trainers' main, recorded: about a minute) run only when
-    TL_PARITY_TRAINERS=1; ``python -m parity_tests`` sets it."""
-    from parity_tests.checks_trainers import ENV, enabled
+    TL_PARITY_TRAINERS=1, and ``seeds`` (both trainers over 5 seeds: about 15 minutes on 2 cores)
+    only when TL_PARITY_SEEDS=1; ``python -m parity_tests`` sets both."""
+    from parity_tests import checks_trainers, seeds
 
-    if enabled():
-        return
-    skip = pytest.mark.skip(reason=f"runs both trainers: set {ENV}=1 (python -m parity_tests does)")
-    for item in items:
-        if "trainers" in item.keywords:
-            item.add_marker(skip)
+    for marker, module, what in (("trainers", checks_trainers, "runs both trainers"),
+                                 ("seeds", seeds, "runs both trainers over 5 seeds")):
+        if module.enabled():
+            continue
+        skip = pytest.mark.skip(reason=f"{what}: set {module.ENV}=1 (python -m parity_tests does)")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -19,6 +19,7 @@ from parity_tests import (
     checks_steps,
     checks_trainers,
     checks_training,
+    seeds,
 )
 
 
@@ -89,3 +90,10 @@ def test_15_prediction(parity) -> None:
 
 def test_16_module(parity) -> None:
     parity.check(checks_module.check_module())
+
+
+@pytest.mark.seeds
+def test_17_seeds(parity, workdir: Path) -> None:
+    study = seeds.run_study(workdir / "seeds", range(seeds.DEFAULT_SEEDS), seeds.SUITE_FLAGS,
+                            progress=False)
+    parity.check(seeds.rows(study))

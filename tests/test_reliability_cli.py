@@ -133,6 +133,8 @@ BAD_ARGUMENTS = [
     (["--weights", "imagenett"], "--weights='imagenett' is not accepted: expected one of imagenet, "
                                  "demo, none"),
     (["--learning-rate", "0"], "--learning-rate=0.0 is not accepted: expected a positive number"),
+    (["--demo-set", "medium"], "--demo-set='medium' is not accepted: expected one of easy, hard"),
+    (["--demo-set", "hard"], "--demo-set=hard needs --demo: it chooses the demo's data"),
 ]
 
 

@@ -62,7 +62,7 @@ def resolve_data_root(settings: Settings) -> Path:
     if settings.demo:
         from tl_common.demo import demo_data_root
 
-        return demo_data_root()
+        return demo_data_root(settings.demo_set)
     if settings.data_dir is not None:
         root = Path(settings.data_dir).expanduser()
         if not root.is_dir():
@@ -80,7 +80,7 @@ def check_output_dir_placement(settings: Settings) -> None:
     if settings.demo:
         from tl_common.demo import demo_data_path
 
-        roots = [demo_data_path()]
+        roots = [demo_data_path(settings.demo_set)]
     elif settings.data_dir is not None:
         roots = [Path(settings.data_dir).expanduser()]
     else:

@@ -41,23 +41,41 @@ DEMO_IMAGES_PER_CLASS = {"train": 160, "validation": 30}
 DEMO_CLASSES = ("cats", "dogs")
 DEMO_SEED = 20240501
 
+#: The generated sets ``--demo-set`` chooses from. ``easy`` is learnt within an epoch or two: quick
+#: runs and tests. ``hard`` mixes the classes' cues and hides them (smaller animals, occluders,
+#: noise), so that feature extraction ends short of the top and fine-tuning visibly adds to it:
+#: a run with a wrong learning rate or optimizer lands elsewhere.
+DEMO_SETS = ("easy", "hard")
+HARD_DATA_VERSION = 1
+HARD_IMAGES_PER_CLASS = {"train": 200, "validation": 100}
+HARD_SEED = 20261129
+#: In the hard set each of an animal's five cues (coat colours, coat pattern, ears, face, tail)
+#: is its own class's with this probability, else the other class's.
+HARD_CUE_PROBABILITY = 0.85
+CUES = ("palette", "pattern", "ears", "face", "tail")
 
-def demo_data_path() -> Path:
-    """Where the demo data folder is (or will be once generated)."""
+
+def demo_data_path(demo_set: str = "easy") -> Path:
+    """Where a demo data folder is (or will be once generated)."""
+    if demo_set == "hard":
+        return cache_home() / f"demo-hard-data-v{HARD_DATA_VERSION}"
     return cache_home() / f"demo-data-v{DEMO_DATA_VERSION}"
 
 
-def demo_data_root() -> Path:
-    """The demo data folder, generated on first use into a temporary folder beside it and
+def demo_data_root(demo_set: str = "easy") -> Path:
+    """A demo data folder, generated on first use into a temporary folder beside it and
     renamed when complete: a full disk is one line, and leaves no folder taken for finished."""
-    root = demo_data_path()
+    if demo_set not in DEMO_SETS:
+        raise UserError(f"--demo-set={demo_set!r} is not accepted: expected one of "
+                        f"{', '.join(DEMO_SETS)}")
+    root = demo_data_path(demo_set)
     if (root / ".complete").exists():
         return root
     with disk_full_is_one_line(root):
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=root.parent))
         try:
-            generate_demo_data(tmp)
+            (generate_hard_demo_data if demo_set == "hard" else generate_demo_data)(tmp)
             (tmp / ".complete").write_text("ok\n")
             if root.exists():  # a stale, unfinished folder: nothing of value in it
                 shutil.rmtree(root)
@@ -79,6 +97,43 @@ def generate_demo_data(root: Path) -> None:
                 image.save(folder / f"{name[:-1]}.{i:04d}.jpg", quality=int(rng.integers(80, 96)))
 
 
+def generate_hard_demo_data(root: Path) -> None:
+    """Write the hard demo set under ``root`` (deterministic): each cue is the class's own with
+    probability :data:`HARD_CUE_PROBABILITY`, the animals are smaller, and occluders and pixel
+    noise hide part of what is left."""
+    for split_index, (split, per_class) in enumerate(HARD_IMAGES_PER_CLASS.items()):
+        for label, name in enumerate(DEMO_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                rng = np.random.default_rng([HARD_SEED, split_index, label, i])
+                dog = bool(label)
+                cues = mixed_cues(rng, dog=dog)
+                image = hide_cues(rng, draw_animal(rng, dog=dog, cues=cues, scale=(0.4, 0.75)))
+                image.save(folder / f"{name[:-1]}.{i:04d}.jpg", quality=int(rng.integers(60, 90)))
+
+
+def mixed_cues(rng: np.random.Generator, *, dog: bool) -> dict[str, bool]:
+    """Cue by cue, whether the dog's version is drawn: the class's own with probability
+    :data:`HARD_CUE_PROBABILITY`, independently."""
+    own = rng.random(len(CUES)) < HARD_CUE_PROBABILITY
+    return {cue: dog == bool(keep) for cue, keep in zip(CUES, own, strict=True)}
+
+
+def hide_cues(rng: np.random.Generator, image: Image.Image) -> Image.Image:
+    """One to three occluders in random colours, then pixel noise."""
+    w, h = image.size
+    d = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(1, 4))):
+        r = min(w, h) * rng.uniform(0.08, 0.2)
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)((x - r, y - r, x + r, y + r), fill=colour)
+    noise = rng.normal(0, rng.uniform(6, 18), size=(h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255)
+                           .astype(np.uint8))
+
+
 def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     w, h = size
     top, bottom = rng.integers(40, 230, size=(2, 3))
@@ -90,15 +145,21 @@ def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2))
 
 
-def draw_animal(rng: np.random.Generator, *, dog: bool) -> Image.Image:
-    """One picture: a cartoon cat (pointed ears, stripes) or dog (floppy ears, spots)."""
+def draw_animal(rng: np.random.Generator, *, dog: bool, cues: dict[str, bool] | None = None,
+                scale: tuple[float, float] = (0.55, 0.8)) -> Image.Image:
+    """One picture: a cartoon cat (pointed ears, stripes) or dog (floppy ears, spots).
+
+    ``cues`` says, cue by cue (:data:`CUES`), whether the dog's version is drawn; by default
+    every cue is the class's own. ``scale`` is the animal's size as a fraction of the shorter side.
+    """
+    cue = {name: dog for name in CUES} | (cues or {})
     w, h = int(rng.integers(180, 340)), int(rng.integers(160, 300))
     image = _background(rng, (w, h))
-    s = min(w, h) * rng.uniform(0.55, 0.8)  # animal scale
+    s = min(w, h) * rng.uniform(*scale)  # animal scale
     cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.45, 0.6)
     facing = 1 if rng.random() < 0.5 else -1
     # Palettes that differ as much as the patterns: ginger tabby cats, black-and-white dogs.
-    if dog:
+    if cue["palette"]:
         coat = rng.choice([[240, 238, 230], [225, 220, 205]]) + rng.integers(-10, 10, 3)
         mark = rng.choice([[20, 20, 20], [60, 40, 30]]) + rng.integers(-10, 10, 3)
     else:
@@ -118,12 +179,12 @@ def draw_animal(rng: np.random.Generator, *, dog: bool) -> Image.Image:
     for lx in legs:
         m.rectangle((lx - 0.05 * s, cy + 0.1 * s, lx + 0.05 * s, cy + 0.45 * s), fill=255)
     tail_x = cx - facing * 0.45 * s
-    m.line((tail_x, cy - 0.05 * s, tail_x - facing * 0.2 * s, cy - (0.35 if not dog else 0.15) * s),
+    m.line((tail_x, cy - 0.05 * s, tail_x - facing * 0.2 * s, cy - (0.15 if cue["tail"] else 0.35) * s),
            fill=255, width=max(2, int(0.06 * s)))
 
     pattern = Image.new("RGB", (w, h), coat_c)
     p = ImageDraw.Draw(pattern)
-    if dog:  # spots
+    if cue["pattern"]:  # spots
         for _ in range(int(rng.integers(25, 45))):
             r = s * rng.uniform(0.025, 0.06)
             x, y = rng.uniform(cx - 0.7 * s, cx + 0.7 * s), rng.uniform(cy - 0.5 * s, cy + 0.5 * s)
@@ -138,17 +199,19 @@ def draw_animal(rng: np.random.Generator, *, dog: bool) -> Image.Image:
     image.paste(pattern, (0, 0), mask)
 
     d = ImageDraw.Draw(image)
-    if dog:  # floppy ears hanging beside the head
+    if cue["ears"]:  # floppy ears hanging beside the head
         for side in (-1, 1):
             ex = hx + side * 0.16 * s
             d.ellipse((ex - 0.07 * s, hy - 0.12 * s, ex + 0.07 * s, hy + 0.18 * s), fill=mark_c)
-        d.ellipse((hx + facing * 0.15 * s - 0.045 * s, hy - 0.01 * s,
-                   hx + facing * 0.15 * s + 0.045 * s, hy + 0.08 * s), fill=(20, 20, 20))  # nose
     else:  # pointed ears on top of the head
         for side in (-1, 1):
             ex = hx + side * 0.11 * s
             d.polygon([(ex - 0.08 * s, hy - 0.12 * s), (ex + 0.08 * s, hy - 0.12 * s),
                        (ex + side * 0.02 * s, hy - 0.36 * s)], fill=coat_c)
+    if cue["face"]:  # a nose
+        d.ellipse((hx + facing * 0.15 * s - 0.045 * s, hy - 0.01 * s,
+                   hx + facing * 0.15 * s + 0.045 * s, hy + 0.08 * s), fill=(20, 20, 20))
+    else:
         for side in (-1, 1):  # whiskers
             for k in (-1, 0, 1):
                 wx = hx + facing * 0.1 * s

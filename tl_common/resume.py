@@ -36,10 +36,11 @@ COMPARED = ("image_size", "batch_size", "initial_epochs", "fine_tune_epochs", "f
 
 
 def data_source(settings: Settings) -> str:
-    """Where the images come from, one spelling per folder: ``demo``, ``cats_and_dogs_filtered``
-    (the recipe's, found or downloaded), or the real path of ``--data-dir``."""
+    """Where the images come from, one spelling per folder: ``demo`` (``demo-hard`` for the hard
+    set), ``cats_and_dogs_filtered`` (the recipe's, found or downloaded), or the real path of
+    ``--data-dir``."""
     if settings.demo:
-        return "demo"
+        return "demo" if settings.demo_set == "easy" else f"demo-{settings.demo_set}"
     if settings.data_dir is None:
         return "cats_and_dogs_filtered"
     return os.path.realpath(os.path.expanduser(settings.data_dir))
