@@ -52,6 +52,7 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     keep_freed_memory: bool = False      # glibc mallopt before anything else (tl_torch.fast)
     bf16: bool = False                   # changes the numbers: reported apart
+    jit_compile: bool = False            # Keras: XLA (see KERAS_XLA)
     primary: bool = False                # the configuration the trainer itself runs
 
     def to_dict(self) -> dict[str, object]:
@@ -76,6 +77,20 @@ KERAS_ONEDNN_KEEP = Config("keras-onednn-keep", "keras", "TF_ENABLE_ONEDNN_OPTS=
                            CORE, env={"TF_ENABLE_ONEDNN_OPTS": "1"}, keep_freed_memory=True)
 KERAS_EIGEN_KEEP = Config("keras-no-onednn-keep", "keras", "TF_ENABLE_ONEDNN_OPTS=0 + glibc mallopt",
                           CORE, env={"TF_ENABLE_ONEDNN_OPTS": "0"}, keep_freed_memory=True)
+#: Keras at its XLA best. Keras refuses ``jit_compile=True`` for the recipe's model (RandomRotation
+#: says ``supports_jit = False``; Keras warns and runs without XLA), so this configuration runs
+#: what a Keras user would do for XLA: the same augmentation layers outside the compiled graph
+#: (as a tf.data map would), then the model without them, compiled with ``jit_compile=True``;
+#: inference and the base forward through XLA alike.
+KERAS_XLA = Config("keras-xla", "keras", "Keras with XLA (jit_compile=True; augmentation outside "
+                   "the compiled step)", (TRAIN_A, TRAIN_B, INFER, BASE_FORWARD),
+                   env={"TF_ENABLE_ONEDNN_OPTS": "1"}, jit_compile=True)
+#: The alternative a user might pick instead of a port: the reference's own code on Keras 3's
+#: torch backend (eager PyTorch underneath). Compared in rows of its own, not a Keras baseline.
+KERAS_TORCH_BACKEND = Config("keras-torch-backend", "keras",
+                             "the reference on Keras 3's torch backend (KERAS_BACKEND=torch)",
+                             (TRAIN_A, TRAIN_B, INFER, BASE_FORWARD),
+                             env={"KERAS_BACKEND": "torch"}, keep_freed_memory=True)
 TORCH_BF16 = replace(TORCH, name="torch-bf16", label="port, bf16 autocast (changes the numbers)",
                      sections=(TRAIN_A, TRAIN_B, INFER), bf16=True, primary=False)
 KERAS_BF16 = replace(KERAS_ONEDNN, name="keras-bf16",
@@ -84,16 +99,17 @@ KERAS_BF16 = replace(KERAS_ONEDNN, name="keras-bf16",
 
 
 def plan(*, quick: bool, bf16: bool, all_keras: bool = False) -> list[Config]:
-    """The worker processes of one round, frameworks alternating; quick runs the two primaries.
+    """The worker processes of one round, frameworks alternating; quick runs the two primaries
+    and Keras with XLA (a candidate for the best Keras).
 
     glibc's setting is tried for Keras with oneDNN on, its faster configuration here (2x); with
     ``all_keras`` also with oneDNN off.
     """
     if quick:
-        configs = [TORCH, KERAS_ONEDNN]
+        configs = [TORCH, KERAS_ONEDNN, KERAS_XLA]
     else:
         configs = [TORCH, KERAS_ONEDNN, TORCH_NO_KEEP, KERAS_EIGEN, TORCH_OMP_PASSIVE,
-                   KERAS_ONEDNN_KEEP]
+                   KERAS_ONEDNN_KEEP, KERAS_XLA, KERAS_TORCH_BACKEND]
         if all_keras:
             configs.append(KERAS_EIGEN_KEEP)
     if bf16:

@@ -10,6 +10,10 @@ Lightning's out (measured here: ``fit`` over the same batch in memory takes the 
 step). The first call traces the graph (kept apart, as ``first_call_s``). Each phase has a model of
 its own (same seed, same weights), so that switching phases needs no new trace. Inference is
 ``predict_on_batch`` (the compiled predict function, augmentation off).
+With ``jit_compile`` (configuration ``keras-xla``) the augmentation layers run outside the
+compiled step and the model is built without them, as Keras refuses XLA for the recipe's model;
+under ``KERAS_BACKEND=torch`` (``keras-torch-backend``) the same code runs on Keras' torch backend,
+eagerly, with the batch held as a torch tensor.
 Run: ``python -m benchmarks.keras_worker SPEC.json RESULT_FD``.
 """
 
@@ -19,6 +23,8 @@ import importlib
 import os
 import time
 from typing import Any
+
+import numpy as np
 
 from benchmarks import config as C
 from benchmarks.memory import keep_freed_memory_glibc
@@ -36,31 +42,46 @@ def main(argv: list[str] | None = None) -> None:
     # TensorFlow (tl_common/compat.py).
     importlib.import_module("tl_keras")
     import keras
-    import tensorflow as tf
 
-    from tl_common.files import load_splits
-    from tl_keras.data import make_dataset
     from tl_keras.model import build_base, build_model, compile_for, data_augmentation, set_phase
 
-    gpus = tf.config.list_physical_devices("GPU")
-    info = {"keep_freed_memory": kept, "device": gpus[0].name if gpus else "cpu",
-            "threads": {
-                "intra_op": tf.config.threading.get_intra_op_parallelism_threads() or "0 (all cores)",
-                "inter_op": tf.config.threading.get_inter_op_parallelism_threads() or "0 (all cores)",
-                "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}}
+    if keras.backend.backend() == "torch":
+        import torch
+
+        tf = None
+        gpus = [torch.cuda.get_device_name()] if torch.cuda.is_available() else []
+        info = {"device": gpus[0] if gpus else "cpu",
+                "threads": {"intra_op": torch.get_num_threads(), "KERAS_BACKEND": "torch"},
+                "versions": {"torch": torch.__version__, "keras": keras.__version__}}
+    else:
+        import tensorflow as tf
+
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+        info = {"device": gpus[0] if gpus else "cpu",
+                "threads": {
+                    "intra_op": tf.config.threading.get_intra_op_parallelism_threads()
+                    or "0 (all cores)",
+                    "inter_op": tf.config.threading.get_inter_op_parallelism_threads()
+                    or "0 (all cores)",
+                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
+                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}}
+    info["keep_freed_memory"] = kept
+    jit = bool(cfg.get("jit_compile"))
+    info["jit_compile"] = jit
     if cfg["bf16"]:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
 
     images_np, labels_np = load_batch(spec["batch_file"])
-    images = tf.constant(images_np)                       # (N, H, W, 3), [0, 255]
-    labels = tf.constant(labels_np.astype("int32"))       # label_mode="int", as make_dataset
+    # Held by the backend, as a dataset's batch would be: (N, H, W, 3) in [0, 255]; int labels as
+    # make_dataset's label_mode="int".
+    images = keras.ops.convert_to_tensor(images_np)
+    labels = keras.ops.convert_to_tensor(labels_np.astype("int32"))
     n = int(images.shape[0])
     last: list[Any] = [None]
 
     def sync() -> None:  # eager CPU ops are synchronous; on a GPU, read one value back
         if last[0] is not None and gpus:
-            last[0][(0,) * len(last[0].shape)].numpy()
+            keras.ops.convert_to_numpy(last[0][(0,) * len(last[0].shape)])
 
     def bench(fn, items: float = n, **kw) -> Bench:
         args = {"calls": sizes.calls, "warmup": sizes.warmup, "sync": sync, **kw}
@@ -69,16 +90,30 @@ def main(argv: list[str] | None = None) -> None:
     def new_model() -> tuple[keras.Model, keras.Model]:
         keras.utils.set_random_seed(C.SEED)
         base = build_base(C.WEIGHTS, C.IMAGE_SIZE)
-        return base, build_model(base, seed=C.SEED)
+        # XLA: the model without its augmentation layers, which Keras cannot compile with XLA.
+        model = build_model(base, seed=C.SEED, augment=not jit)
+        model.jit_compile = jit
+        return base, model
+
+    augmentation = data_augmentation(C.SEED)
+    augment_fn = (tf.function(lambda t: augmentation(t, training=True)) if tf is not None
+                  else (lambda t: augmentation(t, training=True)))
 
     def train(phase: str, learning_rate: float) -> Bench:
         base, model = new_model()
         set_phase(base, phase, C.FINE_TUNE_AT)
         compile_for(model, phase, learning_rate)
+        model.jit_compile = jit   # compile() resets it
         # train_on_batch returns the logs as numpy values: each call ends synchronised.
-        return bench(lambda: model.train_on_batch(images, labels),
-                     info={"trainable_params": sum(int(w.numpy().size)
-                                                   for w in model.trainable_weights)})
+        if jit:
+            def step() -> None:
+                model.train_on_batch(augment_fn(images), labels)
+        else:
+            def step() -> None:
+                model.train_on_batch(images, labels)
+        return bench(step, info={"jit_compile": bool(model.jit_compile),
+                                 "trainable_params": sum(int(np.prod(w.shape))
+                                                         for w in model.trainable_weights)})
 
     models: dict[str, Any] = {}
 
@@ -94,15 +129,19 @@ def main(argv: list[str] | None = None) -> None:
     def base_forward() -> Bench:
         base, _ = inference_model()
         x = keras.applications.mobilenet_v2.preprocess_input(images)
-        forward = tf.function(lambda t: base(t, training=False))
+        if tf is not None:
+            forward = tf.function(lambda t: base(t, training=False), jit_compile=jit)
+        else:
+            import torch
+
+            def forward(t):
+                with torch.no_grad():
+                    return base(t, training=False)
 
         def call() -> None:
             last[0] = forward(x)
 
         return bench(call)
-
-    augmentation = data_augmentation(C.SEED)
-    augment_fn = tf.function(lambda t: augmentation(t, training=True))
 
     def augment() -> Bench:
         def call() -> None:
@@ -112,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def matmul() -> Bench:
         size = sizes.matmul_n
-        g = tf.random.Generator.from_seed(C.SEED)
+        g = tf.random.Generator.from_seed(C.SEED)  # TensorFlow's backend only
         a, b = g.normal((size, size)), g.normal((size, size))
 
         def call() -> None:
@@ -122,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
                      info={"n": size})
 
     def pipeline() -> dict[str, Bench]:
+        from tl_common.files import load_splits
+        from tl_keras.data import make_dataset
+
         files = load_splits(spec["data_root"], 0.2, C.SEED).train
         dataset = make_dataset(files, C.IMAGE_SIZE, C.BATCH_SIZE, shuffle=True, seed=C.SEED)
 

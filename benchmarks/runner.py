@@ -206,7 +206,9 @@ def run_workers(configs: list[C.Config], *, sizes: C.Sizes, work: Path, logs: Pa
         for name, setup in ready["setup"].items():
             base["sections"][name] = ({"error": setup["error"]} if "error" in setup else
                                       {"unit": setup["unit"], "first_call_s": setup["first_call_s"],
-                                       "items_per_repeat": setup["items_per_repeat"]})
+                                       "items_per_repeat": setup["items_per_repeat"],
+                                       "info": {k: v for k, v in setup.items() if k not in
+                                                ("unit", "first_call_s", "items_per_repeat")}})
         say(f"        ready in {ready['setup_s']:.0f} s")
         workers.append(w)
 

@@ -95,6 +95,26 @@ def test_report_compares_the_port_with_the_fastest_keras_configuration():
     assert summary[C.TORCH.name][C.TRAIN_A]["cores_used"] == 2.0
 
 
+def test_keras_with_xla_is_a_baseline_and_the_torch_backend_an_alternative():
+    results = {
+        C.TORCH.name: [_fake_run(C.TORCH, {C.TRAIN_A: [150.0, 160.0, 170.0],
+                                           C.BASE_FORWARD: [300.0] * 3, C.AUGMENT: [900.0] * 3})],
+        C.KERAS_ONEDNN.name: [_fake_run(C.KERAS_ONEDNN, {C.TRAIN_A: [100.0, 110.0, 90.0]})],
+        C.KERAS_XLA.name: [_fake_run(C.KERAS_XLA, {C.TRAIN_A: [120.0] * 3})],
+        C.KERAS_TORCH_BACKEND.name: [_fake_run(C.KERAS_TORCH_BACKEND, {C.TRAIN_A: [40.0] * 3})],
+    }
+    summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+    rows = {r["row"]: r for r in report.build_rows(summary, results, demos={})}
+    assert rows["a"]["keras_config"] == C.KERAS_XLA.name
+    assert rows["a"]["ratio"] == pytest.approx(160.0 / 120.0)
+    assert rows["a-kt"]["ratio"] == pytest.approx(160.0 / 40.0)
+    targets = report.targets(list(rows.values()), summary)
+    assert targets["a"]["met"] is False
+    # forward + augmentation alone: 1 / (1/300 + 1/900) = 225 images/s; the step 160.
+    assert targets["a share of forward + augment"]["ratio"] == pytest.approx(160.0 / 225.0)
+    assert targets["a share of forward + augment"]["met"] is False
+
+
 def _tiny_data_root(root: Path) -> Path:
     """train/ and validation/ with 3 JPEGs per class: enough for load_splits' test split."""
     rng = np.random.default_rng(0)
@@ -119,7 +139,9 @@ def test_both_workers_end_to_end(tmp_path):
         assert b["images"].shape == (2, C.IMAGE_SIZE, C.IMAGE_SIZE, 3)
     sizes = C.Sizes(repeats=2, warmup=1, calls=1, matmul_n=64, budget_s=1.0)
     configs = [dataclasses.replace(C.TORCH, sections=(C.INFER, C.AUGMENT)),
-               dataclasses.replace(C.KERAS_ONEDNN, sections=(C.INFER,))]
+               dataclasses.replace(C.KERAS_ONEDNN, sections=(C.INFER,)),
+               dataclasses.replace(C.KERAS_XLA, sections=(C.TRAIN_A, C.BASE_FORWARD)),
+               dataclasses.replace(C.KERAS_TORCH_BACKEND, sections=(C.TRAIN_B, C.INFER))]
     results = run_workers(configs, sizes=sizes, work=work, logs=logs, batch_file=batch,
                           data_root=data_root, profile_dir=None, wait_quiet_s=0,
                           say=lambda _: None)
@@ -131,6 +153,10 @@ def test_both_workers_end_to_end(tmp_path):
             assert min(run["sections"][section]["samples"]) > 0
         assert run["maxrss_mb"] > 100
     assert results[C.TORCH.name][0]["keep_freed_memory"] is True
+    xla, alt = results[C.KERAS_XLA.name][0], results[C.KERAS_TORCH_BACKEND.name][0]
+    assert xla["jit_compile"] is True and "tensorflow" in xla["versions"]
+    assert xla["sections"][C.TRAIN_A]["info"]["jit_compile"] is True   # not refused by Keras
+    assert alt["threads"]["KERAS_BACKEND"] == "torch" and "torch" in alt["versions"]
     summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
     rows = report.build_rows(summary, results, demos={})
     doc = {"command": "test", "date": "now", "elapsed_s": 0.0, "rounds": 1, "threads": {},
