@@ -141,3 +141,56 @@ def check_module() -> list[Row]:
                         f"{(dropped == 0).mean():.4f} (p={tp:.3g})", kp > P_MIN and tp > P_MIN,
                         tolerance=f"p > {P_MIN:g}"))
     return rows
+
+
+# ---- check 18: bf16 --------------------------------------------------------------------------
+
+BF16_GROUP = "18 bf16"
+
+
+@functools.cache
+def keras_bf16_logits() -> np.ndarray:
+    """The recipe's Keras model under Keras' ``mixed_bfloat16`` policy (bf16 compute, float32
+    variables), with check 16's weights, on its images."""
+    k = keras_side()
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        base = pairs.keras_base("none", SIZE)
+        model = kmodel.build_model(base, seed=0)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    model.set_weights(k["weights"])
+    out = model(k["images"].astype(np.float32), training=False)
+    return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")).reshape(-1)
+
+
+def port_bf16_logits(module: TransferModule, images: torch.Tensor) -> np.ndarray:
+    """The module under ``torch.autocast(bfloat16)``, as ``--precision bf16-mixed`` runs it."""
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
+        return module(images).float().numpy().reshape(-1)
+
+
+def check_bf16() -> list[Row]:
+    """The port in bf16 (autocast, ``--precision bf16-mixed``) against the exact logits, held to
+    Keras' own ``mixed_bfloat16`` error against them: bf16 changes the numbers, by as much in the
+    port as in the reference. The float32 errors are in the note, for scale."""
+    k = keras_side()
+    module = port_module().eval()
+    images = pairs.nchw(k["images"])
+    port = port_bf16_logits(module, images)
+    keras_bf16 = keras_bf16_logits()
+    band = bands.against_exact(k["64"]["logits"], keras_bf16, port, norm="rms",
+                               how="bf16 vs float64")
+    fp32 = bands.ERRORS["rms"](k["32"]["logits"], k["64"]["logits"])
+    sign = float(np.mean(np.sign(port) == np.sign(k["64"]["logits"])))
+    ksign = float(np.mean(np.sign(keras_bf16) == np.sign(k["64"]["logits"])))
+    return [
+        measured(BF16_GROUP, f"logits of {IMAGES} images: port autocast bf16 vs Keras "
+                             "mixed_bfloat16 (rms, each vs float64)", band,
+                 keras=summary(keras_bf16), torch=summary(port),
+                 note=f"Keras float32 for scale: {fp32:.2g}"),
+        verdict(BF16_GROUP, "the class of each image, bf16 vs float64 (share agreeing)",
+                f"{ksign:.3f}", f"{sign:.3f}", sign >= ksign - 2 / IMAGES,
+                tolerance="port >= Keras - 2 images"),
+    ]

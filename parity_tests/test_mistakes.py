@@ -330,6 +330,18 @@ def test_dropout_active_at_inference(monkeypatch) -> None:
     assert_caught(checks_module.check_module(), where="evaluation: logits")
 
 
+def test_classes_swapped_in_bf16(monkeypatch) -> None:
+    # A logit for "cats" where the recipe's is for "dogs", seen through check 18: bf16's own
+    # error (rms 0.1 here) does not hide it. (Dropout left on at inference is not a fair plant
+    # here: its random mask moves the logits by about bf16's own error, caught in some draws.)
+    forward = tl_torch.module.TransferModule.forward
+    monkeypatch.setattr(tl_torch.module.TransferModule, "forward",
+                        lambda self, images: -forward(self, images))
+    rows = checks_module.check_bf16()
+    assert_caught(rows, where="port autocast bf16")
+    assert_caught(rows, where="the class of each image")
+
+
 def test_dropout_rate_0_5(monkeypatch) -> None:
     # torch's nn.Dropout() default rate where the recipe's 0.2 belongs.
     dropout = tl_torch.module.nn.Dropout

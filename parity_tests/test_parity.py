@@ -92,6 +92,10 @@ def test_16_module(parity) -> None:
     parity.check(checks_module.check_module())
 
 
+def test_18_bf16(parity) -> None:
+    parity.check(checks_module.check_bf16())
+
+
 @pytest.mark.seeds
 def test_17_seeds(parity, workdir: Path) -> None:
     study = seeds.run_study(workdir / "seeds", range(seeds.DEFAULT_SEEDS), seeds.SUITE_FLAGS,

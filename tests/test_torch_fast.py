@@ -156,3 +156,23 @@ def test_folded_base_equals_base_at_odd_sizes(calibrated_base, size):
         expected = base(x)
         got = fold(base)(x)
     assert rel_err(got, expected) < FLOAT64_RTOL
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "accelerator", "precision", "warns"), [
+    (False, False, "cpu", "bf16-mixed", True),
+    (False, False, "auto", "bf16-true", True),
+    (True, False, "cpu", "bf16-mixed", False),
+    (False, True, "cpu", "bf16-mixed", False),
+    (False, False, "cpu", "32-true", False),
+    (False, False, "gpu", "bf16-mixed", False),
+])
+def test_bf16_on_a_cpu_that_emulates_it_is_one_warning(monkeypatch, avx512_bf16, amx, accelerator,
+                                                       precision, warns):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warning = fast.bf16_cost_warning(precision, accelerator)
+    assert (warning is not None) == warns
+    if warns:
+        assert warning.startswith(f"warning: --precision {precision} on a CPU without native bf16")
+        assert "\n" not in warning

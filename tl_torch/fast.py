@@ -240,3 +240,25 @@ def keep_freed_memory() -> bool:
         return ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):  # not glibc (musl...)
         return False
+
+
+def native_bf16_cpu() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); None if unknown.
+
+    Without them oneDNN emulates bf16 with float32 instructions and conversions: bf16 then costs
+    time instead of saving it (the README's Performance section gives the measured cost)."""
+    probes = [getattr(torch.cpu, name, None) for name in
+              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not all(callable(p) for p in probes):
+        return None
+    return any(p() for p in probes)
+
+
+def bf16_cost_warning(precision: str, accelerator: str) -> str | None:
+    """A one-line warning for ``--precision bf16-*`` on a CPU that would emulate it."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if "bf16" not in precision or not on_cpu or native_bf16_cpu() is not False:
+        return None
+    return (f"warning: --precision {precision} on a CPU without native bf16 (no AVX512-BF16 or "
+            "AMX): oneDNN emulates it, which makes training slower than 32-true here, not faster "
+            "(measured in the README's Performance section); bf16 also changes the numbers")
