@@ -11,9 +11,12 @@ and (b) phase-B training throughput, (c) inference throughput, (d) the input pip
 demo's JPEG files, (e) peak memory, (f) the two demo runs end to end (not with ``--quick``), and
 the base's achieved GFLOP/s against a measured fp32 matmul peak. Keras is measured with oneDNN on
 (tl_keras' setting), off (TensorFlow's default on this CPU), and on with glibc's freed-memory
-setting (``--all-keras``: also off with it); the port with and without that setting, and with
-OpenMP's passive wait policy (a suggestion). ``--quick`` measures only the two primary
-configurations, briefly (~2 minutes). Writes ``DIR/benchmark.json`` and ``DIR/benchmark.md``
+setting (``--all-keras``: also off with it), and with XLA (``jit_compile=True``; the augmentation
+outside the compiled step, since Keras refuses XLA for the recipe's model); the best of them, row
+by row, is the denominator. The reference on Keras 3's torch backend is measured as the
+alternative a user might pick instead of a port (rows a-kt, b-kt, c-kt). The port is measured with
+and without that setting, and with OpenMP's passive wait policy (a suggestion). ``--quick``
+measures the two primary configurations and Keras with XLA, briefly (~3 minutes). Writes ``DIR/benchmark.json`` and ``DIR/benchmark.md``
 (default DIR: benchmarks/results), worker logs in ``DIR/logs``. On a machine with a GPU, torch
 uses it (cuda when available), and TensorFlow uses one if it sees it.
 """
