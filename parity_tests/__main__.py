@@ -6,7 +6,7 @@
   exits non-zero on any failure. It sets ``TL_PARITY_TRAINERS=1``, ``TL_PARITY_FREE_RUNNING=1`` and
   ``TL_PARITY_SEEDS=1`` (unless set otherwise), so the report holds what the test command leaves
   out for time: the checks that run both trainers' ``main`` (14 and 15), the free-running
-  training rows (reported, not judged) and the seed study on the hard demo (17: about 15 minutes
+  training rows (reported, not judged) and the seed study on the hard demo (17: about 16 minutes
   on 2 cores; ``TL_PARITY_SEEDS=0`` leaves it out).
 - ``python -m parity_tests compare RUN_A RUN_B [--output DIR]`` puts two finished runs'
   ``metrics.json`` side by side and overlays their learning curves.

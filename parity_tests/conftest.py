@@ -29,7 +29,7 @@ def numerics_settings() -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``trainers`` (both trainers' main, recorded: about a minute) run only when
-    TL_PARITY_TRAINERS=1, and ``seeds`` (both trainers over 5 seeds: about 15 minutes on 2 cores)
+    TL_PARITY_TRAINERS=1, and ``seeds`` (both trainers over 5 seeds: about 16 minutes on 2 cores with its planted mistake)
     only when TL_PARITY_SEEDS=1; ``python -m parity_tests`` sets both."""
     from parity_tests import checks_trainers, seeds
 
@@ -70,6 +70,13 @@ class Recorder:
 @pytest.fixture
 def parity() -> Recorder:
     return Recorder()
+
+
+@pytest.fixture(scope="session")
+def seed_study_dir(tmp_path_factory: pytest.TempPathFactory):
+    """One folder for the seed study's runs (check 17), so that its planted mistake
+    (test_mistakes.py) reruns only the port and reuses the reference's runs."""
+    return tmp_path_factory.mktemp("seeds")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

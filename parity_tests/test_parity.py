@@ -97,7 +97,7 @@ def test_18_bf16(parity) -> None:
 
 
 @pytest.mark.seeds
-def test_17_seeds(parity, workdir: Path) -> None:
-    study = seeds.run_study(workdir / "seeds", range(seeds.DEFAULT_SEEDS), seeds.SUITE_FLAGS,
+def test_17_seeds(parity, seed_study_dir: Path) -> None:
+    study = seeds.run_study(seed_study_dir, range(seeds.DEFAULT_SEEDS), seeds.SUITE_FLAGS,
                             progress=False)
     parity.check(seeds.rows(study))
