@@ -29,8 +29,8 @@ def numerics_settings() -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``trainers`` (both trainers' main, recorded: about a minute) run only when
-    TL_PARITY_TRAINERS=1, and ``seeds`` (both trainers over 5 seeds: about 16 minutes on 2 cores with its planted mistake)
-    only when TL_PARITY_SEEDS=1; ``python -m parity_tests`` sets both."""
+    TL_PARITY_TRAINERS=1, and ``seeds`` (both trainers over 5 seeds and a planted mistake: about
+    16 minutes on 2 cores) only when TL_PARITY_SEEDS=1; ``python -m parity_tests`` sets both."""
     from parity_tests import checks_trainers, seeds
 
     for marker, module, what in (("trainers", checks_trainers, "runs both trainers"),
