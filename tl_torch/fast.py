@@ -245,8 +245,9 @@ def keep_freed_memory() -> bool:
 def native_bf16_cpu() -> bool | None:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); None if unknown.
 
-    Without them oneDNN emulates bf16 with float32 instructions and conversions: bf16 then costs
-    time instead of saving it (the README's Performance section gives the measured cost)."""
+    Without them bf16 costs time instead of saving it: on an AVX2 CPU torch's convolutions in bf16
+    leave oneDNN for slow fallback kernels (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is
+    False there), measured 27-31 times slower than float32 (the README's Performance section)."""
     probes = [getattr(torch.cpu, name, None) for name in
               ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if not all(callable(p) for p in probes):
@@ -260,5 +261,6 @@ def bf16_cost_warning(precision: str, accelerator: str) -> str | None:
     if "bf16" not in precision or not on_cpu or native_bf16_cpu() is not False:
         return None
     return (f"warning: --precision {precision} on a CPU without native bf16 (no AVX512-BF16 or "
-            "AMX): oneDNN emulates it, which makes training slower than 32-true here, not faster "
-            "(measured in the README's Performance section); bf16 also changes the numbers")
+            "AMX) runs on slow fallback kernels: measured 27-31x slower than 32-true on an AMD "
+            "EPYC with AVX2 (README, Performance); bf16 also changes the numbers; 32-true is the "
+            "fast choice here")
