@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def infer() -> Bench:
         _, model = inference_model()
-        return bench(lambda: model.predict_on_batch(images))
+        return bench(lambda: model.predict_on_batch(images),
+                     info={"jit_compile": bool(model.jit_compile)})
 
     def base_forward() -> Bench:
         base, _ = inference_model()

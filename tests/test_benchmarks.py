@@ -140,8 +140,10 @@ def test_both_workers_end_to_end(tmp_path):
     sizes = C.Sizes(repeats=2, warmup=1, calls=1, matmul_n=64, budget_s=1.0)
     configs = [dataclasses.replace(C.TORCH, sections=(C.INFER, C.AUGMENT)),
                dataclasses.replace(C.KERAS_ONEDNN, sections=(C.INFER,)),
-               dataclasses.replace(C.KERAS_XLA, sections=(C.TRAIN_A, C.BASE_FORWARD)),
-               dataclasses.replace(C.KERAS_TORCH_BACKEND, sections=(C.TRAIN_B, C.INFER))]
+               # XLA's and the torch backend's training steps are what the harness times too;
+               # inference alone keeps this test's compilations short.
+               dataclasses.replace(C.KERAS_XLA, sections=(C.INFER,)),
+               dataclasses.replace(C.KERAS_TORCH_BACKEND, sections=(C.INFER,))]
     results = run_workers(configs, sizes=sizes, work=work, logs=logs, batch_file=batch,
                           data_root=data_root, profile_dir=None, wait_quiet_s=0,
                           say=lambda _: None)
@@ -155,7 +157,7 @@ def test_both_workers_end_to_end(tmp_path):
     assert results[C.TORCH.name][0]["keep_freed_memory"] is True
     xla, alt = results[C.KERAS_XLA.name][0], results[C.KERAS_TORCH_BACKEND.name][0]
     assert xla["jit_compile"] is True and "tensorflow" in xla["versions"]
-    assert xla["sections"][C.TRAIN_A]["info"]["jit_compile"] is True   # not refused by Keras
+    assert xla["sections"][C.INFER]["info"]["jit_compile"] is True   # not refused by Keras
     assert alt["threads"]["KERAS_BACKEND"] == "torch" and "torch" in alt["versions"]
     summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
     rows = report.build_rows(summary, results, demos={})
