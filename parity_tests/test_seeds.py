@@ -122,6 +122,6 @@ def test_hard_demo_mixes_the_cues(tmp_path, monkeypatch):
                          cues=dict.fromkeys(demo.CUES, True))
     assert np.array_equal(np.asarray(a), np.asarray(b))
     monkeypatch.setattr(demo, "HARD_IMAGES_PER_CLASS", {"train": 3, "validation": 2})
-    demo.generate_hard_demo_data(tmp_path)
+    demo.generate_demo_data(tmp_path, "hard")
     names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jpg"))
     assert len(names) == 10 and names[0] == "train/cats/cat.0000.jpg"

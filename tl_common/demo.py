@@ -75,7 +75,7 @@ def demo_data_root(demo_set: str = "easy") -> Path:
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=root.parent))
         try:
-            (generate_hard_demo_data if demo_set == "hard" else generate_demo_data)(tmp)
+            generate_demo_data(tmp, demo_set)
             (tmp / ".complete").write_text("ok\n")
             if root.exists():  # a stale, unfinished folder: nothing of value in it
                 shutil.rmtree(root)
@@ -85,32 +85,26 @@ def demo_data_root(demo_set: str = "easy") -> Path:
     return root
 
 
-def generate_demo_data(root: Path) -> None:
-    """Write the demo set under ``root`` (deterministic: the same bytes on every run)."""
-    for split_index, (split, per_class) in enumerate(DEMO_IMAGES_PER_CLASS.items()):
+def generate_demo_data(root: Path, demo_set: str = "easy") -> None:
+    """Write a demo set under ``root`` (deterministic: the same bytes on every run). The hard
+    set: each cue is the class's own with probability :data:`HARD_CUE_PROBABILITY`, the animals
+    are smaller, and occluders and pixel noise hide part of what is left."""
+    hard = demo_set == "hard"
+    images, seed = (HARD_IMAGES_PER_CLASS, HARD_SEED) if hard else (DEMO_IMAGES_PER_CLASS, DEMO_SEED)
+    for split_index, (split, per_class) in enumerate(images.items()):
         for label, name in enumerate(DEMO_CLASSES):
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
-                rng = np.random.default_rng([DEMO_SEED, split_index, label, i])
-                image = draw_animal(rng, dog=bool(label))
-                image.save(folder / f"{name[:-1]}.{i:04d}.jpg", quality=int(rng.integers(80, 96)))
-
-
-def generate_hard_demo_data(root: Path) -> None:
-    """Write the hard demo set under ``root`` (deterministic): each cue is the class's own with
-    probability :data:`HARD_CUE_PROBABILITY`, the animals are smaller, and occluders and pixel
-    noise hide part of what is left."""
-    for split_index, (split, per_class) in enumerate(HARD_IMAGES_PER_CLASS.items()):
-        for label, name in enumerate(DEMO_CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                rng = np.random.default_rng([HARD_SEED, split_index, label, i])
+                rng = np.random.default_rng([seed, split_index, label, i])
                 dog = bool(label)
-                cues = mixed_cues(rng, dog=dog)
-                image = hide_cues(rng, draw_animal(rng, dog=dog, cues=cues, scale=(0.4, 0.75)))
-                image.save(folder / f"{name[:-1]}.{i:04d}.jpg", quality=int(rng.integers(60, 90)))
+                if hard:
+                    cues = mixed_cues(rng, dog=dog)
+                    image = hide_cues(rng, draw_animal(rng, dog=dog, cues=cues, scale=(0.4, 0.75)))
+                    quality = int(rng.integers(60, 90))
+                else:
+                    image, quality = draw_animal(rng, dog=dog), int(rng.integers(80, 96))
+                image.save(folder / f"{name[:-1]}.{i:04d}.jpg", quality=quality)
 
 
 def mixed_cues(rng: np.random.Generator, *, dog: bool) -> dict[str, bool]:
