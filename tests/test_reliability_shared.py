@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import keras
@@ -291,6 +292,29 @@ def test_full_disk_while_generating_the_demo_cache(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []   # no half set, nothing that looks finished
     assert demo.demo_data_root() == root    # space back: generated whole
     assert (root / ".complete").exists() and len(list(root.rglob("*.jpg"))) == 6
+
+
+def test_demo_cache_generated_once_when_asked_for_at_once(tmp_path, monkeypatch):
+    """Two callers at once on an empty cache (two trainers started together, or two test
+    workers): one generates, the other waits and takes the finished folder; neither removes
+    the other's."""
+    monkeypatch.setenv("TL_PARITY_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "DEMO_IMAGES_PER_CLASS", {"train": 2, "validation": 1})
+    generate = demo.generate_demo_data
+    calls = []
+
+    def slow_generate(root, demo_set="easy"):
+        calls.append(root)
+        time.sleep(0.5)   # long enough for the other caller to arrive meanwhile
+        generate(root, demo_set)
+
+    monkeypatch.setattr(demo, "generate_demo_data", slow_generate)
+    with ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: demo.demo_data_root(), range(2)))
+    assert roots == [demo.demo_data_path()] * 2
+    assert len(calls) == 1
+    assert (roots[0] / ".complete").exists() and len(list(roots[0].rglob("*.jpg"))) == 6
+    assert [p.name for p in tmp_path.iterdir()] == [roots[0].name]   # no lock or temporary left
 
 
 def test_full_disk_while_exporting_the_base_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ Run ``python -m tl_common.demo`` to prepare both ahead of time.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -73,15 +74,25 @@ def demo_data_root(demo_set: str = "easy") -> Path:
         return root
     with disk_full_is_one_line(root):
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=root.parent))
+        # One process generates at a time (two trainers, or test workers, started at once on
+        # a fresh machine): the others wait, then find it complete. flock on the cache folder
+        # itself leaves no lock file behind, and the kernel drops it if the process dies.
+        folder = os.open(root.parent, os.O_RDONLY)
         try:
-            generate_demo_data(tmp, demo_set)
-            (tmp / ".complete").write_text("ok\n")
-            if root.exists():  # a stale, unfinished folder: nothing of value in it
-                shutil.rmtree(root)
-            move_into_place(tmp, root)
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            if (root / ".complete").exists():
+                return root
+            tmp = Path(tempfile.mkdtemp(prefix=".demo-data-", dir=root.parent))
+            try:
+                generate_demo_data(tmp, demo_set)
+                (tmp / ".complete").write_text("ok\n")
+                if root.exists():  # a stale, unfinished folder: nothing of value in it
+                    shutil.rmtree(root)
+                move_into_place(tmp, root)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.close(folder)
     return root
 
 
