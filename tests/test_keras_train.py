@@ -314,18 +314,14 @@ def test_epoch_seeds_hold_in_the_compiled_train_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crashes", [
-    # after epoch 1, in feature extraction: resumed, the run goes on through both phases
-    (1,),
-    # at the phase boundary (phase A's last epoch backed up, its record not yet written), then
-    # again after epoch 3, in fine-tuning
-    (2, 3),
-])
-def test_resume_equals_uninterrupted_run(uninterrupted_run, data_dir, tmp_path, monkeypatch,
-                                         crashes):
+def test_resume_equals_uninterrupted_run(uninterrupted_run, data_dir, tmp_path, monkeypatch):
+    """One run that crashes three times, each resumed with --resume: after epoch 1, in feature
+    extraction; at the phase boundary (phase A's last epoch backed up, its record not yet
+    written); after epoch 3, in fine-tuning. Resumed the last time, it ends with the
+    uninterrupted run's history, test numbers and model.keras, bitwise."""
     reference, reference_doc = uninterrupted_run
     out = tmp_path / "out"
-    for i, epoch in enumerate(crashes):
+    for i, epoch in enumerate((1, 2, 3)):
         with monkeypatch.context() as m:
             crash_after_epoch(m, epoch)
             with pytest.raises(Crash):
