@@ -1,7 +1,15 @@
 """pytest wiring of the parity suite: the ``parity`` fixture that records rows, the report at the
-end of the session, and the models and data the checks share (built once per session)."""
+end of the session, and the models and data the checks share (built once per session).
+
+Under pytest-xdist (``-n``) each worker records the rows of the checks it ran and hands them to
+the controlling process when it finishes (``workeroutput``); the report is printed there, in the
+suite's order whichever worker ran which check."""
 
 from __future__ import annotations
+
+import fcntl
+import json
+import re
 
 import pytest
 
@@ -72,23 +80,59 @@ def parity() -> Recorder:
     return Recorder()
 
 
-@pytest.fixture(scope="session")
-def seed_study_dir(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture
+def seed_study_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """One folder for the seed study's runs (check 17), so that its planted mistake
-    (test_mistakes.py) reruns only the port and reuses the reference's runs."""
-    return tmp_path_factory.mktemp("seeds")
+    (test_mistakes.py) reruns only the port and reuses the reference's runs: the session's, or
+    under xdist the one all workers share. A test holds the folder's lock while it runs, so that
+    in two workers the second waits and reuses the first's runs."""
+    base = tmp_path_factory.getbasetemp()
+    in_worker = hasattr(request.config, "workerinput")
+    folder = (base.parent if in_worker else base) / "seeds"
+    folder.mkdir(exist_ok=True)
+    with open(folder.parent / "seeds.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder
+
+
+def _suite_order(row: Row) -> tuple[int, str]:
+    number = re.match(r"\d+", row.group)
+    return (int(number.group()) if number else 1_000, row.group)
+
+
+def _json_value(value):
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: hand the rows and the environment to the controlling process."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["parity_rows"] = json.dumps([r.as_dict() for r in _ROWS],
+                                                 default=_json_value)
+        workeroutput["parity_environment"] = json.dumps(_ENVIRONMENT, default=_json_value)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """In the controlling process: collect a finished xdist worker's rows."""
+    output = getattr(node, "workeroutput", None) or {}
+    _ROWS.extend(Row(**row) for row in json.loads(output.get("parity_rows", "[]")))
+    if not _ENVIRONMENT:
+        _ENVIRONMENT.update(json.loads(output.get("parity_environment", "{}")))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not _ROWS:
         return
+    rows = sorted(_ROWS, key=_suite_order)
     terminalreporter.section("parity report")
     if _ENVIRONMENT:
         from parity_tests.environment import summary
 
         terminalreporter.write_line(summary(_ENVIRONMENT))
-    terminalreporter.write_line(format_table(_ROWS))
+    terminalreporter.write_line(format_table(rows))
     directory = config.getoption("--parity-report")
     if directory:
-        for path in write_report(_ROWS, directory, _ENVIRONMENT):
+        for path in write_report(rows, directory, _ENVIRONMENT):
             terminalreporter.write_line(f"wrote {path}")
