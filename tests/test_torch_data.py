@@ -107,3 +107,30 @@ def test_each_file_is_decoded_once(folder, monkeypatch, budget):
                 assert int(cache[i][1]) == fresh[i][1]
     else:
         assert all(isinstance(d, ImageFiles) for d in datasets) and not dm._decoded
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((197, 335, 3), 160),   # a demo image, the recipe's size
+    ((375, 500, 3), 224),   # downscaling, another size
+    ((7, 300, 3), 160),     # upscaling one axis, downscaling the other
+    ((40, 48, 1), 96),      # one channel, upscaling
+    ((1, 1, 3), 32),        # a single pixel
+    ((160, 160, 3), 160),   # the same size: the pixels themselves
+])
+def test_resize_is_tensorflows_within_its_own_rounding(shape, size):
+    """The port's resize against the exact one (TensorFlow's bilinear resize in float64), held to
+    TensorFlow's own float32 error by the band of tl_common.bands, for uint8 and float input."""
+    import numpy as np
+    import tensorflow as tf
+
+    from parity_tests import exact
+    from tl_common import bands
+
+    pixels = np.random.default_rng(sum(shape) + size).integers(0, 256, shape, dtype=np.uint8)
+    truth = exact.resize_bilinear(pixels, size)
+    keras = tf.image.resize(pixels, (size, size), method="bilinear").numpy()
+    for given in (pixels, torch.from_numpy(pixels).float()):
+        port = data_module.resize_bilinear(given, size)
+        assert port.shape == (shape[2], size, size) and port.dtype == torch.float32
+        band = bands.against_exact(truth, keras, port.permute(1, 2, 0).numpy())
+        assert band.passed, f"{band.port_error:.3g} > {band.describe()}"
