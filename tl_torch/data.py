@@ -60,9 +60,11 @@ def resize_bilinear(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tenso
 
     TensorFlow's kernel, operation for operation: the four neighbours of each output gathered as
     they are stored (uint8 here), converted to float32, then ``top = tl + (tr - tl) * dx``, the
-    same for the bottom row (both in one operation), and ``top + (bottom - top) * dy``. In that order the float32
-    roundings are TensorFlow's (torch's ``interpolate`` sums four weighted neighbours instead:
-    up to 3e-3 of 255 apart), and gathering before converting is faster than converting first."""
+    same for the bottom row (both in one operation), and ``top + (bottom - top) * dy``. In that
+    order the float32 roundings are TensorFlow's (torch's ``interpolate`` sums four weighted
+    neighbours instead: up to 3e-3 of 255 apart). Only the pixels needed are read and converted:
+    about 0.1 ms slower than ``interpolate`` on a 500 x 375 image, faster on large photos
+    (README, "Performance")."""
     image = pixels.numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
     height, width, channels = image.shape
     rows, dy = _source_rows(height, size)
