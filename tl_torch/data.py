@@ -14,7 +14,6 @@ so when the resized images fit in a memory budget they are computed once, in par
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -40,42 +40,12 @@ __all__ = ["ImageCache", "ImageFiles", "ImageFolderDataModule", "decode_rgb", "l
 CACHE_BUDGET_BYTES = int(os.environ.get("TL_PARITY_CACHE_BYTES", 4 << 30))
 
 
-@functools.lru_cache(maxsize=256)
-def _source_rows(length: int, size: int, channels: int = 1) -> tuple[np.ndarray, torch.Tensor]:
-    """Where ``tf.image.resize`` (bilinear, half-pixel centres) reads along an axis of ``length``
-    for ``size`` outputs, computed in float32 as its kernel computes it: the lower then the upper
-    neighbour of every output (as indices into a row of ``channels`` values per pixel), and the
-    upper one's weight, one per value."""
-    scale = np.float32(length) / np.float32(size)
-    source = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    floor = np.floor(source)
-    neighbours = np.concatenate([np.maximum(floor, 0), np.minimum(np.ceil(source), length - 1)])
-    index = (neighbours.astype(np.intp)[:, None] * channels + np.arange(channels)).ravel()
-    return index, torch.from_numpy(np.repeat(source - floor, channels))
-
-
 def resize_bilinear(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """(H, W, C) pixels -> float32 (C, size, size), like ``tf.image.resize(method="bilinear")``
-    with its defaults: half-pixel centres (``align_corners=False``), no antialiasing.
-
-    TensorFlow's kernel, operation for operation: the four neighbours of each output gathered as
-    they are stored (uint8 here), converted to float32, then ``top = tl + (tr - tl) * dx``, the
-    same for the bottom row (both in one operation), and ``top + (bottom - top) * dy``. In that
-    order the float32 roundings are TensorFlow's (torch's ``interpolate`` sums four weighted
-    neighbours instead: up to 3e-3 of 255 apart). Only the pixels needed are read and converted:
-    about 0.1 ms slower than ``interpolate`` on a 500 x 375 image, faster on large photos
-    (README, "Performance")."""
-    image = pixels.numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
-    height, width, channels = image.shape
-    rows, dy = _source_rows(height, size)
-    columns, dx = _source_rows(width, size, channels)
-    picked = image[rows].reshape(2 * size, width * channels)
-    px = torch.from_numpy(picked[:, columns]).float()
-    left, right = px[:, : size * channels], px[:, size * channels :]
-    across = (right - left).mul_(dx).add_(left)        # the top rows, then the bottom rows
-    top, bottom = across[:size], across[size:]
-    out = bottom.sub_(top).mul_(dy[:, None]).add_(top)
-    return out.view(size, size, channels).permute(2, 0, 1)
+    """(H, W, 3) pixels -> float32 (3, size, size), like ``tf.image.resize(method="bilinear")``
+    with its defaults: half-pixel centres (``align_corners=False``), no antialiasing."""
+    x = torch.as_tensor(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0).float()
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=False).squeeze(0)
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
