@@ -152,7 +152,7 @@ def build_rows(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]
     add("c''", "inference, port unfolded (TransferModule(fast=False))",
         torch.get(C.INFER_UNFOLDED), k, keras_config=name, pair=(C.INFER_UNFOLDED, C.INFER))
     for row, measure, t_section, k_section in (
-            ("d1", "input: decode + resize, every epoch (Keras tf.data; port DataLoader workers)",
+            ("d1", "input: decode + resize, every epoch (Keras tf.data; port decoding threads)",
              "pipeline_decode", "pipeline_decode"),
             ("d2", "input: decode + resize + augment, every epoch", "pipeline_decode_augment",
              "pipeline_decode_augment"),

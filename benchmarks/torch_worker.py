@@ -158,14 +158,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def pipeline(spec: dict[str, Any], module, device, sync) -> dict[str, Bench]:
-    """Decode + resize (+ augment) of the demo's training JPEGs: DataLoader workers, and the cache.
+    """Decode + resize (+ augment) of the demo's training JPEGs: the decoding threads, and the cache.
 
     A repetition is one epoch over the training files; the warm-up epoch starts the persistent
     workers and fills the page cache."""
     import torch
 
     from tl_common.settings import Settings
-    from tl_torch.data import ImageCache, ImageFolderDataModule
+    from tl_torch.data import ImageCache, ImageFolderDataModule, available_cores
 
     settings = Settings(data_dir=spec["data_root"], batch_size=C.BATCH_SIZE,
                         image_size=C.IMAGE_SIZE, seed=C.SEED)
@@ -184,19 +184,19 @@ def pipeline(spec: dict[str, Any], module, device, sync) -> dict[str, Bench]:
     data = ImageFolderDataModule(settings, cache=False)
     data.setup()
     files = data.splits.train
-    workers = data.train_dataloader()
+    loader = data.train_dataloader()
     cached = ImageFolderDataModule(settings, cache=True)
     cached.setup()
     cached.dataset("train")  # built once, as in training
     cached_loader = cached.train_dataloader()
     n = len(files)
     return {
-        "pipeline_decode": Bench(lambda: run_epoch(workers, False), n,
-                                 info={"num_workers": data.num_workers}),
-        "pipeline_decode_augment": Bench(lambda: run_epoch(workers, True), n,
-                                         info={"num_workers": data.num_workers}),
+        "pipeline_decode": Bench(lambda: run_epoch(loader, False), n,
+                                 info={"threads": loader.threads}),
+        "pipeline_decode_augment": Bench(lambda: run_epoch(loader, True), n,
+                                         info={"threads": loader.threads}),
         "pipeline_cache_build": Bench(lambda: ImageCache(files, C.IMAGE_SIZE, desc="cache"), n,
-                                      info={"threads": os.cpu_count()}),
+                                      info={"threads": available_cores()}),
         "pipeline_cached_augment": Bench(lambda: run_epoch(cached_loader, True), n),
     }
 

@@ -44,7 +44,7 @@ def _decoded(path: str) -> np.ndarray:
 def check_pipeline(size: int = 160) -> list[Row]:
     group = "6 input pipeline"
     settings = Settings(demo=True, image_size=size, batch_size=16)
-    data = ImageFolderDataModule(settings, cache=False, num_workers=0)
+    data = ImageFolderDataModule(settings, cache=False)
     data.setup()
     splits = data.splits
     # Keras' own finder is the oracle for the shared one.
@@ -181,7 +181,7 @@ def _keras_training_epoch(size: int, batch: int):
     from parity_tests.checks_trainers import Record, Step
 
     settings = Settings(demo=True, image_size=size, batch_size=batch)
-    splits = ImageFolderDataModule(settings, cache=False, num_workers=0)
+    splits = ImageFolderDataModule(settings, cache=False)
     splits.setup()
     data = TrainingData(splits.splits.train, size, batch, settings.seed)
     return Record([Step(0, (), (), 0, True, images, labels)
@@ -195,7 +195,7 @@ def check_cached_pipeline(size: int = 32, batch: int = 48) -> list[Row]:
     from parity_tests.checks_trainers import Record, Step, data_rows
 
     settings = Settings(demo=True, image_size=size, batch_size=batch)
-    data = ImageFolderDataModule(settings, cache=True, num_workers=0)
+    data = ImageFolderDataModule(settings, cache=True)
     data.setup()
     torch_record = Record([Step(0, (), (), 0, True, pairs.nhwc(images), labels.numpy())
                            for images, labels in data.train_dataloader()])

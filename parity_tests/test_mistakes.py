@@ -282,14 +282,26 @@ def test_cache_keeps_other_size(monkeypatch) -> None:
 
 
 def test_resize_with_antialias(monkeypatch) -> None:
-    # torchvision's Resize default: antialiased downscaling.
-    def antialiased(pixels, size):
+    # torchvision's Resize default: antialiased downscaling; in every path that resizes (the
+    # threads of every epoch, the cache).
+    def antialiased(pixels, out):
         x = torch.as_tensor(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0).float()
-        return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
-                                               align_corners=False, antialias=True).squeeze(0)
+        out[...] = torch.nn.functional.interpolate(
+            x, size=out.shape[-2:], mode="bilinear", align_corners=False,
+            antialias=True).squeeze(0).numpy()
 
-    monkeypatch.setattr(tl_torch.data, "resize_bilinear", antialiased)
+    monkeypatch.setattr(tl_torch.data, "resize_into", antialiased)
     assert_caught(cached_pipeline(), where="pixels reaching the model")
+    assert_caught(checks_data.check_pipeline(), where="pixels of the first 2 validation batches")
+
+
+def test_decoding_threads_take_the_next_file(monkeypatch) -> None:
+    # An off-by-one in the batches the threads fill: every image is its neighbour's.
+    def next_file(self, i, out):
+        tl_torch.data.read_training_image(self.paths[(i + 1) % len(self.paths)], out)
+
+    monkeypatch.setattr(tl_torch.data.ImageFiles, "read_into", next_file)
+    assert_caught(checks_data.check_pipeline(), where="pixels of the first 2 validation batches")
 
 
 def test_flip_up_down(monkeypatch) -> None:

@@ -1,4 +1,5 @@
-"""The port's data module: when the decoded-image cache is used (``tl_torch/data.py``).
+"""The port's data module (``tl_torch/data.py``): when the decoded-image cache is used, the
+threads that decode every epoch otherwise, and the resize.
 
 The cache's budget is the memory of the machine: the three splits count together, and under DDP
 every process holds a cache of its own. Run: ``python -m pytest tests/test_torch_data.py -q``.
@@ -6,16 +7,28 @@ every process holds a cache of its own. Run: ``python -m pytest tests/test_torch
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
 
 import tl_torch.data as data_module
+from tl_common.files import FileList
 from tl_common.settings import Settings
-from tl_torch.data import ImageCache, ImageFiles, ImageFolderDataModule, cache_bytes, fits_in_cache
+from tl_torch.data import (
+    ImageBatches,
+    ImageCache,
+    ImageFiles,
+    ImageFolderDataModule,
+    ImageReadError,
+    cache_bytes,
+    fits_in_cache,
+)
 
 SIZE = 32
 #: Images per class: 4 to train, 5 to validate (1 of them set aside for the test split).
@@ -35,7 +48,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def datamodule(folder: Path, processes: int = 1) -> ImageFolderDataModule:
-    dm = ImageFolderDataModule(Settings(data_dir=str(folder), image_size=SIZE), num_workers=0)
+    dm = ImageFolderDataModule(Settings(data_dir=str(folder), image_size=SIZE), threads=0)
     if processes > 1:  # what the data module reads of a DDP trainer
         dm.trainer = SimpleNamespace(num_devices=processes)
     return dm
@@ -134,3 +147,82 @@ def test_resize_is_tensorflows_within_its_own_rounding(shape, size):
         assert port.shape == (shape[2], size, size) and port.dtype == torch.float32
         band = bands.against_exact(truth, keras, port.permute(1, 2, 0).numpy())
         assert band.passed, f"{band.port_error:.3g} > {band.describe()}"
+
+
+def decoding_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tl-decode")]
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_batches_from_threads_are_a_dataloaders(folder, threads):
+    """ImageBatches gives what torch's DataLoader gives over the same files and sampler: the same
+    batches in the same order, a short last one, each epoch's own order (set_epoch)."""
+    dm = datamodule(folder)
+    dm.setup()
+    dataset = ImageFiles(dm.splits.validation, SIZE)
+    assert len(dataset) == 8
+    orders = []
+    for epoch in (0, 1):
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
+        ours = ImageBatches(dataset, 3, sampler, threads=threads, prefetch=1)
+        ours.sampler.set_epoch(epoch)
+        theirs = list(DataLoader(dataset, batch_size=3, sampler=sampler))
+        batches = list(ours)
+        assert len(ours) == len(batches) == len(theirs) == 3
+        for (images, labels), (t_images, t_labels) in zip(batches, theirs, strict=True):
+            assert images.dtype == torch.float32 and labels.dtype == torch.int64
+            assert torch.equal(images, t_images) and torch.equal(labels, t_labels)
+        assert [len(labels) for _, labels in batches] == [3, 3, 2]
+        orders.append(torch.cat([images for images, _ in batches]))
+    assert not torch.equal(orders[0], orders[1])
+    assert not decoding_threads()
+
+
+def test_the_cache_and_the_threads_give_the_same_epochs(folder):
+    """With the cache on or off, the data module's training batches are the same, pixel for
+    pixel, epoch after epoch."""
+    loaders = []
+    for cache in (True, False):
+        dm = ImageFolderDataModule(Settings(data_dir=str(folder), image_size=SIZE, batch_size=3),
+                                   cache=cache)
+        loaders.append(dm.train_dataloader())
+    cached, threaded = loaders
+    assert isinstance(cached, DataLoader) and isinstance(threaded, ImageBatches)
+    for epoch in (0, 1):
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        for (images, labels), (c_images, c_labels) in zip(threaded, cached, strict=True):
+            assert torch.equal(images, c_images) and torch.equal(labels, c_labels)
+
+
+@pytest.fixture
+def eight_files(folder, tmp_path) -> FileList:
+    """The folder's 8 training images, copied where a test may delete them."""
+    dm = datamodule(folder)
+    dm.setup()
+    files = dm.splits.train
+    copy = tmp_path / "train"
+    shutil.copytree(files.root, copy)
+    return FileList(copy, files.class_names, files.files)
+
+
+def test_an_image_gone_mid_epoch_is_one_line_and_ends_the_threads(eight_files):
+    gone = Path(eight_files.paths[5])
+    gone.unlink()
+    batches = iter(ImageBatches(ImageFiles(eight_files, SIZE), 2, threads=2, prefetch=2))
+    next(batches)
+    next(batches)
+    with pytest.raises(ImageReadError) as info:
+        next(batches)  # images 4 and 5
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{gone} cannot be read any more (No such file or directory)")
+    assert not decoding_threads()
+
+
+def test_an_epoch_left_early_ends_the_threads(eight_files):
+    batches = iter(ImageBatches(ImageFiles(eight_files, SIZE), 2, threads=2, prefetch=2))
+    next(batches)
+    assert decoding_threads()
+    batches.close()  # what Lightning's limit_train_batches or an error in a step leads to
+    assert not decoding_threads()

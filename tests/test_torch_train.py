@@ -12,7 +12,6 @@ Run: ``TL_PARITY_CACHE=/tmp/tlcache python -m pytest tests/test_torch_train.py -
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -672,10 +671,7 @@ def test_data_that_changes_mid_run_is_one_line_and_resumable(finished_run, data_
     images replaced by bad files after epoch 1, then the whole data folder gone after epoch 3;
     each time one line, last.ckpt kept; with the data back, --resume ends as the uninterrupted
     run."""
-    monkeypatch.setattr(tl_torch.data, "CACHE_BUDGET_BYTES", 0)
-    # In this process: DataLoader workers are covered in tests/test_reliability_shared.py.
-    monkeypatch.setattr(train, "ImageFolderDataModule",
-                        functools.partial(ImageFolderDataModule, num_workers=0))
+    monkeypatch.setattr(tl_torch.data, "CACHE_BUDGET_BYTES", 0)  # decoded by threads
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(data_dir, data)
     argv = run_args(data, out)
