@@ -213,8 +213,8 @@ class ImageCache(Dataset):
                 image = decoded.pop(paths[i], None)
                 if image is None:
                     read_training_image(paths[i], out[i])
-                else:
-                    self.images[i] = image
+                else:  # through numpy: the cache may have been made under inference mode,
+                    out[i] = image.numpy()  # which does not reach this thread
             return len(chunk)
 
         # Decoding, resizing and the copy release the GIL: threads use every core. Chunks of
