@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from PIL import Image
@@ -225,4 +226,60 @@ def test_an_epoch_left_early_ends_the_threads(eight_files):
     next(batches)
     assert decoding_threads()
     batches.close()  # what Lightning's limit_train_batches or an error in a step leads to
+    assert not decoding_threads()
+
+
+class Seen(L.LightningModule):
+    """A tiny model that records which images each stage and epoch saw (by their mean pixel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 2)
+        self.seen: dict[tuple[str, int], list[float]] = {}
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        images, labels = batch
+        self.seen.setdefault((stage, self.current_epoch), []).extend(
+            images.mean((1, 2, 3)).tolist())
+        return torch.nn.functional.cross_entropy(self.layer(images.mean((2, 3))), labels)
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "fit")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "validate")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return batch[1]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_runs_every_stage_on_the_threads(folder):
+    """Fit, validate, test and predict through a Trainer with the images decoded every epoch:
+    every image once per epoch, a fresh training order each epoch."""
+    dm = ImageFolderDataModule(Settings(data_dir=str(folder), image_size=SIZE, batch_size=3),
+                               cache=False)
+    module = Seen()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm, verbose=False)
+    predicted = torch.cat(trainer.predict(module, dataloaders=dm.test_dataloader()))
+    assert isinstance(dm.train_dataloader(), ImageBatches)
+    means = {split: sorted(float(images.mean()) for images, _ in
+                           (ImageFiles(dm.splits[split], SIZE)[i] for i in range(len(dm.splits[split]))))
+             for split in ("train", "validation", "test")}
+    fit0, fit1 = module.seen["fit", 0], module.seen["fit", 1]
+    assert sorted(fit0) == sorted(fit1) == pytest.approx(means["train"])
+    assert fit0 != fit1
+    for epoch in (0, 1):
+        assert sorted(module.seen["validate", epoch]) == pytest.approx(means["validation"])
+    assert sorted(module.seen["test", 2]) == pytest.approx(means["test"])
+    assert predicted.tolist() == dm.splits.test.labels
     assert not decoding_threads()
