@@ -9,8 +9,8 @@ Everything goes through the port's own code paths:
 - inference: ``module(images)`` in eval mode under ``torch.inference_mode`` (as Lightning
   validates), folded as in phase-A validation; also as in phase-B validation (folded below
   ``fine_tune_at``) and unfolded (``TransferModule(fast=False)``);
-- input: ``ImageFolderDataModule``'s loaders (DataLoader workers decoding every epoch, and the
-  in-memory cache) and ``RandomFlipRotation``.
+- input: ``ImageFolderDataModule``'s loaders (threads decoding every epoch, and the in-memory
+  cache) and ``RandomFlipRotation``.
 Each measurement has a module of its own (same seed, same weights), so that none changes another's
 phase. Run: ``python -m benchmarks.torch_worker SPEC.json RESULT_FD``.
 """

@@ -72,9 +72,11 @@ class ImageReadError(UserError):
     """A file that was read and checked before training can no longer be read during it: it
     vanished (with its folder, perhaps), lost its permissions, or was replaced by a bad file.
 
-    One line for the user. Raised in a DataLoader worker, it comes back to the training process
-    as ``ImageReadError(<the worker's traceback>)`` (torch's ``ExceptionWrapper.reraise``): the
-    line is then the traceback's last one, which is this error's own message."""
+    One line for the user. Raised in a decoding thread of :class:`ImageBatches`, it reaches the
+    training loop as it is. Raised in the worker of a DataLoader over :class:`ImageFiles`, it
+    comes back as ``ImageReadError(<the worker's traceback>)`` (torch's
+    ``ExceptionWrapper.reraise``): the line is then the traceback's last one, which is this
+    error's own message."""
 
     def __init__(self, message: str) -> None:
         last = message.strip().splitlines()[-1] if message.strip() else message
