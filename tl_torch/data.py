@@ -207,9 +207,7 @@ class ImageCache(Dataset):
         self.labels = torch.tensor(files.labels)
         self.images = torch.empty(len(files), 3, image_size, image_size)
         decoded = {} if decoded is None else decoded
-        paths = files.paths
-
-        out = self.images.numpy()
+        paths, out = files.paths, self.images.numpy()
 
         def load(chunk: range) -> int:
             for i in chunk:
