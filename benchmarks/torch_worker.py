@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 def pipeline(spec: dict[str, Any], module, device, sync) -> dict[str, Bench]:
     """Decode + resize (+ augment) of the demo's training JPEGs: the decoding threads, and the cache.
 
-    A repetition is one epoch over the training files; the warm-up epoch starts the persistent
-    workers and fills the page cache."""
+    A repetition is one epoch over the training files; the warm-up epoch fills the page cache."""
     import torch
 
     from tl_common.settings import Settings
