@@ -12,6 +12,9 @@ Run: ``python -m pytest tests/test_torch_fast.py -q``.
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -108,6 +111,85 @@ def test_one_fold_follows_the_base(random_base):
     assert all(rel_err(got[n], want[n]) < FLOAT64_RTOL for n in got)
 
 
+def test_kept_folded_weights_follow_every_change_of_their_sources(random_base, monkeypatch):
+    """The gradient-free units fold once and reuse the result while nothing they are folded from
+    changed; each kind of change below is seen at the next call."""
+    base = random_base(0).double()
+    freeze(base, 154)
+    folded = fold(base)
+    x = images(torch.float64, channels_last=False, size=32)[:1]
+    folds = []
+    real_fold = fast.fold_conv_bn
+
+    def counting(conv, bn, **kw):
+        folds.append(conv)
+        return real_fold(conv, bn, **kw)
+
+    monkeypatch.setattr(fast, "fold_conv_bn", counting)
+
+    def check(expect_folds: int) -> None:
+        folds.clear()
+        with torch.no_grad():
+            assert rel_err(folded(x), base(x)) < FLOAT64_RTOL
+        assert len(folds) == expect_folds
+
+    check(52)   # first call: every unit folds
+    check(0)    # nothing changed: nothing folds again
+    with torch.inference_mode():   # kept weights made in inference mode serve outside it
+        folded(x)
+    with torch.no_grad():          # in place, one source of one unit at a time
+        base.Conv1.weight.mul_(1.5)
+        check(1)
+        base.block_3_project_BN.running_var.add_(0.25)
+        check(1)
+        base.block_3_project_BN.running_mean.sub_(0.5)
+        check(1)
+        base.expanded_conv_depthwise_BN.weight.neg_()
+        check(1)
+        base.Conv_1_bn.bias.add_(1.0)
+        check(1)
+    base.block_5_expand.weight.data = base.block_5_expand.weight.data * 2   # a new storage
+    check(1)
+    base.load_state_dict(random_base(1).double().state_dict())
+    check(52)
+    base.float().double()   # new tensors, equal values: folded again, same result
+    check(52)
+    # An in-place change through .data is invisible to version counters: forget() it.
+    base.block_16_project.weight.data.mul_(3.0)
+    with torch.no_grad():
+        assert rel_err(folded(x), base(x)) > 1e-3
+    folded.forget()
+    check(52)
+    # Inputs that need a gradient run through the kept weights (folded under inference_mode).
+    folded.forget()
+    with torch.inference_mode():
+        folded(x)
+    xg = x.clone().requires_grad_(True)
+    folded(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_a_base_with_kept_weights_saves_and_copies(random_base):
+    """torch.save of a whole model refuses two tensors over one storage; the kept weights are
+    left out of pickles and copies, and folded again there."""
+    base = random_base(0)
+    freeze(base, 154)
+    model = torch.nn.Sequential(base, fold(base))   # the base and its folded twin, as a module
+    x = images(torch.float32, channels_last=False, size=32)[:1]
+    with torch.no_grad():
+        expected = model[1](x)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded[1](x), expected)
+        assert loaded[1].base is loaded[0]
+        copied = copy.deepcopy(model)
+        copied[0].Conv1.weight.mul_(2.0)
+        assert not torch.equal(copied[1](x), expected)
+        assert torch.equal(model[1](x), expected)
+
+
 @pytest.mark.skipif(not fast._FUSED_CONVOLUTION, reason="this torch has no oneDNN fused convolution")
 def test_fused_convolution_is_used_and_exact(random_base, monkeypatch):
     base = random_base(0).to(memory_format=torch.channels_last)
@@ -116,21 +198,28 @@ def test_fused_convolution_is_used_and_exact(random_base, monkeypatch):
     x = images(torch.float32, channels_last=True, scale=STEM_SATURATING_SCALE)
     with torch.no_grad():
         assert (base.bn_Conv1(base.Conv1(x)) > 6).float().mean() > 0.1  # the bound matters here
-    calls = []
+    calls = {"relu6": 0, "add": 0}
     mkldnn = torch.ops.mkldnn._convolution_pointwise
 
-    def counting(*args):
-        calls.append(args[0].shape)
-        return mkldnn(*args)
+    class Counting:   # the op with its two overloads, counted
+        def __call__(self, *args):
+            calls["relu6"] += 1
+            return mkldnn(*args)
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", counting)
+        def binary(self, *args):
+            calls["add"] += 1
+            return mkldnn.binary(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", Counting())
     with torch.no_grad():
         fused = folded(x)
-    assert len(calls) == 35  # the stem, and each block's expand (not block 0's) and depthwise
+    # The stem, and each block's expand (not block 0's) and depthwise with ReLU6; each residual
+    # block's last convolution with its shortcut.
+    assert calls == {"relu6": 35, "add": 10}
     monkeypatch.setattr(fast, "_FUSED_CONVOLUTION", False)  # the two-operation fallback
     with torch.no_grad():
         unfused = folded(x)
-    assert len(calls) == 35
+    assert calls == {"relu6": 35, "add": 10}
     assert torch.equal(fused, unfused)
 
 

@@ -15,7 +15,13 @@ Per convolution + BatchNorm pair, at each call:
 - no gradient wanted for its parameters (frozen, or under ``no_grad``): folded without autograd,
   and, where a ReLU6 follows, run as one oneDNN convolution with the activation fused; a strided
   block's ZeroPadding2D after that ReLU6 is moved before the (1x1) convolution, so the block's
-  input is padded rather than its six times wider expanded activations;
+  input is padded rather than its six times wider expanded activations; a residual block's
+  shortcut is added by its last convolution as it writes its output. The folded weight and bias
+  are kept and reused while the six tensors they come from are unchanged: the same tensors
+  (storage address, dtype, device), none modified in place since (autograd's version counter,
+  which every in-place operation, ``load_state_dict`` and the optimizers bump). Only an in-place
+  change made through ``tensor.data``, which autograd does not see either, goes unnoticed;
+  :meth:`FoldedBase.forget` drops the kept weights;
 - gradients wanted (fine-tuning's upper layers): folded with autograd, so gradients reach the
   convolution's weight and BatchNorm's gamma and beta, and BatchNorm's backward pass over the
   activations disappears; 1x1 convolutions run as matrix products.
@@ -92,6 +98,28 @@ def conv_relu6(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
     return F.relu6(_conv(x, conv, weight, bias), inplace=True)
 
 
+def conv_add(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
+             other: torch.Tensor) -> torch.Tensor:
+    """``other + conv(x)`` with the given (folded, gradient-free) weight and bias: on the CPU one
+    oneDNN call that adds ``other`` as it writes each output block (the same sums, measured
+    bitwise equal), instead of a second pass over both tensors. Two operations where the fused
+    call does not apply (as :func:`conv_relu6`)."""
+    if (_FUSED_CONVOLUTION and x.device.type == "cpu" and x.dtype == other.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad))
+            and not isinstance(conv, Conv2dSame)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and other.is_contiguous(memory_format=torch.channels_last)):
+        out = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, "add", None, None, [], None)
+        if out.shape == other.shape:
+            return out
+        raise ValueError(f"conv_add: the shortcut's shape {tuple(other.shape)} is not the "
+                         f"convolution's output shape {tuple(out.shape)}")
+    return other + _conv(x, conv, weight, bias)
+
+
 def _conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
           bias: torch.Tensor) -> torch.Tensor:
     if isinstance(conv, Conv2dSame):
@@ -121,21 +149,28 @@ class FoldedConvBN(nn.Module):
             raise ValueError("FoldedConvBN: a padding is folded only after a ReLU6")
         self._parts = (conv, bn, pad)   # a tuple: not registered as submodules
         self.relu = relu
+        # (what the weights were folded from, (weight, bias), the sources' storages); see _folded
+        self._kept: tuple | None = None
 
     def extra_repr(self) -> str:
         conv, _, pad = self._parts
         return f"{conv.__class__.__name__}{tuple(conv.weight.shape)}, relu={self.relu}, pad={pad}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """The pair's output; ``shortcut``: a residual block's input, added to it (only for a
+        unit without ReLU6 or padding, a block's last)."""
         conv, bn, pad = self._parts
+        if shortcut is not None and (self.relu or pad is not None):
+            raise ValueError("FoldedConvBN: a shortcut is added only to a unit without ReLU6 "
+                             "or padding")
         if torch.is_grad_enabled() and (conv.weight.requires_grad or bn.weight.requires_grad
                                         or bn.bias.requires_grad):
-            return self._trainable(x, *fold_conv_bn(conv, bn))
-        with torch.no_grad():
-            weight, bias = fold_conv_bn(conv, bn, divide=True)
-            if x.is_contiguous(memory_format=torch.channels_last):  # as oneDNN wants it
-                weight = weight.contiguous(memory_format=torch.channels_last)
+            out = self._trainable(x, *fold_conv_bn(conv, bn))
+            return out if shortcut is None else shortcut + out
+        weight, bias = self._folded(x.is_contiguous(memory_format=torch.channels_last))
         if not self.relu:
+            if shortcut is not None:
+                return conv_add(x, conv, weight, bias, shortcut)
             return _conv(x, conv, weight, bias)
         if pad is not None and _is_pointwise(conv):
             # Pad the block's input, not the expanded activations; the padded border of the
@@ -146,6 +181,36 @@ class FoldedConvBN(nn.Module):
             return zero_border_(out, left, right, top, bottom)
         out = conv_relu6(x, conv, weight, bias)
         return out if pad is None else pad(out)
+
+    def __getstate__(self) -> dict:
+        # Pickled or copied without the kept weights (they are folded again at the next call).
+        return {**self.__dict__, "_kept": None}
+
+    def _folded(self, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient-free folded weight (channels-last if asked, as oneDNN wants it) and
+        bias: kept from the last call while their sources are unchanged (the module's
+        docstring says what that means), else folded again."""
+        conv, bn, _ = self._parts
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if any(t is not None and t.is_inference() for t in sources):
+            # Made under inference_mode: no version counter to tell a change. Fold each call.
+            return self._fold(channels_last)
+        key = (channels_last, *(None if t is None else
+                                (t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
+        if self._kept is None or self._kept[0] != key:
+            # The storages are held so that no new tensor can take their addresses meanwhile.
+            storages = [t.untyped_storage() for t in sources if t is not None]
+            with torch.inference_mode(False):   # usable outside inference mode too
+                self._kept = (key, self._fold(channels_last), storages)
+        return self._kept[1]
+
+    def _fold(self, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, bn, _ = self._parts
+        with torch.no_grad():
+            weight, bias = fold_conv_bn(conv, bn, divide=True)
+            if channels_last:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight, bias
 
     def _trainable(self, x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor) -> torch.Tensor:
@@ -207,16 +272,21 @@ class FoldedBase(nn.Module):
         """The base whose function this computes, and whose parameters it reads."""
         return self._base[0]
 
+    def forget(self) -> None:
+        """Drop the kept folded weights (they are folded again at the next call); needed only
+        after changing the base's tensors in place through ``tensor.data``."""
+        for unit in self.units:
+            unit._kept = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         units = self.units
         for i in self._stem:
             x = units[i](x)                                     # (N, 32, H/2, W/2)
         for block in self._blocks:
             shortcut = x
-            for i in block.units:
+            for i in block.units[:-1]:
                 x = units[i](x)
-            if block.residual:
-                x = shortcut + x
+            x = units[block.units[-1]](x, shortcut if block.residual else None)
         for i in self._top:
             x = units[i](x)
         return x                                                # (N, 1280, H/32, W/32)
