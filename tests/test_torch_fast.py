@@ -150,6 +150,9 @@ def test_kept_folded_weights_follow_every_change_of_their_sources(random_base, m
         check(1)
     base.block_5_expand.weight.data = base.block_5_expand.weight.data * 2   # a new storage
     check(1)
+    with torch.no_grad():   # through state_dict()'s tensors, as the weight loaders write
+        base.state_dict()["block_12_depthwise.weight"].mul_(0.5)
+    check(1)
     base.load_state_dict(random_base(1).double().state_dict())
     check(52)
     base.float().double()   # new tensors, equal values: folded again, same result

@@ -5,11 +5,11 @@ A convolution followed by its inference-mode BatchNorm computes
 convolution with scaled weights and a bias does the same in one pass. :func:`fold` returns a
 :class:`FoldedBase`, a module that computes what the base computes that way, as torch's
 ``fuse_conv_bn_eval`` and timm's ``reparameterize_model`` do, with one difference that lets it be
-built once and used in every phase: it holds no weights of its own. Each call folds from the
-base's current parameters and statistics (a few thousand multiplications per layer, next to
-the convolutions' millions), so it is right after ``load_state_dict``, ``.to()``, and any
-change of which layers are frozen; the base itself (state dict, layer table, counts, Keras
-export) is what trains and is saved.
+built once and used in every phase: it has no parameters or buffers of its own. Each call folds
+from the base's current parameters and statistics (a few thousand multiplications per layer,
+next to the convolutions' millions), or reuses what it folded while those are unchanged (below),
+so it is right after ``load_state_dict``, ``.to()``, and any change of which layers are frozen;
+the base itself (state dict, layer table, counts, Keras export) is what trains and is saved.
 
 Per convolution + BatchNorm pair, at each call:
 - no gradient wanted for its parameters (frozen, or under ``no_grad``): folded without autograd,
