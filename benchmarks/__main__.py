@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks [--quick] [--output DIR] [--repeats N] [--bf16]
+    python -m benchmarks [--quick] [--output DIR] [--repeats N] [--bf16] [--tf32]
                          [--profile] [--no-demo] [--all-keras] [--wait-quiet SECONDS]
 
 Measures, each framework in fresh subprocesses of its own (kept alive side by side, their
@@ -19,7 +19,9 @@ and without that setting, and with OpenMP's passive wait policy (a suggestion). 
 measures the two primary configurations and Keras with XLA, briefly (~3 minutes). Writes
 ``DIR/benchmark.json`` and ``DIR/benchmark.md`` (default DIR: benchmarks/results), worker logs
 in ``DIR/logs``. On a machine with a GPU, torch
-uses it (cuda when available), and TensorFlow uses one if it sees it.
+uses it (cuda when available), and TensorFlow uses one if it sees it; each framework keeps its
+own TF32 default there (torch: TF32 in convolutions only; TensorFlow: in both), which the report
+states, and ``--tf32`` adds both frameworks with TF32 off and on.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true",
                    help="also measure bf16 (torch autocast, Keras mixed_bfloat16): changes the "
                         "numbers, reported apart")
+    p.add_argument("--tf32", action="store_true",
+                   help="NVIDIA GPUs: also measure both frameworks with TF32 off and on "
+                        "(the primaries keep each framework's default)")
     p.add_argument("--profile", action="store_true",
                    help="also profile the port's phase-A and phase-B steps (torch.profiler)")
     p.add_argument("--no-demo", action="store_true", help="skip the demo runs (f)")
@@ -63,7 +68,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--wait-quiet={args.wait_quiet}: expected seconds >= 0")
     if args.repeats is not None and args.repeats < 1:
         p.error(f"--repeats={args.repeats}: expected a positive integer")
+    if args.tf32 and not cuda_available():
+        p.error("--tf32: torch sees no CUDA GPU here; TF32 is a setting of NVIDIA GPUs (Ampere "
+                "and later)")
     return args
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (torch imported in this process only to ask)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root = demo_data_root()
     batch_file = work / "batch.npz"
     make_batch(batch_file, data_root)
-    configs = C.plan(quick=args.quick, bf16=args.bf16, all_keras=args.all_keras)
+    configs = C.plan(quick=args.quick, bf16=args.bf16, all_keras=args.all_keras, tf32=args.tf32)
     say(f"benchmarks: {len(configs)} configurations"
         f"{'' if args.quick or args.no_demo else ' + 2 demo runs'}; "
         f"load average {machine['load_average_at_start']}; output {out}")
@@ -107,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in (C.TORCH, C.KERAS_ONEDNN):
         run = next((r for r in results.get(cfg.name, []) if "threads" in r), None)
         if run:
-            threads[cfg.framework] = {**run["threads"], "device": run.get("device")}
+            threads[cfg.framework] = {**run["threads"], "device": run.get("device"),
+                                      **({"tf32": run["tf32"]} if run.get("tf32") is not None
+                                         else {})}
     doc = {
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in
                                                       (sys.argv[1:] if argv is None else argv)),

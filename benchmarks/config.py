@@ -53,6 +53,9 @@ class Config:
     keep_freed_memory: bool = False      # glibc mallopt before anything else (tl_torch.fast)
     bf16: bool = False                   # changes the numbers: reported apart
     jit_compile: bool = False            # Keras: XLA (see KERAS_XLA)
+    tf32: bool | None = None             # NVIDIA GPUs: TF32 for float32 matrix products and
+                                         # convolutions, on or off; None: the framework's default
+                                         # (torch: convolutions only; TensorFlow: both)
     primary: bool = False                # the configuration the trainer itself runs
 
     def to_dict(self) -> dict[str, object]:
@@ -91,6 +94,18 @@ KERAS_TORCH_BACKEND = Config("keras-torch-backend", "keras",
                              "the reference on Keras 3's torch backend (KERAS_BACKEND=torch)",
                              (TRAIN_A, TRAIN_B, INFER, BASE_FORWARD),
                              env={"KERAS_BACKEND": "torch"}, keep_freed_memory=True)
+#: GPUs (``--tf32``): float32 with TF32 off in both frameworks (float32 throughout), then on
+#: (numbers change; reported apart, never a baseline). The primaries keep each framework's default.
+TORCH_TF32_OFF = replace(TORCH, name="torch-tf32-off", label="port, TF32 off (float32 throughout)",
+                         sections=CORE, tf32=False, primary=False)
+TORCH_TF32_ON = replace(TORCH_TF32_OFF, name="torch-tf32-on",
+                        label="port, TF32 on (matrix products and convolutions; changes the numbers)",
+                        tf32=True)
+KERAS_TF32_OFF = replace(KERAS_ONEDNN, name="keras-tf32-off",
+                         label="Keras, TF32 off (float32 throughout)", sections=CORE, tf32=False,
+                         primary=False)
+KERAS_TF32_ON = replace(KERAS_TF32_OFF, name="keras-tf32-on",
+                        label="Keras, TF32 on (changes the numbers)", tf32=True)
 TORCH_BF16 = replace(TORCH, name="torch-bf16", label="port, bf16 autocast (changes the numbers)",
                      sections=(TRAIN_A, TRAIN_B, INFER), bf16=True, primary=False)
 KERAS_BF16 = replace(KERAS_ONEDNN, name="keras-bf16",
@@ -98,12 +113,13 @@ KERAS_BF16 = replace(KERAS_ONEDNN, name="keras-bf16",
                      sections=(TRAIN_A, TRAIN_B, INFER), bf16=True, primary=False)
 
 
-def plan(*, quick: bool, bf16: bool, all_keras: bool = False) -> list[Config]:
+def plan(*, quick: bool, bf16: bool, all_keras: bool = False,
+         tf32: bool = False) -> list[Config]:
     """The worker processes of one round, frameworks alternating; quick runs the two primaries
     and Keras with XLA (a candidate for the best Keras).
 
     glibc's setting is tried for Keras with oneDNN on, its faster configuration here (2x); with
-    ``all_keras`` also with oneDNN off.
+    ``all_keras`` also with oneDNN off. ``tf32`` (GPUs) adds both frameworks with TF32 off and on.
     """
     if quick:
         configs = [TORCH, KERAS_ONEDNN, KERAS_XLA]
@@ -112,6 +128,8 @@ def plan(*, quick: bool, bf16: bool, all_keras: bool = False) -> list[Config]:
                    KERAS_ONEDNN_KEEP, KERAS_XLA, KERAS_TORCH_BACKEND]
         if all_keras:
             configs.append(KERAS_EIGEN_KEEP)
+    if tf32:
+        configs += [TORCH_TF32_OFF, KERAS_TF32_OFF, TORCH_TF32_ON, KERAS_TF32_ON]
     if bf16:
         configs += [TORCH_BF16, KERAS_BF16]
     return configs

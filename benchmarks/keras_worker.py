@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         import tensorflow as tf
 
+        if cfg.get("tf32") is not None:   # before any model is built
+            tf.config.experimental.enable_tensor_float_32_execution(cfg["tf32"])
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
         info = {"device": gpus[0] if gpus else "cpu",
                 "threads": {
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
                     "inter_op": tf.config.threading.get_inter_op_parallelism_threads()
                     or "0 (all cores)",
                     "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
-                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}}
+                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+                # as read back; the setting acts on NVIDIA GPUs only
+                "tf32": (tf.config.experimental.tensor_float_32_execution_enabled()
+                         if gpus else None)}
     info["keep_freed_memory"] = kept
     jit = bool(cfg.get("jit_compile"))
     info["jit_compile"] = jit

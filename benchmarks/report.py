@@ -83,7 +83,8 @@ def _scaled(s: dict | None, factor: float) -> dict | None:
 
 
 def best_keras(summary: dict[str, Any], section: str) -> tuple[str | None, dict | None]:
-    """The (non-bf16) Keras configuration with the highest median in ``section``."""
+    """The Keras baseline configuration (float32, TensorFlow's own TF32 default; not bf16, not
+    the ``--tf32`` ones) with the highest median in ``section``."""
     best: tuple[str | None, dict | None] = (None, None)
     for cfg in KERAS_CONFIGS:
         s = summary.get(cfg.name, {}).get(section)

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     from tl_torch.weights import build_base
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.get("tf32") is not None:   # before any model is built
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     info = {"keep_freed_memory": kept,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -49,7 +51,11 @@ def main(argv: list[str] | None = None) -> None:
                         "inter_op": torch.get_num_interop_threads(),
                         "backend": torch.__config__.parallel_info().splitlines()[-1].strip(),
                         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset")},
-            "versions": {"torch": torch.__version__}}
+            "versions": {"torch": torch.__version__},
+            # as read back; the setting acts on NVIDIA GPUs only
+            "tf32": ({"matmul": torch.backends.cuda.matmul.allow_tf32,
+                      "convolutions": torch.backends.cudnn.allow_tf32}
+                     if device.type == "cuda" else None)}
 
     def new_module() -> TransferModule:
         base = build_base(C.WEIGHTS, C.IMAGE_SIZE, generator=torch.Generator().manual_seed(C.SEED))

@@ -115,6 +115,35 @@ def test_keras_with_xla_is_a_baseline_and_the_torch_backend_an_alternative():
     assert targets["a share of forward + augment"]["met"] is False
 
 
+def test_tf32_configurations_are_measured_apart_and_asked_for_only_with_a_gpu(monkeypatch):
+    """--tf32 adds both frameworks with TF32 off and on; none of them is a Keras baseline (TF32
+    changes the numbers), the primaries keep each framework's default; without a CUDA GPU the
+    option is one line and exit status 2."""
+    from benchmarks import __main__ as cli
+
+    added = [c for c in C.plan(quick=True, bf16=False, tf32=True)
+             if c not in C.plan(quick=True, bf16=False)]
+    assert {(c.framework, c.tf32) for c in added} == {("torch", False), ("torch", True),
+                                                      ("keras", False), ("keras", True)}
+    assert all(c.tf32 is None for c in C.plan(quick=False, bf16=True, all_keras=True))
+    results = {
+        C.TORCH.name: [_fake_run(C.TORCH, {C.TRAIN_A: [150.0] * 3})],
+        C.KERAS_ONEDNN.name: [_fake_run(C.KERAS_ONEDNN, {C.TRAIN_A: [100.0] * 3})],
+        C.KERAS_TF32_OFF.name: [_fake_run(C.KERAS_TF32_OFF, {C.TRAIN_A: [90.0] * 3})],
+        C.KERAS_TF32_ON.name: [_fake_run(C.KERAS_TF32_ON, {C.TRAIN_A: [500.0] * 3})],
+    }
+    summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+    a = next(r for r in report.build_rows(summary, results, demos={}) if r["row"] == "a")
+    assert a["keras_config"] == C.KERAS_ONEDNN.name
+
+    monkeypatch.setattr(cli, "cuda_available", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(["--tf32"])
+    assert exited.value.code == 2
+    monkeypatch.setattr(cli, "cuda_available", lambda: True)
+    assert cli.parse_args(["--tf32"]).tf32 is True
+
+
 def _tiny_data_root(root: Path) -> Path:
     """train/ and validation/ with 3 JPEGs per class: enough for load_splits' test split."""
     rng = np.random.default_rng(0)
@@ -141,8 +170,9 @@ def test_both_workers_end_to_end(tmp_path):
     # wide enough that no repetition here does on loaded cores (Keras' took 1.15 s beside
     # another test worker), so that each measurement gets its 2 samples.
     sizes = C.Sizes(repeats=2, warmup=1, calls=1, matmul_n=64, budget_s=60.0)
-    configs = [dataclasses.replace(C.TORCH, sections=(C.INFER, C.AUGMENT)),
-               dataclasses.replace(C.KERAS_ONEDNN, sections=(C.INFER,)),
+    # The TF32 settings (--tf32) taken too: they act on NVIDIA GPUs only, read back there.
+    configs = [dataclasses.replace(C.TORCH, sections=(C.INFER, C.AUGMENT), tf32=True),
+               dataclasses.replace(C.KERAS_ONEDNN, sections=(C.INFER,), tf32=False),
                # XLA's and the torch backend's training steps are what the harness times too;
                # inference alone keeps this test's compilations short.
                dataclasses.replace(C.KERAS_XLA, sections=(C.INFER,)),
@@ -158,6 +188,10 @@ def test_both_workers_end_to_end(tmp_path):
             assert min(run["sections"][section]["samples"]) > 0
         assert run["maxrss_mb"] > 100
     assert results[C.TORCH.name][0]["keep_freed_memory"] is True
+    port, keras = results[C.TORCH.name][0], results[C.KERAS_ONEDNN.name][0]
+    assert port["tf32"] == ({"matmul": True, "convolutions": True} if port["device"] != "cpu"
+                            else None)
+    assert keras["tf32"] is (False if keras["device"] != "cpu" else None)
     xla, alt = results[C.KERAS_XLA.name][0], results[C.KERAS_TORCH_BACKEND.name][0]
     assert xla["jit_compile"] is True and "tensorflow" in xla["versions"]
     assert xla["sections"][C.INFER]["info"]["jit_compile"] is True   # not refused by Keras
