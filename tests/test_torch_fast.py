@@ -180,6 +180,7 @@ def test_a_base_with_kept_weights_saves_and_copies(random_base):
     model = torch.nn.Sequential(base, fold(base))   # the base and its folded twin, as a module
     x = images(torch.float32, channels_last=False, size=32)[:1]
     with torch.no_grad():
+        model[1](x.contiguous(memory_format=torch.channels_last))   # packed weights too
         expected = model[1](x)
         buffer = io.BytesIO()
         torch.save(model, buffer)
@@ -201,29 +202,65 @@ def test_fused_convolution_is_used_and_exact(random_base, monkeypatch):
     x = images(torch.float32, channels_last=True, scale=STEM_SATURATING_SCALE)
     with torch.no_grad():
         assert (base.bn_Conv1(base.Conv1(x)) > 6).float().mean() > 0.1  # the bound matters here
-    calls = {"relu6": 0, "add": 0}
+    calls = {"hardtanh": 0, "none": 0, "add": 0, "packed": 0}
     mkldnn = torch.ops.mkldnn._convolution_pointwise
 
     class Counting:   # the op with its two overloads, counted
         def __call__(self, *args):
-            calls["relu6"] += 1
+            calls[args[7]] += 1                 # the post-op: "hardtanh" (ReLU6) or "none"
+            calls["packed"] += args[1].is_mkldnn
             return mkldnn(*args)
 
         def binary(self, *args):
             calls["add"] += 1
+            calls["packed"] += args[2].is_mkldnn
             return mkldnn.binary(*args)
 
     monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", Counting())
     with torch.no_grad():
         fused = folded(x)
+        fused_3 = folded(x[:3])   # another batch size: weights packed for it too
     # The stem, and each block's expand (not block 0's) and depthwise with ReLU6; each residual
-    # block's last convolution with its shortcut.
-    assert calls == {"relu6": 35, "add": 10}
+    # block's last convolution with its shortcut; the other blocks' last with no post-op; every
+    # weight in oneDNN's layout.
+    assert calls == {"hardtanh": 70, "none": 14, "add": 20, "packed": 104}
     monkeypatch.setattr(fast, "_FUSED_CONVOLUTION", False)  # the two-operation fallback
     with torch.no_grad():
-        unfused = folded(x)
-    assert calls == {"relu6": 35, "add": 10}
-    assert torch.equal(fused, unfused)
+        unfused, unfused_3 = folded(x), folded(x[:3])
+    assert calls == {"hardtanh": 70, "none": 14, "add": 20, "packed": 104}
+    assert torch.equal(fused, unfused) and torch.equal(fused_3, unfused_3)
+
+
+@pytest.mark.skipif(not fast._FUSED_CONVOLUTION, reason="this torch has no oneDNN fused convolution")
+def test_packed_weights_go_with_the_kept_weights(random_base, monkeypatch):
+    """A packed weight is the kept folded weight in oneDNN's layout: dropped whenever that is
+    folded again (a stale one would compute with the old weights), and kept for a few input
+    shapes only."""
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, 154)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True)
+
+    def unfused(inputs: torch.Tensor) -> torch.Tensor:
+        with monkeypatch.context() as m:
+            m.setattr(fast, "_FUSED_CONVOLUTION", False)
+            return folded(inputs)
+
+    with torch.no_grad():
+        folded(x)
+        assert all(len(unit._kept[3]) == 1 for unit in folded.units)
+        base.block_3_expand.weight.mul_(-2.0)       # one weight changed in place
+        base.Conv_1_bn.running_var.add_(3.0)        # and one statistic
+        assert torch.equal(folded(x), unfused(x))
+        assert rel_err(folded(x), base(x)) < FLOAT32_RTOL
+        # Six batch sizes, one of them twice. (Batch 1 is left out: there torch's two-operation
+        # fallback itself rounds differently from the fused call, with or without packing.)
+        x8 = torch.cat([x, x.flip(0)])
+        for n in (8, 6, 5, 3, 2, 5):
+            assert torch.equal(folded(x8[:n]), unfused(x8[:n]))
+        assert all(len(unit._kept[3]) == fast._PACKED_SHAPES for unit in folded.units)
+        folded.forget()
+        assert all(unit._kept is None for unit in folded.units)
 
 
 def test_fused_path_falls_back_when_the_input_needs_a_gradient(calibrated_base):

@@ -21,7 +21,9 @@ Per convolution + BatchNorm pair, at each call:
   (storage address, dtype, device), none modified in place since (autograd's version counter,
   which every in-place operation, ``load_state_dict`` and the optimizers bump). Only an in-place
   change made through ``tensor.data``, which autograd does not see either, goes unnoticed;
-  :meth:`FoldedBase.forget` drops the kept weights;
+  :meth:`FoldedBase.forget` drops the kept weights. For the fused calls they are also kept in
+  oneDNN's own weight layout, per input shape, which spares a reorder of every weight at every
+  call;
 - gradients wanted (fine-tuning's upper layers): folded with autograd, so gradients reach the
   convolution's weight and BatchNorm's gamma and beta, and BatchNorm's backward pass over the
   activations disappears; 1x1 convolutions run as matrix products.
@@ -39,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +51,8 @@ from torch import nn
 from tl_torch.model import MobileNetV2Base
 from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_border_, zero_pad
 
+#: How many input shapes a frozen pair keeps a packed weight for (FoldedConvBN._pack).
+_PACKED_SHAPES = 4
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -79,45 +84,70 @@ def _has_fused_convolution() -> bool:
 _FUSED_CONVOLUTION = _has_fused_convolution()
 
 
-def conv_relu6(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
-               bias: torch.Tensor) -> torch.Tensor:
-    """``relu6(conv(x))`` with ``conv``'s geometry and the given (folded, gradient-free) weight
-    and bias: one oneDNN call on the CPU, the activation applied as each output block is written
-    instead of in a second pass over the tensor. Two operations, with identical results, where
-    the fused call does not apply: other devices or dtypes, autocast, or an input that needs a
-    gradient."""
-    if (_FUSED_CONVOLUTION and x.device.type == "cpu" and x.dtype == torch.float32
+def _fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolution serves ``x`` and a gradient-free ``weight``: float32
+    on the CPU, channels-last input, no autocast, no gradient wanted through ``x``."""
+    return (_FUSED_CONVOLUTION and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not (x.requires_grad and torch.is_grad_enabled())
-            and x.is_contiguous(memory_format=torch.channels_last)):
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+#: ``pack(x) -> weight``: the weight in oneDNN's own layout for an input like ``x`` (see
+#: :meth:`FoldedConvBN._pack`); any other layout gives the same result, after a reorder.
+Pack = Callable[[torch.Tensor], torch.Tensor]
+
+
+def conv_relu6(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
+               bias: torch.Tensor, pack: Pack | None = None) -> torch.Tensor:
+    """``relu6(conv(x))`` with ``conv``'s geometry and the given (folded, gradient-free) weight
+    and bias: one oneDNN call on the CPU, the activation applied as each output block is written
+    instead of in a second pass over the tensor; ``pack`` gives it the weight already in its
+    layout. Two operations where the fused call does not apply: other devices or dtypes,
+    autocast, or an input that needs a gradient. Their results are bitwise the fused call's in
+    the tests, except for a batch of one, where torch's own convolution rounds differently
+    (about 1e-7 relative)."""
+    if _fused_applies(x, weight):
         if isinstance(conv, Conv2dSame):
             x = conv.pad(x)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, "hardtanh", [0.0, 6.0], "")
+            x, weight if pack is None else pack(x), bias, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, "hardtanh", [0.0, 6.0], "")
     return F.relu6(_conv(x, conv, weight, bias), inplace=True)
 
 
 def conv_add(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
-             other: torch.Tensor) -> torch.Tensor:
+             other: torch.Tensor, pack: Pack | None = None) -> torch.Tensor:
     """``other + conv(x)`` with the given (folded, gradient-free) weight and bias: on the CPU one
     oneDNN call that adds ``other`` as it writes each output block (the same sums, measured
     bitwise equal), instead of a second pass over both tensors. Two operations where the fused
     call does not apply (as :func:`conv_relu6`)."""
-    if (_FUSED_CONVOLUTION and x.device.type == "cpu" and x.dtype == other.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad))
+    if (_fused_applies(x, weight) and other.dtype == torch.float32
+            and not (torch.is_grad_enabled() and other.requires_grad)
             and not isinstance(conv, Conv2dSame)
-            and x.is_contiguous(memory_format=torch.channels_last)
             and other.is_contiguous(memory_format=torch.channels_last)):
         out = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, "add", None, None, [], None)
+            x, other, weight if pack is None else pack(x), bias, list(conv.padding),
+            list(conv.stride), list(conv.dilation), conv.groups, "add", None, None, [], None)
         if out.shape == other.shape:
             return out
         raise ValueError(f"conv_add: the shortcut's shape {tuple(other.shape)} is not the "
                          f"convolution's output shape {tuple(out.shape)}")
     return other + _conv(x, conv, weight, bias)
+
+
+def conv_plain(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
+               pack: Pack | None = None) -> torch.Tensor:
+    """``conv(x)`` with the given (folded, gradient-free) weight and bias; through oneDNN's
+    convolution with no post-op where the fused call applies (the same result as ``F.conv2d``,
+    which calls the same primitive), so that ``pack`` can hand it the weight in its layout."""
+    if pack is not None and _fused_applies(x, weight):
+        if isinstance(conv, Conv2dSame):
+            x = conv.pad(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, pack(x), bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, "none", [], "")
+    return _conv(x, conv, weight, bias)
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
@@ -168,18 +198,19 @@ class FoldedConvBN(nn.Module):
             out = self._trainable(x, *fold_conv_bn(conv, bn))
             return out if shortcut is None else shortcut + out
         weight, bias = self._folded(x.is_contiguous(memory_format=torch.channels_last))
+        pack = self._pack if self._kept is not None and self._kept[1][0] is weight else None
         if not self.relu:
             if shortcut is not None:
-                return conv_add(x, conv, weight, bias, shortcut)
-            return _conv(x, conv, weight, bias)
+                return conv_add(x, conv, weight, bias, shortcut, pack)
+            return conv_plain(x, conv, weight, bias, pack)
         if pad is not None and _is_pointwise(conv):
             # Pad the block's input, not the expanded activations; the padded border of the
             # output, relu6(bias) there, is set back to the zeros the padding would have added.
             left, right, top, bottom = pad_amounts(*x.shape[-2:], pad.kernel, pad.stride,
                                                    pad.pad_type)
-            out = conv_relu6(zero_pad(x, left, right, top, bottom), conv, weight, bias)
+            out = conv_relu6(zero_pad(x, left, right, top, bottom), conv, weight, bias, pack)
             return zero_border_(out, left, right, top, bottom)
-        out = conv_relu6(x, conv, weight, bias)
+        out = conv_relu6(x, conv, weight, bias, pack)
         return out if pad is None else pad(out)
 
     def __getstate__(self) -> dict:
@@ -201,8 +232,26 @@ class FoldedConvBN(nn.Module):
             # The storages are held so that no new tensor can take their addresses meanwhile.
             storages = [t.untyped_storage() for t in sources if t is not None]
             with torch.inference_mode(False):   # usable outside inference mode too
-                self._kept = (key, self._fold(channels_last), storages)
+                self._kept = (key, self._fold(channels_last), storages, {})
         return self._kept[1]
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        """The kept folded weight in the layout oneDNN's convolution wants for inputs shaped
+        like ``x``, made once per shape (a few: the last one or two batches of a data set are
+        smaller) and dropped with the kept weights. Without it oneDNN reorders the weight from
+        torch's layout at every call."""
+        conv = self._parts[0]
+        packs = self._kept[3]
+        shape = tuple(x.shape)
+        packed = packs.get(shape)
+        if packed is None:
+            if len(packs) >= _PACKED_SHAPES:
+                del packs[next(iter(packs))]   # the oldest
+            with torch.inference_mode(False):
+                packed = packs[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    self._kept[1][0].to_mkldnn(), list(conv.padding), list(conv.stride),
+                    list(conv.dilation), conv.groups, list(shape))
+        return packed
 
     def _fold(self, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         conv, bn, _ = self._parts
