@@ -451,6 +451,9 @@ class PausingEpochSeeds(train.EpochSeeds):
 
 train.EpochSeeds = PausingEpochSeeds
 if __name__ == "__main__":
+    # Ctrl-C as a terminal delivers it, also where the tests were started with it ignored (nohup,
+    # a background job), which the trainer would keep so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_main(train.main)
 '''
 #: Where the run is killed (0-based epoch, batch about to start): in epoch 4, fine-tuning,

@@ -144,8 +144,20 @@ def test_lock_is_released_on_errors_and_taken_again(tmp_path):
 
 # ---- Ctrl-C and SIGTERM ------------------------------------------------------------------------
 
+@pytest.fixture
+def ctrl_c_live():
+    """Ctrl-C handled as Python handles it in a terminal, for one test, also where pytest was
+    started with it ignored (nohup, a background job): StopRequests keeps an ignored Ctrl-C
+    ignored, as it should, and these tests would then see no handler of theirs."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_in_training_waits_for_the_safe_point(signum, status):
+def test_a_signal_in_training_waits_for_the_safe_point(signum, status, ctrl_c_live):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with StopRequests("state kept") as stop:
         reached_safe_point = False
@@ -180,7 +192,7 @@ def test_a_signal_outside_training_raises_at_once():
     assert info.value.signum == signal.SIGTERM
 
 
-def test_a_forked_data_loader_worker_keeps_pythons_own_ctrl_c():
+def test_a_forked_data_loader_worker_keeps_pythons_own_ctrl_c(ctrl_c_live):
     """Ctrl-C in a terminal reaches DataLoader workers too; forked, they inherit the handler,
     which then raises KeyboardInterrupt there, as torch's workers expect (they exit quietly)."""
     with StopRequests("state kept") as stop:
@@ -213,8 +225,10 @@ def test_run_main_turns_signals_into_one_line_and_the_shells_status(error, statu
 
 
 SECOND_CTRL_C = """\
+import signal
 import time
 from tl_common.interrupts import StopRequests
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (see ctrl_c_live)
 with StopRequests("kept", on_abort=lambda: print("released", flush=True)) as stop:
     with stop.deferred():
         print("training", flush=True)

@@ -128,6 +128,9 @@ def on_fit_end(self):
 tm.TransferModule.on_train_batch_start = on_train_batch_start
 tm.TransferModule.on_fit_end = on_fit_end
 if __name__ == "__main__":
+    # Ctrl-C as a terminal delivers it, also where the tests were started with it ignored (nohup,
+    # a background job), which the trainer would keep so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_main(main)
 '''
 
