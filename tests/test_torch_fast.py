@@ -248,7 +248,7 @@ def test_packed_weights_go_with_the_kept_weights(random_base, monkeypatch):
 
     with torch.no_grad():
         folded(x)
-        assert all(len(unit._kept[3]) == 1 for unit in folded.units)
+        assert all(len(unit._kept.packs) == 1 for unit in folded.units)
         base.block_3_expand.weight.mul_(-2.0)       # one weight changed in place
         base.Conv_1_bn.running_var.add_(3.0)        # and one statistic
         assert torch.equal(folded(x), unfused(x))
@@ -258,7 +258,7 @@ def test_packed_weights_go_with_the_kept_weights(random_base, monkeypatch):
         x8 = torch.cat([x, x.flip(0)])
         for n in (8, 6, 5, 3, 2, 5):
             assert torch.equal(folded(x8[:n]), unfused(x8[:n]))
-        assert all(len(unit._kept[3]) == fast._PACKED_SHAPES for unit in folded.units)
+        assert all(len(unit._kept.packs) == fast._PACKED_SHAPES for unit in folded.units)
         folded.forget()
         assert all(unit._kept is None for unit in folded.units)
 

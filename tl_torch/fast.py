@@ -43,6 +43,7 @@ import ctypes.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,11 +109,7 @@ def conv_relu6(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
     the tests, except for a batch of one, where torch's own convolution rounds differently
     (about 1e-7 relative)."""
     if _fused_applies(x, weight):
-        if isinstance(conv, Conv2dSame):
-            x = conv.pad(x)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight if pack is None else pack(x), bias, list(conv.padding), list(conv.stride),
-            list(conv.dilation), conv.groups, "hardtanh", [0.0, 6.0], "")
+        return _fused(x, conv, weight, bias, pack, "hardtanh", [0.0, 6.0])
     return F.relu6(_conv(x, conv, weight, bias), inplace=True)
 
 
@@ -142,12 +139,17 @@ def conv_plain(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: tor
     convolution with no post-op where the fused call applies (the same result as ``F.conv2d``,
     which calls the same primitive), so that ``pack`` can hand it the weight in its layout."""
     if pack is not None and _fused_applies(x, weight):
-        if isinstance(conv, Conv2dSame):
-            x = conv.pad(x)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, pack(x), bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, "none", [], "")
+        return _fused(x, conv, weight, bias, pack, "none", [])
     return _conv(x, conv, weight, bias)
+
+
+def _fused(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
+           pack: Pack | None, post_op: str, scalars: list[float]) -> torch.Tensor:
+    if isinstance(conv, Conv2dSame):
+        x = conv.pad(x)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight if pack is None else pack(x), bias, list(conv.padding), list(conv.stride),
+        list(conv.dilation), conv.groups, post_op, scalars, "")
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
@@ -179,8 +181,7 @@ class FoldedConvBN(nn.Module):
             raise ValueError("FoldedConvBN: a padding is folded only after a ReLU6")
         self._parts = (conv, bn, pad)   # a tuple: not registered as submodules
         self.relu = relu
-        # (what the weights were folded from, (weight, bias), the sources' storages); see _folded
-        self._kept: tuple | None = None
+        self._kept: _Kept | None = None   # see _folded
 
     def extra_repr(self) -> str:
         conv, _, pad = self._parts
@@ -198,7 +199,7 @@ class FoldedConvBN(nn.Module):
             out = self._trainable(x, *fold_conv_bn(conv, bn))
             return out if shortcut is None else shortcut + out
         weight, bias = self._folded(x.is_contiguous(memory_format=torch.channels_last))
-        pack = self._pack if self._kept is not None and self._kept[1][0] is weight else None
+        pack = self._pack if self._kept is not None and self._kept.weight is weight else None
         if not self.relu:
             if shortcut is not None:
                 return conv_add(x, conv, weight, bias, shortcut, pack)
@@ -228,12 +229,11 @@ class FoldedConvBN(nn.Module):
             return self._fold(channels_last)
         key = (channels_last, *(None if t is None else
                                 (t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
-        if self._kept is None or self._kept[0] != key:
-            # The storages are held so that no new tensor can take their addresses meanwhile.
+        if self._kept is None or self._kept.key != key:
             storages = [t.untyped_storage() for t in sources if t is not None]
             with torch.inference_mode(False):   # usable outside inference mode too
-                self._kept = (key, self._fold(channels_last), storages, {})
-        return self._kept[1]
+                self._kept = _Kept(key, *self._fold(channels_last), storages, {})
+        return self._kept.weight, self._kept.bias
 
     def _pack(self, x: torch.Tensor) -> torch.Tensor:
         """The kept folded weight in the layout oneDNN's convolution wants for inputs shaped
@@ -241,7 +241,7 @@ class FoldedConvBN(nn.Module):
         smaller) and dropped with the kept weights. Without it oneDNN reorders the weight from
         torch's layout at every call."""
         conv = self._parts[0]
-        packs = self._kept[3]
+        packs = self._kept.packs
         shape = tuple(x.shape)
         packed = packs.get(shape)
         if packed is None:
@@ -249,7 +249,7 @@ class FoldedConvBN(nn.Module):
                 del packs[next(iter(packs))]   # the oldest
             with torch.inference_mode(False):
                 packed = packs[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    self._kept[1][0].to_mkldnn(), list(conv.padding), list(conv.stride),
+                    self._kept.weight.to_mkldnn(), list(conv.padding), list(conv.stride),
                     list(conv.dilation), conv.groups, list(shape))
         return packed
 
@@ -274,6 +274,15 @@ class FoldedConvBN(nn.Module):
         if self.relu:
             out = _relu6(out)
         return out if pad is None else pad(out)
+
+
+class _Kept(NamedTuple):
+    """What a frozen pair keeps between calls (FoldedConvBN._folded)."""
+    key: tuple             # what the weights were folded from
+    weight: torch.Tensor   # folded, gradient-free
+    bias: torch.Tensor
+    storages: list         # the sources' storages, held so that no new tensor takes their address
+    packs: dict            # input shape -> the weight in oneDNN's layout (FoldedConvBN._pack)
 
 
 @dataclass(frozen=True)
