@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -180,7 +181,11 @@ def test_a_base_with_kept_weights_saves_and_copies(random_base):
     model = torch.nn.Sequential(base, fold(base))   # the base and its folded twin, as a module
     x = images(torch.float32, channels_last=False, size=32)[:1]
     with torch.no_grad():
-        model[1](x.contiguous(memory_format=torch.channels_last))   # packed weights too
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        for graph in (False, True):   # packed weights, and a graph of the frozen blocks
+            model[1].graph = graph
+            model[1](x_cl)
+        assert len(model[1]._graphs) == (1 if fast._GRAPH_FUSION else 0)
         expected = model[1](x)
         buffer = io.BytesIO()
         torch.save(model, buffer)
@@ -198,7 +203,7 @@ def test_a_base_with_kept_weights_saves_and_copies(random_base):
 def test_fused_convolution_is_used_and_exact(random_base, monkeypatch):
     base = random_base(0).to(memory_format=torch.channels_last)
     freeze(base, 154)
-    folded = fold(base)
+    folded = fold(base, graph=False)   # each unit's own oneDNN call (the graph: below)
     x = images(torch.float32, channels_last=True, scale=STEM_SATURATING_SCALE)
     with torch.no_grad():
         assert (base.bn_Conv1(base.Conv1(x)) > 6).float().mean() > 0.1  # the bound matters here
@@ -238,7 +243,7 @@ def test_packed_weights_go_with_the_kept_weights(random_base, monkeypatch):
     shapes only."""
     base = random_base(0).to(memory_format=torch.channels_last)
     freeze(base, 154)
-    folded = fold(base)
+    folded = fold(base, graph=False)
     x = images(torch.float32, channels_last=True)
 
     def unfused(inputs: torch.Tensor) -> torch.Tensor:
@@ -261,6 +266,154 @@ def test_packed_weights_go_with_the_kept_weights(random_base, monkeypatch):
         assert all(len(unit._kept.packs) == fast._PACKED_SHAPES for unit in folded.units)
         folded.forget()
         assert all(unit._kept is None for unit in folded.units)
+
+
+#: The graph of the frozen blocks sums in other orders than the units' own calls: its float32
+#: error against float64 is held to this multiple of theirs (measured 0.6-1.0), plus a floor.
+GRAPH_ERROR_MULTIPLE = 4.0
+GRAPH_ERROR_FLOOR = 1e-6
+#: The recipe's size: at 64 px oneDNN computes the fused pairs bitwise as the units do.
+GRAPH_SIZE = 160
+needs_graph = pytest.mark.skipif(not fast._GRAPH_FUSION, reason="this torch has no oneDNN Graph")
+
+
+def graph_shape(folded: FoldedBase, x: torch.Tensor) -> tuple[int, int]:
+    """(stages the graph for inputs like ``x`` runs, its oneDNN Graph partitions that compute
+    two convolutions together: a block's 1x1 expansion and its depthwise convolution)."""
+    (stages, _), graph = next((k, g) for k, g in folded._graphs.items() if k[1] == tuple(x.shape))
+    previous = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        optimized = graph.run.graph_for(x)
+    finally:
+        torch.jit.enable_onednn_fusion(previous)
+
+    def nodes(block):
+        for node in block.nodes():
+            yield node
+            for inner in node.blocks():
+                yield from nodes(inner)
+
+    pairs = sum(sum(n.kind() == "aten::_convolution" for n in group.g("Subgraph").nodes()) == 2
+                for group in nodes(optimized) if group.kind() == "prim::oneDNNFusionGroup")
+    return stages, pairs
+
+
+def graph_within_rounding(folded: FoldedBase, base, x: torch.Tensor) -> torch.Tensor:
+    """``folded(x)`` once its graph is optimized (two profiling calls first), checked against
+    float64 with the units' own float32 error as the yardstick."""
+    exact = copy.deepcopy(base).double()
+    units = fold(base, graph=False)
+    for _ in range(3):
+        got = folded(x)
+    want = exact(x.double())
+    err, own_err = rel_err(got, want), rel_err(units(x), want)
+    assert err <= GRAPH_ERROR_MULTIPLE * own_err + GRAPH_ERROR_FLOOR, (err, own_err)
+    return got
+
+
+@needs_graph
+@pytest.mark.parametrize(("fine_tune_at", "stages", "pairs"), [
+    (154, 19, 12),   # the whole base: 12 stride-1 blocks with an expansion
+    (100, 12, 7),    # stem and blocks 0-10 (block 11's depthwise trains)
+])
+def test_frozen_blocks_run_as_one_graph(random_base, fine_tune_at, stages, pairs):
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, fine_tune_at)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
+    with torch.inference_mode():   # as Lightning validates and predicts
+        for n in (4, 3, 4):        # a graph per input shape
+            graph_within_rounding(folded, base, x[:n])
+            assert graph_shape(folded, x[:n]) == (stages, pairs)
+    assert sorted(k[1][0] for k in folded._graphs) == [3, 4]
+
+
+@needs_graph
+def test_fine_tuning_gradients_pass_the_graph(random_base):
+    """In fine-tuning the graph runs the frozen blocks; the trainable ones after it get their
+    gradients as without it."""
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, 100)
+    exact = copy.deepcopy(base).double()
+    x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
+
+    def grads(model, inputs):
+        source = exact if model is exact else base
+        for _ in range(3):   # the graph's two profiling calls, then the fused one
+            source.zero_grad(set_to_none=True)
+            model(inputs).square().sum().backward()
+        return {n: p.grad.double() for n, p in source.named_parameters() if p.grad is not None}
+
+    want = grads(exact, x.double())
+    own = grads(fold(base, graph=False), x)
+    folded = fold(base)
+    got = grads(folded, x)
+    assert got.keys() == own.keys() == want.keys() and len(want) > 0
+    err = max(rel_err(got[n], want[n]) for n in want)
+    own_err = max(rel_err(own[n], want[n]) for n in want)
+    assert err <= GRAPH_ERROR_MULTIPLE * own_err + GRAPH_ERROR_FLOOR, (err, own_err)
+    assert graph_shape(folded, x) == (12, 7)
+
+
+@needs_graph
+def test_the_graph_gives_one_result_from_its_first_call(random_base):
+    """TorchScript profiles a graph unfused before it fuses it; were that first call's result
+    handed out, a run resumed from a checkpoint would differ from an uninterrupted one."""
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, 154)
+    x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
+    folded = fold(base)
+    with torch.no_grad():
+        first = folded(x)
+        assert not torch.equal(first, fold(base, graph=False)(x))   # fused, not the units
+        folded(x[:3])
+    with torch.enable_grad():
+        assert torch.equal(folded(x), first)
+    with torch.inference_mode():
+        assert torch.equal(folded(x), first)
+        assert torch.equal(fold(base)(x), first)
+
+
+@needs_graph
+def test_the_graph_follows_the_weights(random_base):
+    """Its weights are constants: a change to any the graph holds traces it again."""
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, 154)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
+    with torch.no_grad():
+        first = graph_within_rounding(folded, base, x)
+        graph = folded._graphs[(19, tuple(x.shape))]
+        graph_within_rounding(folded, base, x[:3])
+        base.block_3_expand.weight.mul_(-2.0)   # in place, inside the graph
+        changed = graph_within_rounding(folded, base, x)
+        assert rel_err(changed, first) > 1e3 * GRAPH_ERROR_FLOOR   # a stale graph fails above
+        assert folded._graphs[(19, tuple(x.shape))] is not graph
+        assert len(folded._graphs) == 1   # the other shape's graph held the old weights
+        base.load_state_dict(random_base(1).state_dict())
+        graph_within_rounding(folded, base, x)
+        folded.forget()
+        assert folded._graphs == {}
+
+
+@needs_graph
+def test_a_graph_that_fails_to_trace_leaves_the_units(random_base, monkeypatch):
+    def no_tracer(*args, **kwargs):
+        raise RuntimeError("no tracer here")
+
+    monkeypatch.setattr(torch.jit, "trace", no_tracer)
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, 154)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=r"without oneDNN Graph.*no tracer here"):
+            got = folded(x)
+        assert torch.equal(got, fold(base, graph=False)(x)) and folded.graph is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # once
+            folded(x)
 
 
 def test_fused_path_falls_back_when_the_input_needs_a_gradient(calibrated_base):

@@ -27,6 +27,9 @@ Per convolution + BatchNorm pair, at each call:
 - gradients wanted (fine-tuning's upper layers): folded with autograd, so gradients reach the
   convolution's weight and BatchNorm's gamma and beta, and BatchNorm's backward pass over the
   activations disappears; 1x1 convolutions run as matrix products.
+On the CPU the leading blocks with no trainable parameter also run as one traced graph through
+oneDNN Graph, which computes each stride-1 block's expanding and depthwise convolutions together
+(:class:`FoldedBase`, ``graph``).
 ReLU6 runs in place wherever autograd does not need its input. The results differ from the
 base's only by float32 rounding (``tests/test_torch_fast.py`` bounds it; the parity suite's
 training trajectory runs through the folded base).
@@ -38,10 +41,12 @@ memory in the heap reuses it (README, Performance, has the measurements).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +59,8 @@ from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_border_, zero_
 
 #: How many input shapes a frozen pair keeps a packed weight for (FoldedConvBN._pack).
 _PACKED_SHAPES = 4
+#: How many input shapes a FoldedBase keeps a graph of its frozen blocks for (FoldedBase._graph).
+_GRAPH_SHAPES = 4
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -85,11 +92,29 @@ def _has_fused_convolution() -> bool:
 _FUSED_CONVOLUTION = _has_fused_convolution()
 
 
+def _has_graph_fusion() -> bool:
+    """Whether this torch can run a traced graph through oneDNN Graph (TorchScript's oneDNN
+    fuser), which computes a 1x1 convolution and the depthwise convolution after it together."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.jit, "trace")
+            and hasattr(torch.jit, "enable_onednn_fusion")
+            and hasattr(torch.jit, "onednn_fusion_enabled")
+            and hasattr(torch._C, "_jit_get_num_profiled_runs"))
+
+
+_GRAPH_FUSION = _has_graph_fusion()
+
+
 def _fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused convolution serves ``x`` and a gradient-free ``weight``: float32
     on the CPU, channels-last input, no autocast, no gradient wanted through ``x``."""
-    return (_FUSED_CONVOLUTION and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return (_FUSED_CONVOLUTION and weight.dtype == torch.float32 and _cpu_float32(x)
+            and not torch.jit.is_tracing())   # a traced graph records torch's own operations
+
+
+def _cpu_float32(x: torch.Tensor) -> bool:
+    """A float32 channels-last CPU tensor outside autocast that needs no gradient."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
             and not (x.requires_grad and torch.is_grad_enabled())
             and x.is_contiguous(memory_format=torch.channels_last))
 
@@ -218,6 +243,12 @@ class FoldedConvBN(nn.Module):
         # Pickled or copied without the kept weights (they are folded again at the next call).
         return {**self.__dict__, "_kept": None}
 
+    def frozen(self) -> bool:
+        """Whether none of the pair's parameters wants a gradient."""
+        conv, bn, _ = self._parts
+        return not any(t is not None and t.requires_grad
+                       for t in (conv.weight, conv.bias, bn.weight, bn.bias))
+
     def _folded(self, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The gradient-free folded weight (channels-last if asked, as oneDNN wants it) and
         bias: kept from the last call while their sources are unchanged (the module's
@@ -226,6 +257,7 @@ class FoldedConvBN(nn.Module):
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if any(t is not None and t.is_inference() for t in sources):
             # Made under inference_mode: no version counter to tell a change. Fold each call.
+            self._kept = None
             return self._fold(channels_last)
         key = (channels_last, *(None if t is None else
                                 (t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
@@ -276,6 +308,12 @@ class FoldedConvBN(nn.Module):
         return out if pad is None else pad(out)
 
 
+class _Graph(NamedTuple):
+    """A traced graph of a FoldedBase's frozen leading blocks (FoldedBase._graph)."""
+    kept: tuple              # each unit's _Kept when traced: its weights are constants in it
+    run: Callable[[torch.Tensor], torch.Tensor]
+
+
 class _Kept(NamedTuple):
     """What a frozen pair keeps between calls (FoldedConvBN._folded)."""
     key: tuple             # what the weights were folded from
@@ -293,11 +331,28 @@ class _FoldedBlock:
 
 class FoldedBase(nn.Module):
     """What ``base(x)`` computes, with every convolution + BatchNorm pair folded
-    (:class:`FoldedConvBN`). Build it with :func:`fold`."""
+    (:class:`FoldedConvBN`). Build it with :func:`fold`.
 
-    def __init__(self, base: MobileNetV2Base) -> None:
+    ``graph``: where the input is a float32 channels-last CPU tensor that needs no gradient, the
+    leading blocks with no trainable parameter (the whole base in feature extraction, those below
+    ``fine_tune_at`` in fine-tuning) run as one graph, traced from these units with their kept
+    weights as constants and run through oneDNN Graph (TorchScript's oneDNN fuser): it computes
+    each stride-1 block's expanding 1x1 convolution and its depthwise convolution together, so
+    that the six times wider expanded activations are not written out and read back (strided
+    blocks keep the padding between the two and run as before). One graph per input shape (at
+    most four), traced again when a kept weight is folded again; a graph is traced and optimized
+    in the call that first needs it (a second or so on a CPU). The results differ from the
+    units' own by float32 rounding (the fused kernels sum in another order), and do not depend
+    on how many calls came before. Where tracing fails, the units run as they are, after one
+    warning; where this torch has no oneDNN Graph (torch.jit is deprecated), they run so
+    silently. ``graph = False``: never.
+    """
+
+    def __init__(self, base: MobileNetV2Base, *, graph: bool = True) -> None:
         super().__init__()
         self._base = (base,)   # a tuple: not registered (its parameters are the base's)
+        self.graph = graph
+        self._graphs: dict[tuple, _Graph] = {}   # (stages, input shape) -> graph; see _graph
         self.units = nn.ModuleList()
 
         def units_of(names: tuple[str, ...]) -> tuple[int, ...]:
@@ -320,10 +375,11 @@ class FoldedBase(nn.Module):
                 found.append(len(self.units) - 1)
             return tuple(found)
 
-        self._stem = units_of(("Conv1", "bn_Conv1", "Conv1_relu"))
-        self._blocks = tuple(_FoldedBlock(units_of(block.layers), block.add is not None)
-                             for block in base.blocks)
-        self._top = units_of(("Conv_1", "Conv_1_bn", "out_relu"))
+        # What forward runs, in order: the stem, the 17 blocks, the top convolution.
+        self._stages = (
+            _FoldedBlock(units_of(("Conv1", "bn_Conv1", "Conv1_relu")), residual=False),
+            *(_FoldedBlock(units_of(block.layers), block.add is not None) for block in base.blocks),
+            _FoldedBlock(units_of(("Conv_1", "Conv_1_bn", "out_relu")), residual=False))
 
     @property
     def base(self) -> MobileNetV2Base:
@@ -331,29 +387,107 @@ class FoldedBase(nn.Module):
         return self._base[0]
 
     def forget(self) -> None:
-        """Drop the kept folded weights (they are folded again at the next call); needed only
-        after changing the base's tensors in place through ``tensor.data``."""
+        """Drop the kept folded weights and the graphs made of them (they are made again at the
+        next call); needed only after changing the base's tensors in place through
+        ``tensor.data``."""
         for unit in self.units:
             unit._kept = None
+        self._graphs.clear()
+
+    def __getstate__(self) -> dict:
+        # Pickled or copied without the graphs (traced again at the next call).
+        return {**self.__dict__, "_graphs": {}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        done = 0
+        if self.graph and _GRAPH_FUSION and _cpu_float32(x) and not torch.jit.is_tracing():
+            done, x = self._graph(x)
+        return self._run(x, done, len(self._stages))            # (N, 1280, H/32, W/32)
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Stages ``start`` to ``stop`` (the stem, the blocks, the top) through the units."""
         units = self.units
-        for i in self._stem:
-            x = units[i](x)                                     # (N, 32, H/2, W/2)
-        for block in self._blocks:
+        for stage in self._stages[start:stop]:
             shortcut = x
-            for i in block.units[:-1]:
+            for i in stage.units[:-1]:
                 x = units[i](x)
-            x = units[block.units[-1]](x, shortcut if block.residual else None)
-        for i in self._top:
-            x = units[i](x)
-        return x                                                # (N, 1280, H/32, W/32)
+            x = units[stage.units[-1]](x, shortcut if stage.residual else None)
+        return x
+
+    def _graph(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """``(k, x after the first k stages)``, the k leading stages with no trainable parameter
+        run as one graph (see the class docstring); ``(0, x)`` where there are none."""
+        frozen = 0
+        while frozen < len(self._stages) and all(
+                self.units[i].frozen() for i in self._stages[frozen].units):
+            frozen += 1
+        kept = []
+        for stage in self._stages[:frozen]:
+            for i in stage.units:
+                unit = self.units[i]
+                unit._folded(channels_last=True)
+                if unit._kept is None:   # folded at each call (see _folded): nothing to trace
+                    return 0, x
+                kept.append(unit._kept)
+        if frozen == 0:
+            return 0, x
+        key = (frozen, tuple(x.shape))   # shapes are constants in a trace
+        graph = self._graphs.get(key)
+        if graph is None or any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
+            if graph is not None:   # refolded weights: every graph holds the old ones
+                self._graphs.clear()
+            try:
+                run = self._trace(x, frozen)
+            except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
+                self.graph = False
+                warnings.warn(f"tl_torch.fast: the frozen blocks run without oneDNN Graph, "
+                              f"which failed to trace them ({type(error).__name__}: {error})",
+                              RuntimeWarning, stacklevel=3)
+                return 0, x
+            if len(self._graphs) >= _GRAPH_SHAPES:
+                del self._graphs[next(iter(self._graphs))]   # the oldest
+            graph = self._graphs[key] = _Graph(tuple(kept), run)
+        with _onednn_fusion():
+            return frozen, graph.run(x)
+
+    def _trace(self, x: torch.Tensor, stages: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The graph of the first ``stages`` stages for inputs shaped like ``x``, optimized:
+        TorchScript first runs a graph unfused to profile it (torch's own operations, which
+        round as the units do), then fused; those runs are made here, so that every result
+        comes from the fused graph, however many calls came before (a resumed run equals an
+        uninterrupted one)."""
+        def frozen_stages(t: torch.Tensor) -> torch.Tensor:
+            return self._run(t, 0, stages)
+
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # torch.jit's deprecation notices, and the tracer's note that shapes become
+            # constants (why each input shape has a graph of its own).
+            warnings.simplefilter("ignore")
+            example = x.clone()
+            run = torch.jit.trace(frozen_stages, example, check_trace=False)
+            with _onednn_fusion():
+                for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                    run(example)
+        return run
 
 
-def fold(base: MobileNetV2Base) -> FoldedBase:
+@contextlib.contextmanager
+def _onednn_fusion() -> Iterator[None]:
+    """TorchScript's oneDNN fuser on (it is read when a graph is optimized, in a call), and
+    back as it was after."""
+    previous = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        yield
+    finally:
+        torch.jit.enable_onednn_fusion(previous)
+
+
+def fold(base: MobileNetV2Base, *, graph: bool = True) -> FoldedBase:
     """``base`` with every BatchNorm folded into its convolution: the same function, faster.
-    Built once, it follows the base's weights, device and freezing (see :class:`FoldedBase`)."""
-    return FoldedBase(base)
+    Built once, it follows the base's weights, device and freezing (see :class:`FoldedBase`,
+    which also says what ``graph`` does)."""
+    return FoldedBase(base, graph=graph)
 
 
 def keep_freed_memory() -> bool:
