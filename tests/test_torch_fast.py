@@ -376,23 +376,28 @@ def test_the_graph_gives_one_result_from_its_first_call(random_base):
 
 
 @needs_graph
-def test_the_graph_follows_the_weights(random_base):
-    """Its weights are constants: a change to any the graph holds traces it again."""
+def test_the_graph_follows_the_weights(random_base, monkeypatch):
+    """The graph reads the kept weights as buffers: a change to any is handed to it, with no
+    new trace (torch keeps memory of every trace); new shapes past the last trace allowed run
+    through the units."""
     base = random_base(0).to(memory_format=torch.channels_last)
     freeze(base, 154)
     folded = fold(base)
     x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
     with torch.no_grad():
         first = graph_within_rounding(folded, base, x)
-        graph = folded._graphs[(19, tuple(x.shape))]
+        graphs = {k: g.run for k, g in folded._graphs.items()}
         graph_within_rounding(folded, base, x[:3])
         base.block_3_expand.weight.mul_(-2.0)   # in place, inside the graph
         changed = graph_within_rounding(folded, base, x)
         assert rel_err(changed, first) > 1e3 * GRAPH_ERROR_FLOOR   # a stale graph fails above
-        assert folded._graphs[(19, tuple(x.shape))] is not graph
-        assert len(folded._graphs) == 1   # the other shape's graph held the old weights
+        graph_within_rounding(folded, base, x[:3])
         base.load_state_dict(random_base(1).state_dict())
         graph_within_rounding(folded, base, x)
+        assert folded._traced == 2 and all(folded._graphs[k].run is g for k, g in graphs.items())
+        monkeypatch.setattr(fast, "_GRAPH_TRACES", 2)
+        assert torch.equal(folded(x[:2]), fold(base, graph=False)(x[:2]))
+        assert folded._traced == 2 and len(folded._graphs) == 2
         folded.forget()
         assert folded._graphs == {}
 

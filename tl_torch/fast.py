@@ -59,8 +59,11 @@ from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_border_, zero_
 
 #: How many input shapes a frozen pair keeps a packed weight for (FoldedConvBN._pack).
 _PACKED_SHAPES = 4
-#: How many input shapes a FoldedBase keeps a graph of its frozen blocks for (FoldedBase._graph).
+#: How many input shapes a FoldedBase keeps a graph of its frozen blocks for (FoldedBase._graph),
+#: and how many graphs it traces in its life: torch keeps each traced graph's compiled oneDNN
+#: kernels until the process ends (measured: 10-16 MB a graph), whatever becomes of the graph.
 _GRAPH_SHAPES = 4
+_GRAPH_TRACES = 16
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -310,8 +313,8 @@ class FoldedConvBN(nn.Module):
 
 class _Graph(NamedTuple):
     """A traced graph of a FoldedBase's frozen leading blocks (FoldedBase._graph)."""
-    kept: tuple              # each unit's _Kept when traced: its weights are constants in it
-    run: Callable[[torch.Tensor], torch.Tensor]
+    kept: tuple              # each unit's _Kept whose weight and bias the graph's buffers are
+    run: torch.jit.ScriptModule   # a traced _FrozenStages
 
 
 class _Kept(NamedTuple):
@@ -340,8 +343,10 @@ class FoldedBase(nn.Module):
     each stride-1 block's expanding 1x1 convolution and its depthwise convolution together, so
     that the six times wider expanded activations are not written out and read back (strided
     blocks keep the padding between the two and run as before). One graph per input shape (at
-    most four), traced again when a kept weight is folded again; a graph is traced and optimized
-    in the call that first needs it (a second or so on a CPU). The results differ from the
+    most four kept, at most 16 traced: torch keeps some memory of each for the life of the
+    process; past that, new shapes run through the units), handed the new weights when a kept
+    weight is folded again; a graph is traced and optimized in the call that first needs it (a
+    second or so on a CPU). The results differ from the
     units' own by float32 rounding (the fused kernels sum in another order), and do not depend
     on how many calls came before. Where tracing fails, the units run as they are, after one
     warning; where this torch has no oneDNN Graph (torch.jit is deprecated), they run so
@@ -353,6 +358,7 @@ class FoldedBase(nn.Module):
         self._base = (base,)   # a tuple: not registered (its parameters are the base's)
         self.graph = graph
         self._graphs: dict[tuple, _Graph] = {}   # (stages, input shape) -> graph; see _graph
+        self._traced = 0                         # graphs traced so far (_GRAPH_TRACES)
         self.units = nn.ModuleList()
 
         def units_of(names: tuple[str, ...]) -> tuple[int, ...]:
@@ -433,9 +439,9 @@ class FoldedBase(nn.Module):
             return 0, x
         key = (frozen, tuple(x.shape))   # shapes are constants in a trace
         graph = self._graphs.get(key)
-        if graph is None or any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
-            if graph is not None:   # refolded weights: every graph holds the old ones
-                self._graphs.clear()
+        if graph is None:
+            if self._traced >= _GRAPH_TRACES:   # see _GRAPH_TRACES
+                return 0, x
             try:
                 run = self._trace(x, frozen)
             except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
@@ -444,31 +450,56 @@ class FoldedBase(nn.Module):
                               f"which failed to trace them ({type(error).__name__}: {error})",
                               RuntimeWarning, stacklevel=3)
                 return 0, x
+            self._traced += 1
             if len(self._graphs) >= _GRAPH_SHAPES:
                 del self._graphs[next(iter(self._graphs))]   # the oldest
             graph = self._graphs[key] = _Graph(tuple(kept), run)
+        elif any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
+            # Weights folded again: the graph reads them as buffers; hand it the new ones.
+            for n, unit_kept in enumerate(kept):
+                setattr(graph.run, f"weight_{n}", unit_kept.weight)
+                setattr(graph.run, f"bias_{n}", unit_kept.bias)
+            graph = self._graphs[key] = _Graph(tuple(kept), graph.run)
         with _onednn_fusion():
             return frozen, graph.run(x)
 
-    def _trace(self, x: torch.Tensor, stages: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _trace(self, x: torch.Tensor, stages: int) -> torch.jit.ScriptModule:
         """The graph of the first ``stages`` stages for inputs shaped like ``x``, optimized:
         TorchScript first runs a graph unfused to profile it (torch's own operations, which
         round as the units do), then fused; those runs are made here, so that every result
         comes from the fused graph, however many calls came before (a resumed run equals an
         uninterrupted one)."""
-        def frozen_stages(t: torch.Tensor) -> torch.Tensor:
-            return self._run(t, 0, stages)
-
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # torch.jit's deprecation notices, and the tracer's note that shapes become
             # constants (why each input shape has a graph of its own).
             warnings.simplefilter("ignore")
             example = x.clone()
-            run = torch.jit.trace(frozen_stages, example, check_trace=False)
+            # The weights as a module's buffers, not constants: the graph reads them at each
+            # call, so new ones can be handed to it (constants would need another trace, and
+            # torch.jit keeps traced constants for the life of the process).
+            run = torch.jit.trace(_FrozenStages(self, stages), example, check_trace=False,
+                                  _compilation_unit=torch._C.CompilationUnit())
             with _onednn_fusion():
                 for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
                     run(example)
         return run
+
+
+class _FrozenStages(nn.Module):
+    """The first ``stages`` stages of ``folded`` as a module to trace: its buffers are the
+    units' kept weights and biases (the same tensors, so the tracer reads them as buffers)."""
+
+    def __init__(self, folded: FoldedBase, stages: int) -> None:
+        super().__init__()
+        self._folded = (folded,)   # a tuple: not registered
+        self.stages = stages
+        units = [folded.units[i] for stage in folded._stages[:stages] for i in stage.units]
+        for n, unit in enumerate(units):
+            self.register_buffer(f"weight_{n}", unit._kept.weight, persistent=False)
+            self.register_buffer(f"bias_{n}", unit._kept.bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._folded[0]._run(x, 0, self.stages)
 
 
 @contextlib.contextmanager
