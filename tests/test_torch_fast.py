@@ -366,7 +366,7 @@ def test_the_graph_gives_one_result_from_its_first_call(random_base):
     folded = fold(base)
     with torch.no_grad():
         first = folded(x)
-        assert not torch.equal(first, fold(base, graph=False)(x))   # fused, not the units
+        assert graph_shape(folded, x) == (19, 12)
         folded(x[:3])
     with torch.enable_grad():
         assert torch.equal(folded(x), first)
