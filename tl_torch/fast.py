@@ -443,7 +443,7 @@ class FoldedBase(nn.Module):
             if self._traced >= _GRAPH_TRACES:   # see _GRAPH_TRACES
                 return 0, x
             try:
-                run = self._trace(x, frozen)
+                run = self._trace(x, frozen, kept)
             except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
                 self.graph = False
                 warnings.warn(f"tl_torch.fast: the frozen blocks run without oneDNN Graph, "
@@ -463,7 +463,7 @@ class FoldedBase(nn.Module):
         with _onednn_fusion():
             return frozen, graph.run(x)
 
-    def _trace(self, x: torch.Tensor, stages: int) -> torch.jit.ScriptModule:
+    def _trace(self, x: torch.Tensor, stages: int, kept: list) -> torch.jit.ScriptModule:
         """The graph of the first ``stages`` stages for inputs shaped like ``x``, optimized:
         TorchScript first runs a graph unfused to profile it (torch's own operations, which
         round as the units do), then fused; those runs are made here, so that every result
@@ -477,7 +477,7 @@ class FoldedBase(nn.Module):
             # The weights as a module's buffers, not constants: the graph reads them at each
             # call, so new ones can be handed to it (constants would need another trace, and
             # torch.jit keeps traced constants for the life of the process).
-            run = torch.jit.trace(_FrozenStages(self, stages), example, check_trace=False,
+            run = torch.jit.trace(_FrozenStages(self, stages, kept), example, check_trace=False,
                                   _compilation_unit=torch._C.CompilationUnit())
             with _onednn_fusion():
                 for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
@@ -486,17 +486,17 @@ class FoldedBase(nn.Module):
 
 
 class _FrozenStages(nn.Module):
-    """The first ``stages`` stages of ``folded`` as a module to trace: its buffers are the
-    units' kept weights and biases (the same tensors, so the tracer reads them as buffers)."""
+    """The first ``stages`` stages of ``folded`` as a module to trace: its buffers are those
+    stages' units' kept weights and biases (``kept``, in run order; the same tensors the units
+    read, so the tracer records them as buffers)."""
 
-    def __init__(self, folded: FoldedBase, stages: int) -> None:
+    def __init__(self, folded: FoldedBase, stages: int, kept: list[_Kept]) -> None:
         super().__init__()
         self._folded = (folded,)   # a tuple: not registered
         self.stages = stages
-        units = [folded.units[i] for stage in folded._stages[:stages] for i in stage.units]
-        for n, unit in enumerate(units):
-            self.register_buffer(f"weight_{n}", unit._kept.weight, persistent=False)
-            self.register_buffer(f"bias_{n}", unit._kept.bias, persistent=False)
+        for n, unit_kept in enumerate(kept):
+            self.register_buffer(f"weight_{n}", unit_kept.weight, persistent=False)
+            self.register_buffer(f"bias_{n}", unit_kept.bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._folded[0]._run(x, 0, self.stages)
