@@ -314,8 +314,8 @@ def graph_within_rounding(folded: FoldedBase, base, x: torch.Tensor) -> torch.Te
 
 @needs_graph
 @pytest.mark.parametrize(("fine_tune_at", "stages", "pairs"), [
-    (154, 19, 12),   # the whole base: 12 stride-1 blocks with an expansion
-    (100, 12, 7),    # stem and blocks 0-10 (block 11's depthwise trains)
+    (154, 19, 16),   # the whole base: its 16 blocks with an expansion
+    (100, 12, 10),   # stem and blocks 0-10 (block 11's depthwise trains)
 ])
 def test_frozen_blocks_run_as_one_graph(random_base, fine_tune_at, stages, pairs):
     base = random_base(0).to(memory_format=torch.channels_last)
@@ -327,6 +327,28 @@ def test_frozen_blocks_run_as_one_graph(random_base, fine_tune_at, stages, pairs
             graph_within_rounding(folded, base, x[:n])
             assert graph_shape(folded, x[:n]) == (stages, pairs)
     assert sorted(k[1][0] for k in folded._graphs) == [3, 4]
+
+
+@needs_graph
+@pytest.mark.parametrize(("pad_type", "size", "flipped"), [
+    ("same", GRAPH_SIZE, True),        # Keras' padding, one after, on even sizes
+    ("same", 150, True),               # and on both sides of an odd one (75)
+    ("symmetric", GRAPH_SIZE, False),  # torchvision's on an even size: the frame can't turn
+    ("symmetric", 97, True),           # odd sizes all the way: one on both sides, turnable
+])
+def test_the_graph_turns_its_frame_where_the_padding_allows(random_base, pad_type, size,
+                                                            flipped):
+    """In the flipped frame Keras' padding of a strided convolution becomes the convolution's
+    own, and so do the odd sizes' and torchvision's on odd sizes; torchvision's on an even size
+    would move the windows by a pixel there, so that graph runs in the usual frame."""
+    base = random_base(0, pad_type=pad_type).to(memory_format=torch.channels_last)
+    freeze(base, 154)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True, size=size)
+    with torch.no_grad():
+        graph_within_rounding(folded, base, x)
+    (graph,) = folded._graphs.values()
+    assert graph.flipped is flipped
 
 
 @needs_graph
@@ -353,7 +375,7 @@ def test_fine_tuning_gradients_pass_the_graph(random_base):
     err = max(rel_err(got[n], want[n]) for n in want)
     own_err = max(rel_err(own[n], want[n]) for n in want)
     assert err <= GRAPH_ERROR_MULTIPLE * own_err + GRAPH_ERROR_FLOOR, (err, own_err)
-    assert graph_shape(folded, x) == (12, 7)
+    assert graph_shape(folded, x) == (12, 10)
 
 
 @needs_graph
@@ -366,7 +388,7 @@ def test_the_graph_gives_one_result_from_its_first_call(random_base):
     folded = fold(base)
     with torch.no_grad():
         first = folded(x)
-        assert graph_shape(folded, x) == (19, 12)
+        assert graph_shape(folded, x) == (19, 16)
         folded(x[:3])
     with torch.enable_grad():
         assert torch.equal(folded(x), first)
@@ -388,7 +410,7 @@ def test_the_graph_follows_the_weights(random_base, monkeypatch):
         first = graph_within_rounding(folded, base, x)
         graphs = {k: g.run for k, g in folded._graphs.items()}
         graph_within_rounding(folded, base, x[:3])
-        base.block_3_expand.weight.mul_(-2.0)   # in place, inside the graph
+        base.block_3_depthwise.weight.mul_(-2.0)   # in place, inside the graph (turned there)
         changed = graph_within_rounding(folded, base, x)
         assert rel_err(changed, first) > 1e3 * GRAPH_ERROR_FLOOR   # a stale graph fails above
         graph_within_rounding(folded, base, x[:3])

@@ -313,8 +313,9 @@ class FoldedConvBN(nn.Module):
 
 class _Graph(NamedTuple):
     """A traced graph of a FoldedBase's frozen leading blocks (FoldedBase._graph)."""
-    kept: tuple              # each unit's _Kept whose weight and bias the graph's buffers are
+    kept: tuple              # each unit's _Kept whose weight and bias the graph's buffers come from
     run: torch.jit.ScriptModule   # a traced _FrozenStages
+    flipped: bool            # traced in the flipped frame (_FrozenStages)
 
 
 class _Kept(NamedTuple):
@@ -443,7 +444,7 @@ class FoldedBase(nn.Module):
             if self._traced >= _GRAPH_TRACES:   # see _GRAPH_TRACES
                 return 0, x
             try:
-                run = self._trace(x, frozen, kept)
+                run, flipped = self._trace(x, frozen, kept)
             except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
                 self.graph = False
                 warnings.warn(f"tl_torch.fast: the frozen blocks run without oneDNN Graph, "
@@ -453,22 +454,23 @@ class FoldedBase(nn.Module):
             self._traced += 1
             if len(self._graphs) >= _GRAPH_SHAPES:
                 del self._graphs[next(iter(self._graphs))]   # the oldest
-            graph = self._graphs[key] = _Graph(tuple(kept), run)
+            graph = self._graphs[key] = _Graph(tuple(kept), run, flipped)
         elif any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
             # Weights folded again: the graph reads them as buffers; hand it the new ones.
-            for n, unit_kept in enumerate(kept):
-                setattr(graph.run, f"weight_{n}", unit_kept.weight)
-                setattr(graph.run, f"bias_{n}", unit_kept.bias)
-            graph = self._graphs[key] = _Graph(tuple(kept), graph.run)
+            for n, (weight, bias) in enumerate(_frame_weights(self, kept, graph.flipped)):
+                setattr(graph.run, f"weight_{n}", weight)
+                setattr(graph.run, f"bias_{n}", bias)
+            graph = self._graphs[key] = _Graph(tuple(kept), graph.run, graph.flipped)
         with _onednn_fusion():
             return frozen, graph.run(x)
 
-    def _trace(self, x: torch.Tensor, stages: int, kept: list) -> torch.jit.ScriptModule:
-        """The graph of the first ``stages`` stages for inputs shaped like ``x``, optimized:
-        TorchScript first runs a graph unfused to profile it (torch's own operations, which
-        round as the units do), then fused; those runs are made here, so that every result
-        comes from the fused graph, however many calls came before (a resumed run equals an
-        uninterrupted one)."""
+    def _trace(self, x: torch.Tensor, stages: int,
+               kept: list) -> tuple[torch.jit.ScriptModule, bool]:
+        """The graph of the first ``stages`` stages for inputs shaped like ``x``, optimized, and
+        whether it runs in the flipped frame (:class:`_FrozenStages`; where the shapes allow).
+        TorchScript first runs a graph unfused to profile it (torch's own operations), then
+        fused; those runs are made here, so that every result comes from the fused graph,
+        however many calls came before (a resumed run equals an uninterrupted one)."""
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # torch.jit's deprecation notices, and the tracer's note that shapes become
             # constants (why each input shape has a graph of its own).
@@ -477,29 +479,110 @@ class FoldedBase(nn.Module):
             # The weights as a module's buffers, not constants: the graph reads them at each
             # call, so new ones can be handed to it (constants would need another trace, and
             # torch.jit keeps traced constants for the life of the process).
-            run = torch.jit.trace(_FrozenStages(self, stages, kept), example, check_trace=False,
-                                  _compilation_unit=torch._C.CompilationUnit())
+            for flipped in (True, False):
+                try:
+                    run = torch.jit.trace(_FrozenStages(self, stages, kept, flipped), example,
+                                          check_trace=False,
+                                          _compilation_unit=torch._C.CompilationUnit())
+                    break
+                except _NotFlippable:   # a padding the flipped frame cannot express
+                    continue
             with _onednn_fusion():
                 for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
                     run(example)
-        return run
+        return run, flipped
+
+
+class _NotFlippable(Exception):
+    """A convolution whose windows the flipped frame does not reproduce (_FrozenStages)."""
+
+
+def _frame_weights(folded: FoldedBase, kept: list[_Kept],
+                   flipped: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The weight and bias a graph reads for each kept unit, in run order: the kept ones, with
+    the kernels wider than 1x1 turned upside down and left to right in the flipped frame."""
+    units = [folded.units[i] for stage in folded._stages for i in stage.units]
+    for unit, unit_kept in zip(units, kept):   # kept: the leading units only
+        weight = unit_kept.weight
+        if flipped and weight.shape[-2:] != (1, 1):
+            with torch.inference_mode(False), torch.no_grad():
+                weight = weight.flip((2, 3)).contiguous(memory_format=torch.channels_last)
+        yield weight, unit_kept.bias
 
 
 class _FrozenStages(nn.Module):
     """The first ``stages`` stages of ``folded`` as a module to trace: its buffers are those
-    stages' units' kept weights and biases (``kept``, in run order; the same tensors the units
-    read, so the tracer records them as buffers)."""
+    stages' units' weights and biases (from ``kept``, in run order).
 
-    def __init__(self, folded: FoldedBase, stages: int, kept: list[_Kept]) -> None:
+    ``flipped``: the stages run on the input turned upside down and left to right, with their
+    3x3 kernels turned likewise, and the result is turned back. A convolution's output is then
+    its output in the usual frame, turned; but Keras' padding of a strided 3x3 convolution on an
+    even size (none before, one after) becomes one before and none after, and that, unlike Keras'
+    own, a convolution's symmetric padding of 1 computes (its extra row and column lie past the
+    last window). Every stride-2 block then computes its padding inside its depthwise
+    convolution instead of as a separate copy, and oneDNN Graph computes it together with the
+    block's expanding convolution, as it does the stride-1 blocks'. Raises _NotFlippable for a
+    convolution whose padded input the windows do not tile exactly (torchvision's symmetric
+    padding on an even size): the first and last windows would not trade places. Otherwise
+    (``flipped=False``) the stages run through the units as they are (the same tensors the
+    units read, which the tracer records as these buffers)."""
+
+    def __init__(self, folded: FoldedBase, stages: int, kept: list[_Kept],
+                 flipped: bool) -> None:
         super().__init__()
         self._folded = (folded,)   # a tuple: not registered
-        self.stages = stages
-        for n, unit_kept in enumerate(kept):
-            self.register_buffer(f"weight_{n}", unit_kept.weight, persistent=False)
-            self.register_buffer(f"bias_{n}", unit_kept.bias, persistent=False)
+        self.stages, self.flipped = stages, flipped
+        for n, (weight, bias) in enumerate(_frame_weights(folded, kept, flipped)):
+            self.register_buffer(f"weight_{n}", weight, persistent=False)
+            self.register_buffer(f"bias_{n}", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._folded[0]._run(x, 0, self.stages)
+        folded = self._folded[0]
+        if not self.flipped:
+            return folded._run(x, 0, self.stages)
+        x = x.flip((2, 3))
+        n, pending = 0, None   # pending: the ZeroPadding2D after the last unit, for the next
+        for stage in folded._stages[:self.stages]:
+            shortcut = x
+            for i in stage.units:
+                unit = folded.units[i]
+                conv, _, pad = unit._parts
+                x = _flipped_conv(x, conv, getattr(self, f"weight_{n}"),
+                                  getattr(self, f"bias_{n}"), pending)
+                if unit.relu:
+                    x = F.relu6(x, inplace=True)
+                n, pending = n + 1, pad
+            if stage.residual:
+                x = shortcut + x
+        if pending is not None:   # a padding for the stage after (not in MobileNetV2)
+            raise _NotFlippable("the frozen stages end with a ZeroPadding2D")
+        return x.flip((2, 3))
+
+
+def _flipped_conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
+                  pending: Pad2d | None) -> torch.Tensor:
+    """``conv`` in the flipped frame (:class:`_FrozenStages`), the ZeroPadding2D ``pending``
+    before it: the padding each side had in the usual frame goes to the opposite side."""
+    height, width = x.shape[-2:]
+    # left, right, top, bottom in the usual frame
+    amounts = (pad_amounts(height, width, conv.pad.kernel, conv.pad.stride, conv.pad.pad_type)
+               if isinstance(conv, Conv2dSame) else
+               (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]))
+    if pending is not None:
+        amounts = [a + b for a, b in zip(amounts, pad_amounts(
+            height, width, pending.kernel, pending.stride, pending.pad_type))]
+    left, right, top, bottom = amounts
+    # (size, padding before and after in the flipped frame, kernel, stride) per dimension
+    dims = ((height, bottom, top, conv.kernel_size[0], conv.stride[0]),
+            (width, right, left, conv.kernel_size[1], conv.stride[1]))
+    if conv.dilation != (1, 1) or any((size + before + after - kernel) % stride
+                                      for size, before, after, kernel, stride in dims):
+        raise _NotFlippable(f"{conv} on a {height}x{width} input")
+    if all(0 <= before - after < stride for _, before, after, _, stride in dims):
+        # a symmetric padding: what it adds after lies past the last window
+        return F.conv2d(x, weight, bias, conv.stride, (bottom, right), 1, conv.groups)
+    return F.conv2d(F.pad(x, (right, left, bottom, top)), weight, bias, conv.stride, 0, 1,
+                    conv.groups)
 
 
 @contextlib.contextmanager
