@@ -28,8 +28,9 @@ Per convolution + BatchNorm pair, at each call:
   convolution's weight and BatchNorm's gamma and beta, and BatchNorm's backward pass over the
   activations disappears; 1x1 convolutions run as matrix products.
 On the CPU the leading blocks with no trainable parameter also run as one traced graph through
-oneDNN Graph, which computes each stride-1 block's expanding and depthwise convolutions together
-(:class:`FoldedBase`, ``graph``).
+oneDNN Graph, which computes each block's expanding and depthwise convolutions together, the
+strided blocks' too: the graph runs on the image turned upside down and left to right, where
+Keras' one-sided padding becomes the depthwise convolution's own (:class:`FoldedBase`, ``graph``).
 ReLU6 runs in place wherever autograd does not need its input. The results differ from the
 base's only by float32 rounding (``tests/test_torch_fast.py`` bounds it; the parity suite's
 training trajectory runs through the folded base).
@@ -340,10 +341,12 @@ class FoldedBase(nn.Module):
     ``graph``: where the input is a float32 channels-last CPU tensor that needs no gradient, the
     leading blocks with no trainable parameter (the whole base in feature extraction, those below
     ``fine_tune_at`` in fine-tuning) run as one graph, traced from these units with their kept
-    weights as constants and run through oneDNN Graph (TorchScript's oneDNN fuser): it computes
-    each stride-1 block's expanding 1x1 convolution and its depthwise convolution together, so
-    that the six times wider expanded activations are not written out and read back (strided
-    blocks keep the padding between the two and run as before). One graph per input shape (at
+    weights as buffers and run through oneDNN Graph (TorchScript's oneDNN fuser): it computes
+    each block's expanding 1x1 convolution and its depthwise convolution together, so that the
+    six times wider expanded activations are not written out and read back; the strided blocks'
+    too, for the graph runs in a flipped frame where their padding is the depthwise
+    convolution's own (:class:`_FrozenStages`; torchvision's padding on an even image size
+    keeps the usual frame, where the strided blocks pad apart). One graph per input shape (at
     most four kept, at most 16 traced: torch keeps some memory of each for the life of the
     process; past that, new shapes run through the units), handed the new weights when a kept
     weight is folded again; a graph is traced and optimized in the call that first needs it (a
