@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_torch.model import MobileNetV2Base
-from tl_torch.padding import Conv2dSame, Pad2d, pad_amounts, zero_border_, zero_pad
+from tl_torch.padding import Conv2dSame, Pad2d, zero_border_, zero_pad
 
 #: How many input shapes a frozen pair keeps a packed weight for (FoldedConvBN._pack).
 _PACKED_SHAPES = 4
@@ -236,8 +236,7 @@ class FoldedConvBN(nn.Module):
         if pad is not None and _is_pointwise(conv):
             # Pad the block's input, not the expanded activations; the padded border of the
             # output, relu6(bias) there, is set back to the zeros the padding would have added.
-            left, right, top, bottom = pad_amounts(*x.shape[-2:], pad.kernel, pad.stride,
-                                                   pad.pad_type)
+            left, right, top, bottom = pad.amounts(*x.shape[-2:])
             out = conv_relu6(zero_pad(x, left, right, top, bottom), conv, weight, bias, pack)
             return zero_border_(out, left, right, top, bottom)
         out = conv_relu6(x, conv, weight, bias, pack)
@@ -460,7 +459,7 @@ class FoldedBase(nn.Module):
             graph = self._graphs[key] = _Graph(tuple(kept), run, flipped)
         elif any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
             # Weights folded again: the graph reads them as buffers; hand it the new ones.
-            for n, (weight, bias) in enumerate(_frame_weights(self, kept, graph.flipped)):
+            for n, (weight, bias) in enumerate(_frame_weights(kept, graph.flipped)):
                 setattr(graph.run, f"weight_{n}", weight)
                 setattr(graph.run, f"bias_{n}", bias)
             graph = self._graphs[key] = _Graph(tuple(kept), graph.run, graph.flipped)
@@ -500,12 +499,11 @@ class _NotFlippable(Exception):
     """A convolution whose windows the flipped frame does not reproduce (_FrozenStages)."""
 
 
-def _frame_weights(folded: FoldedBase, kept: list[_Kept],
+def _frame_weights(kept: list[_Kept],
                    flipped: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The weight and bias a graph reads for each kept unit, in run order: the kept ones, with
     the kernels wider than 1x1 turned upside down and left to right in the flipped frame."""
-    units = [folded.units[i] for stage in folded._stages for i in stage.units]
-    for unit, unit_kept in zip(units, kept):   # kept: the leading units only
+    for unit_kept in kept:
         weight = unit_kept.weight
         if flipped and weight.shape[-2:] != (1, 1):
             with torch.inference_mode(False), torch.no_grad():
@@ -535,7 +533,7 @@ class _FrozenStages(nn.Module):
         super().__init__()
         self._folded = (folded,)   # a tuple: not registered
         self.stages, self.flipped = stages, flipped
-        for n, (weight, bias) in enumerate(_frame_weights(folded, kept, flipped)):
+        for n, (weight, bias) in enumerate(_frame_weights(kept, flipped)):
             self.register_buffer(f"weight_{n}", weight, persistent=False)
             self.register_buffer(f"bias_{n}", bias, persistent=False)
 
@@ -568,12 +566,10 @@ def _flipped_conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: 
     before it: the padding each side had in the usual frame goes to the opposite side."""
     height, width = x.shape[-2:]
     # left, right, top, bottom in the usual frame
-    amounts = (pad_amounts(height, width, conv.pad.kernel, conv.pad.stride, conv.pad.pad_type)
-               if isinstance(conv, Conv2dSame) else
+    amounts = (conv.pad.amounts(height, width) if isinstance(conv, Conv2dSame) else
                (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]))
     if pending is not None:
-        amounts = [a + b for a, b in zip(amounts, pad_amounts(
-            height, width, pending.kernel, pending.stride, pending.pad_type))]
+        amounts = [a + b for a, b in zip(amounts, pending.amounts(height, width), strict=True)]
     left, right, top, bottom = amounts
     # (size, padding before and after in the flipped frame, kernel, stride) per dimension
     dims = ((height, bottom, top, conv.kernel_size[0], conv.stride[0]),

@@ -83,9 +83,13 @@ class Pad2d(nn.Module):
             raise ValueError(f"pad_type={pad_type!r} is not supported; expected one of {PAD_TYPES}")
         self.kernel, self.stride, self.pad_type = kernel, stride, pad_type
 
+    def amounts(self, height: int, width: int) -> tuple[int, ...]:
+        """(left, right, top, bottom) for an input of this size: what any code that pads or
+        reasons about this padding (the folded base) asks for."""
+        return pad_amounts(height, width, self.kernel, self.stride, self.pad_type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        left, right, top, bottom = pad_amounts(x.shape[-2], x.shape[-1], self.kernel, self.stride,
-                                               self.pad_type)
+        left, right, top, bottom = self.amounts(x.shape[-2], x.shape[-1])
         if x.requires_grad and torch.is_grad_enabled():
             # zero_pad's slice assignments would cost autograd five copies on the way back,
             # several times F.pad's forward and backward together
