@@ -574,14 +574,13 @@ def _flipped_conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: 
     # (size, padding before and after in the flipped frame, kernel, stride) per dimension
     dims = ((height, bottom, top, conv.kernel_size[0], conv.stride[0]),
             (width, right, left, conv.kernel_size[1], conv.stride[1]))
-    if conv.dilation != (1, 1) or any((size + before + after - kernel) % stride
-                                      for size, before, after, kernel, stride in dims):
+    # The windows must tile the padded input exactly, and the padding before serve as a
+    # symmetric one: what that adds after (before - after) lies past the last window.
+    if conv.dilation != (1, 1) or not all(
+            (size + before + after - kernel) % stride == 0 and 0 <= before - after < stride
+            for size, before, after, kernel, stride in dims):
         raise _NotFlippable(f"{conv} on a {height}x{width} input")
-    if all(0 <= before - after < stride for _, before, after, _, stride in dims):
-        # a symmetric padding: what it adds after lies past the last window
-        return F.conv2d(x, weight, bias, conv.stride, (bottom, right), 1, conv.groups)
-    return F.conv2d(F.pad(x, (right, left, bottom, top)), weight, bias, conv.stride, 0, 1,
-                    conv.groups)
+    return F.conv2d(x, weight, bias, conv.stride, (bottom, right), 1, conv.groups)
 
 
 @contextlib.contextmanager
