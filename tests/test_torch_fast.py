@@ -18,10 +18,12 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tl_torch import fast
 from tl_torch.fast import FoldedBase, FoldedConvBN, fold
 from tl_torch.freezing import freeze
+from tl_torch.padding import Conv2dSame
 
 #: float64: folding reorders a few products per output; the rest is the same arithmetic.
 FLOAT64_RTOL = 1e-10
@@ -349,6 +351,35 @@ def test_the_graph_turns_its_frame_where_the_padding_allows(random_base, pad_typ
         graph_within_rounding(folded, base, x)
     (graph,) = folded._graphs.values()
     assert graph.flipped is flipped
+
+
+@pytest.mark.parametrize("pad_type", ["same", "symmetric"])
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2), (5, 2)])
+def test_the_flipped_frame_takes_exactly_the_convolutions_it_computes(kernel, stride, size,
+                                                                       pad_type):
+    """A convolution in the flipped frame, its padding before taken as a symmetric one, is its
+    usual output turned where the windows tile the padded input and that padding adds nothing
+    they reach; the frame must take exactly those (MobileNetV2's among them) and refuse the
+    rest, which would compute something else."""
+    torch.manual_seed(0)
+    conv = Conv2dSame(3, 4, kernel, stride=stride, pad_type=pad_type).double()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    turned = conv.weight.flip((2, 3))
+    with torch.no_grad():
+        want = conv(x)
+        left, right, top, bottom = conv.pad.amounts(size, size)
+        naive = F.conv2d(x.flip((2, 3)), turned, conv.bias, stride, (bottom, right)).flip((2, 3))
+        right_answer = naive.shape == want.shape and torch.allclose(naive, want, rtol=1e-12)
+        try:
+            got = fast._flipped_conv(x.flip((2, 3)), conv, turned, conv.bias, None).flip((2, 3))
+        except fast._NotFlippable:
+            got = None
+    assert (got is not None) is right_answer
+    if got is not None:
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    if kernel == 3 and pad_type == "same" or (kernel, stride) == (1, 1):
+        assert got is not None   # every convolution of MobileNetV2 with Keras' padding
 
 
 @needs_graph
