@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_images": len(load_splits(data_root, 0.2, C.SEED).train),
         "machine": machine, "threads": threads,
         "configs": {c.name: c.to_dict() for c in configs},
-        "rows": rows, "targets": report.targets(rows, summary), "summary": summary,
+        "rows": rows, "targets": report.targets(rows, summary, results), "summary": summary,
         "demos": demos, "results": results,
         "load_average_at_end": load_average(),
         "elapsed_s": time.perf_counter() - started,

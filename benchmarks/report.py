@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import config as C
 from benchmarks.flops import base_flops_per_image
-from benchmarks.stats import ratio, summarize
+from benchmarks.stats import bootstrap_interval, ratio, summarize
 
 #: The project's targets: the port at least this many times the best Keras' throughput in (a),
 #: (b), (c); its base forward at least this share of the measured fp32 matmul peak; its phase-A
@@ -24,6 +24,10 @@ from benchmarks.stats import ratio, summarize
 #: decode + resize per epoch (d1) at least as fast as tf.data.
 TARGET_RATIO = 1.5
 TARGET_ROWS = ("a", "b", "c")
+#: The section each target row (a), (b), (c) compares, the same in both frameworks.
+TARGET_SECTIONS = {"a": C.TRAIN_A, "b": C.TRAIN_B, "c": C.INFER}
+#: The central share of bootstrap resamples each target's interval covers.
+INTERVAL_LEVEL = 0.9
 TARGET_PEAK_SHARE = 0.65
 TARGET_STEP_SHARE = 0.85
 TARGET_INPUT_RATIO = 1.0
@@ -211,34 +215,59 @@ def step_share(summary: dict[str, Any]) -> float | None:
     return a / (1.0 / (1.0 / f + 1.0 / g))
 
 
-def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> dict[str, Any]:
+def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
+            results: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Whether the port reaches TARGET_RATIO x Keras in (a), (b), (c): by the ratio of medians,
     and by the paired ratio over quiet repetitions where there are some; then the base forward's
-    share of the fp32 peak, the phase-A step's share of forward + augmentation, and d1."""
+    share of the fp32 peak, the phase-A step's share of forward + augmentation, and d1. With
+    ``results``, each verdict's statistic also gets its INTERVAL_LEVEL bootstrap interval over
+    the repetitions (``interval``; None where a measurement has fewer than 2), and ``decided``:
+    False where the target lies inside it, so that this run's noise could turn the verdict."""
+    def samples(config: str | None, section: str) -> list[float]:
+        return _pooled((results or {}).get(config or "", []), section)
+
+    def judged(statistic: float | None, target: float, groups: list[list[float]],
+               combine, **extra: Any) -> dict[str, Any]:
+        interval = (bootstrap_interval(groups, combine, level=INTERVAL_LEVEL)
+                    if results is not None and statistic is not None else None)
+        return {"ratio": statistic, "target": target,
+                "met": None if statistic is None else statistic >= target, **extra,
+                "interval": interval,
+                "decided": None if interval is None else not interval[0] < target < interval[1]}
+
+    def over(a: float, b: float) -> float:
+        return a / b
+
     out: dict[str, Any] = {}
     for row in rows:
         if row["row"] in TARGET_ROWS:
             r = row["ratio"]
             q = (row.get("ratio_quiet") or {}).get("median")
-            out[row["row"]] = {"ratio": r, "target": TARGET_RATIO,
-                               "met": None if r is None else r >= TARGET_RATIO,
-                               "ratio_quiet": q,
-                               "quiet_pairs": (row.get("ratio_quiet") or {}).get("n", 0),
-                               "met_quiet": None if q is None else q >= TARGET_RATIO}
+            section = TARGET_SECTIONS[row["row"]]
+            out[row["row"]] = judged(
+                r, TARGET_RATIO,
+                [samples(C.TORCH.name, section), samples(row["keras_config"], section)], over,
+                ratio_quiet=q, quiet_pairs=(row.get("ratio_quiet") or {}).get("n", 0),
+                met_quiet=None if q is None else q >= TARGET_RATIO)
     by_row = {row["row"]: row for row in rows}
     g1, g2 = by_row.get("g1"), by_row.get("g2")
     if g1 and g2 and (g1.get("torch") or {}).get("median") and (g2.get("torch") or {}).get("median"):
-        share = g1["torch"]["median"] / g2["torch"]["median"]
-        out["g1 share of peak"] = {"ratio": share, "target": TARGET_PEAK_SHARE,
-                                   "met": share >= TARGET_PEAK_SHARE}
+        per_image = base_flops_per_image(C.IMAGE_SIZE) / 1e9   # g1: images/s x GFLOP per image
+        out["g1 share of peak"] = judged(
+            g1["torch"]["median"] / g2["torch"]["median"], TARGET_PEAK_SHARE,
+            [samples(C.TORCH.name, C.BASE_FORWARD), samples(C.TORCH.name, C.MATMUL)],
+            lambda forward, peak: forward * per_image / peak)
     share = step_share(summary or {})
     if share is not None:
-        out["a share of forward + augment"] = {"ratio": share, "target": TARGET_STEP_SHARE,
-                                               "met": share >= TARGET_STEP_SHARE}
+        out["a share of forward + augment"] = judged(
+            share, TARGET_STEP_SHARE,
+            [samples(C.TORCH.name, s) for s in (C.TRAIN_A, C.BASE_FORWARD, C.AUGMENT)],
+            lambda a, f, g: a * (1.0 / f + 1.0 / g))
     d1 = by_row.get("d1")
     if d1 and d1["ratio"] is not None:
-        out["d1"] = {"ratio": d1["ratio"], "target": TARGET_INPUT_RATIO,
-                     "met": d1["ratio"] >= TARGET_INPUT_RATIO}
+        out["d1"] = judged(d1["ratio"], TARGET_INPUT_RATIO,
+                           [samples(C.TORCH.name, "pipeline_decode"),
+                            samples(d1["keras_config"], "pipeline_decode")], over)
     return out
 
 
@@ -337,6 +366,11 @@ def markdown(doc: dict[str, Any]) -> str:
     for row, t in doc["targets"].items():
         verdict = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**not met**")
         line = f"- ({row}) {_ratio(t['ratio'])} (target {t['target']:g}) — {verdict}"
+        if t.get("interval"):
+            low, high = t["interval"]
+            line += (f" ({INTERVAL_LEVEL:.0%} bootstrap interval {_ratio(low)}–{_ratio(high)}"
+                     + ("" if t["decided"] else ": the target lies inside, noise could turn "
+                                                "the verdict") + ")")
         if t.get("ratio_quiet") is not None:
             quiet = "met" if t["met_quiet"] else "not met"
             line += (f"; over the {t['quiet_pairs']} quiet pair(s) of repetitions "

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -36,3 +37,22 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
     return numerator / denominator
+
+
+def bootstrap_interval(groups: Sequence[Sequence[float]], combine: Callable[..., float], *,
+                       level: float = 0.9, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """The central ``level`` interval of ``combine(*medians)`` over ``resamples`` resamplings,
+    each group drawn again with replacement, independently of the others (a percentile
+    bootstrap; seeded, so a report reads the same when written again). How far the statistic
+    would move between runs of as many repetitions on a machine as noisy as during these; not
+    the drift from one run to a later one. None where a group has fewer than 2 values."""
+    if any(len(g) < 2 for g in groups):
+        return None
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got level={level!r}")
+    rng = random.Random(seed)
+    values = [combine(*(statistics.median(rng.choices(g, k=len(g))) for g in groups))
+              for _ in range(resamples)]
+    tail = (1.0 - level) / 2
+    return quantile(values, tail), quantile(values, 1.0 - tail)

@@ -18,7 +18,7 @@ from benchmarks import config as C
 from benchmarks import report
 from benchmarks.flops import base_convolutions, base_flops_per_image
 from benchmarks.runner import make_batch, run_workers
-from benchmarks.stats import quantile, summarize
+from benchmarks.stats import bootstrap_interval, quantile, summarize
 from benchmarks.worker import Bench
 
 #: The FLOP count at 160x160 stated in the report: 2 x 152,803,200 multiply-accumulates.
@@ -47,6 +47,50 @@ def test_summary_uses_linear_quantiles():
     with pytest.raises(ValueError, match="q must be in"):
         quantile([1.0], 1.5)
 
+
+
+def test_bootstrap_interval_brackets_the_statistic_and_narrows_with_the_noise():
+    def over(a, b):
+        return a / b
+
+    noisy = [[150.0, 160.0, 170.0, 140.0, 180.0], [100.0, 90.0, 110.0, 95.0, 105.0]]
+    low, high = bootstrap_interval(noisy, over)
+    assert low < 160.0 / 100.0 < high
+    assert bootstrap_interval(noisy, over) == (low, high)   # seeded: the same when written again
+    # The same medians with a tenth of the spread: a tighter interval, still around them.
+    quiet = [[160.0 + (v - 160.0) / 10 for v in noisy[0]], [100.0 + (v - 100.0) / 10 for v in noisy[1]]]
+    q_low, q_high = bootstrap_interval(quiet, over)
+    assert low < q_low < 1.6 < q_high < high
+    assert bootstrap_interval([[3.0] * 4, [2.0] * 4], over) == (1.5, 1.5)
+    assert bootstrap_interval([[1.0], [1.0, 2.0]], over) is None
+    with pytest.raises(ValueError, match="level must be in"):
+        bootstrap_interval(noisy, over, level=1.0)
+
+
+def test_a_target_inside_the_runs_noise_is_reported_undecided(tmp_path):
+    def results_for(spread: float) -> dict:
+        port = [160.0 + spread * d for d in (-2, -1, 0, 1, 2)]
+        return {C.TORCH.name: [_fake_run(C.TORCH, {C.TRAIN_A: port})],
+                C.KERAS_ONEDNN.name: [_fake_run(C.KERAS_ONEDNN, {C.TRAIN_A: [100.0] * 5})]}
+
+    for spread, decided in ((1.0, True), (20.0, False)):
+        results = results_for(spread)
+        summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+        rows = report.build_rows(summary, results, demos={})
+        a = report.targets(rows, summary, results)["a"]
+        assert a["ratio"] == pytest.approx(1.6) and a["met"] is True
+        assert a["interval"][0] <= 1.6 <= a["interval"][1]
+        assert a["decided"] is decided, a["interval"]
+    assert report.targets(rows)["a"]["interval"] is None   # without the repetitions: none
+    doc = {"command": "test", "date": "now", "elapsed_s": 0.0, "threads": {},
+           "machine": {"cpu_model": "x", "logical_cpus": 2, "simd": [], "memory_gib": 1,
+                       "python": "3", "versions": {}, "load_average_at_start": None},
+           "load_average_at_end": None, "sizes": C.QUICK.to_dict(), "rows": rows,
+           "targets": report.targets(rows, summary, results), "summary": summary,
+           "results": results, "configs": {}, "demos": {}}
+    text = report.write(doc, tmp_path)[1].read_text()
+    assert "(a) 1.60 (target 1.5) — **met** (90% bootstrap interval" in text
+    assert "the target lies inside, noise could turn the verdict" in text
 
 def test_bench_warms_up_then_times_repetitions():
     calls = []
