@@ -175,6 +175,44 @@ def test_kept_folded_weights_follow_every_change_of_their_sources(random_base, m
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+
+class _Scaled(torch.nn.Module):
+    """A parametrization: the weight computed from its original at every access."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 2.0
+
+
+def test_computed_weights_and_a_trainable_convolution_bias_are_folded_from_what_the_base_uses(
+        random_base):
+    """The units read their sources from the modules' tables; a weight that is computed (a
+    parametrization, not in the table) is read through the attribute instead, and folded again
+    at each call (a new tensor each time); a convolution's bias that alone wants a gradient makes
+    its unit trainable."""
+    from torch.nn.utils import parametrize
+
+    base = random_base(0).double()
+    freeze(base, 154)
+    folded = fold(base)
+    x = images(torch.float64, channels_last=False, size=32)[:1]
+    conv = base.block_3_project
+    parametrize.register_parametrization(conv, "weight", _Scaled())
+    with torch.no_grad():
+        assert rel_err(folded(x), base(x)) < FLOAT64_RTOL
+        conv.parametrizations.weight.original.mul_(-1.0)
+        assert rel_err(folded(x), base(x)) < FLOAT64_RTOL
+    parametrize.remove_parametrizations(conv, "weight")
+
+    base.requires_grad_(False)
+    top = base.Conv_1
+    top.bias = torch.nn.Parameter(torch.rand(top.out_channels, dtype=torch.float64))
+    assert not folded.units[-1].frozen()
+    (folded(x) ** 2).sum().backward()
+    folded_grad, top.bias.grad = top.bias.grad, None
+    (base(x) ** 2).sum().backward()
+    assert folded_grad is not None
+    assert rel_err(folded_grad, top.bias.grad) < FLOAT64_RTOL
+
 def test_a_base_with_kept_weights_saves_and_copies(random_base):
     """torch.save of a whole model refuses two tensors over one storage; the kept weights are
     left out of pickles and copies, and folded again there."""
