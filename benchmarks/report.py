@@ -11,6 +11,7 @@ that a burst of other work on the machine falls on both) and the ratio of the be
 from __future__ import annotations
 
 import json
+from operator import truediv
 from pathlib import Path
 from typing import Any
 
@@ -235,9 +236,6 @@ def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
                 "interval": interval,
                 "decided": None if interval is None else not interval[0] < target < interval[1]}
 
-    def over(a: float, b: float) -> float:
-        return a / b
-
     out: dict[str, Any] = {}
     for row in rows:
         if row["row"] in TARGET_ROWS:
@@ -246,7 +244,7 @@ def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
             section = TARGET_SECTIONS[row["row"]]
             out[row["row"]] = judged(
                 r, TARGET_RATIO,
-                [samples(C.TORCH.name, section), samples(row["keras_config"], section)], over,
+                [samples(C.TORCH.name, section), samples(row["keras_config"], section)], truediv,
                 ratio_quiet=q, quiet_pairs=(row.get("ratio_quiet") or {}).get("n", 0),
                 met_quiet=None if q is None else q >= TARGET_RATIO)
     by_row = {row["row"]: row for row in rows}
@@ -267,7 +265,7 @@ def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
     if d1 and d1["ratio"] is not None:
         out["d1"] = judged(d1["ratio"], TARGET_INPUT_RATIO,
                            [samples(C.TORCH.name, "pipeline_decode"),
-                            samples(d1["keras_config"], "pipeline_decode")], over)
+                            samples(d1["keras_config"], "pipeline_decode")], truediv)
     return out
 
 

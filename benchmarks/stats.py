@@ -47,10 +47,10 @@ def bootstrap_interval(groups: Sequence[Sequence[float]], combine: Callable[...,
     bootstrap; seeded, so a report reads the same when written again). How far the statistic
     would move between runs of as many repetitions on a machine as noisy as during these; not
     the drift from one run to a later one. None where a group has fewer than 2 values."""
-    if any(len(g) < 2 for g in groups):
-        return None
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1); got level={level!r}")
+    if any(len(g) < 2 for g in groups):
+        return None
     rng = random.Random(seed)
     values = [combine(*(statistics.median(rng.choices(g, k=len(g))) for g in groups))
               for _ in range(resamples)]
