@@ -466,31 +466,62 @@ def test_the_graph_gives_one_result_from_its_first_call(random_base):
         assert torch.equal(fold(base)(x), first)
 
 
+def reads_weights(graph) -> bool:
+    """Whether a traced graph reads attributes of its module (the weights as buffers) rather
+    than holding them all as constants."""
+    return any(node.kind() == "prim::GetAttr" for node in graph.run.graph.nodes())
+
+
 @needs_graph
 def test_the_graph_follows_the_weights(random_base, monkeypatch):
-    """The graph reads the kept weights as buffers: a change to any is handed to it, with no
-    new trace (torch keeps memory of every trace); new shapes past the last trace allowed run
-    through the units."""
+    """A graph first holds the kept weights as constants (oneDNN keeps them in its layout);
+    once any is folded again, that shape's graph is traced once more reading them as buffers,
+    and new ones are handed to it from then on (torch keeps memory of every trace); new shapes
+    past the last trace allowed run through the units."""
     base = random_base(0).to(memory_format=torch.channels_last)
     freeze(base, 154)
     folded = fold(base)
     x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
     with torch.no_grad():
         first = graph_within_rounding(folded, base, x)
-        graphs = {k: g.run for k, g in folded._graphs.items()}
         graph_within_rounding(folded, base, x[:3])
+        assert folded._traced == 2
+        assert all(g.constants and not reads_weights(g) for g in folded._graphs.values())
         base.block_3_depthwise.weight.mul_(-2.0)   # in place, inside the graph (turned there)
         changed = graph_within_rounding(folded, base, x)
         assert rel_err(changed, first) > 1e3 * GRAPH_ERROR_FLOOR   # a stale graph fails above
         graph_within_rounding(folded, base, x[:3])
+        assert folded._traced == 4
+        assert all(not g.constants and reads_weights(g) for g in folded._graphs.values())
+        graphs = {k: g.run for k, g in folded._graphs.items()}
         base.load_state_dict(random_base(1).state_dict())
         graph_within_rounding(folded, base, x)
-        assert folded._traced == 2 and all(folded._graphs[k].run is g for k, g in graphs.items())
-        monkeypatch.setattr(fast, "_GRAPH_TRACES", 2)
+        graph_within_rounding(folded, base, x[:3])
+        assert folded._traced == 4 and all(folded._graphs[k].run is g for k, g in graphs.items())
+        monkeypatch.setattr(fast, "_GRAPH_TRACES", 4)
         assert torch.equal(folded(x[:2]), fold(base, graph=False)(x[:2]))
-        assert folded._traced == 2 and len(folded._graphs) == 2
+        assert folded._traced == 4 and len(folded._graphs) == 2
         folded.forget()
         assert folded._graphs == {}
+
+
+@needs_graph
+@pytest.mark.parametrize(("pad_type", "fine_tune_at"), [
+    ("same", 154), ("symmetric", 154), ("same", 100)])
+def test_the_graph_hands_out_channels_last_tensors(random_base, pad_type, fine_tune_at):
+    """What the graph returns stays channels-last, as the units' results are: in either frame,
+    ending in a ReLU6 (the whole base) or in a projection (fine-tuning). Traced in place, the
+    last ReLU6 left the graph's output without a recorded layout, and oneDNN Graph wrote it
+    NCHW through one more reorder."""
+    base = random_base(0, pad_type=pad_type).to(memory_format=torch.channels_last)
+    freeze(base, fine_tune_at)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
+    with torch.no_grad():
+        for _ in range(2):
+            stages, out = folded._graph(x)
+            assert stages > 0 and out.is_contiguous(memory_format=torch.channels_last)
+        assert folded(x).is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_graph

@@ -330,9 +330,10 @@ class FoldedConvBN(nn.Module):
 
 class _Graph(NamedTuple):
     """A traced graph of a FoldedBase's frozen leading blocks (FoldedBase._graph)."""
-    kept: tuple              # each unit's _Kept whose weight and bias the graph's buffers come from
+    kept: tuple              # each unit's _Kept whose weight and bias the graph holds
     run: torch.jit.ScriptModule   # a traced _FrozenStages
     flipped: bool            # traced in the flipped frame (_FrozenStages)
+    constants: bool          # holds the weights as constants, else reads them as buffers
 
 
 class _Kept(NamedTuple):
@@ -357,16 +358,17 @@ class FoldedBase(nn.Module):
     ``graph``: where the input is a float32 channels-last CPU tensor that needs no gradient, the
     leading blocks with no trainable parameter (the whole base in feature extraction, those below
     ``fine_tune_at`` in fine-tuning) run as one graph, traced from these units with their kept
-    weights as buffers and run through oneDNN Graph (TorchScript's oneDNN fuser): it computes
+    weights as constants and run through oneDNN Graph (TorchScript's oneDNN fuser): it computes
     each block's expanding 1x1 convolution and its depthwise convolution together, so that the
     six times wider expanded activations are not written out and read back; the strided blocks'
     too, for the graph runs in a flipped frame where their padding is the depthwise
     convolution's own (:class:`_FrozenStages`; torchvision's padding on an even image size
     keeps the usual frame, where the strided blocks pad apart). One graph per input shape (at
     most four kept, at most 16 traced: torch keeps some memory of each for the life of the
-    process; past that, new shapes run through the units), handed the new weights when a kept
-    weight is folded again; a graph is traced and optimized in the call that first needs it (a
-    second or so on a CPU). The results differ from the
+    process; past that, new shapes run through the units). Once a kept weight is folded again,
+    that shape's graph is traced once more, reading the weights as buffers, and is handed the
+    new ones from then on (:meth:`_trace` says what each way costs). A graph is traced and
+    optimized in the call that first needs it (a second or so on a CPU). The results differ from the
     units' own by float32 rounding (the fused kernels sum in another order), and do not depend
     on how many calls came before. Where tracing fails, the units run as they are, after one
     warning; where this torch has no oneDNN Graph (torch.jit is deprecated), they run so
@@ -460,11 +462,23 @@ class FoldedBase(nn.Module):
             return 0, x
         key = (frozen, tuple(x.shape))   # shapes are constants in a trace
         graph = self._graphs.get(key)
+        constants = True
+        if graph is not None and any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
+            if graph.constants:
+                # Weights folded again: a graph holding them as constants is traced once more,
+                # reading them as buffers that are handed the new ones from then on.
+                del self._graphs[key]
+                graph, constants = None, False
+            else:
+                for n, (weight, bias) in enumerate(_frame_weights(kept, graph.flipped)):
+                    setattr(graph.run, f"weight_{n}", weight)
+                    setattr(graph.run, f"bias_{n}", bias)
+                graph = self._graphs[key] = graph._replace(kept=tuple(kept))
         if graph is None:
             if self._traced >= _GRAPH_TRACES:   # see _GRAPH_TRACES
                 return 0, x
             try:
-                run, flipped = self._trace(x, frozen, kept)
+                run, flipped = self._trace(x, frozen, kept, constants)
             except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
                 self.graph = False
                 warnings.warn(f"tl_torch.fast: the frozen blocks run without oneDNN Graph, "
@@ -474,20 +488,18 @@ class FoldedBase(nn.Module):
             self._traced += 1
             if len(self._graphs) >= _GRAPH_SHAPES:
                 del self._graphs[next(iter(self._graphs))]   # the oldest
-            graph = self._graphs[key] = _Graph(tuple(kept), run, flipped)
-        elif any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
-            # Weights folded again: the graph reads them as buffers; hand it the new ones.
-            for n, (weight, bias) in enumerate(_frame_weights(kept, graph.flipped)):
-                setattr(graph.run, f"weight_{n}", weight)
-                setattr(graph.run, f"bias_{n}", bias)
-            graph = self._graphs[key] = _Graph(tuple(kept), graph.run, graph.flipped)
+            graph = self._graphs[key] = _Graph(tuple(kept), run, flipped, constants)
         with _onednn_fusion():
             return frozen, graph.run(x)
 
-    def _trace(self, x: torch.Tensor, stages: int,
-               kept: list) -> tuple[torch.jit.ScriptModule, bool]:
+    def _trace(self, x: torch.Tensor, stages: int, kept: list,
+               constants: bool) -> tuple[torch.jit.ScriptModule, bool]:
         """The graph of the first ``stages`` stages for inputs shaped like ``x``, optimized, and
         whether it runs in the flipped frame (:class:`_FrozenStages`; where the shapes allow).
+        ``constants``: the graph holds the weights as constants (``torch.jit.freeze``), which
+        oneDNN Graph keeps in its own layout from the first call on; else it reads them as
+        buffers, which new ones can replace but which oneDNN reorders at every call (52 weights,
+        1.5-1.7 ms a call at batch 32, about 1 ms at batch 1).
         TorchScript first runs a graph unfused to profile it (torch's own operations), then
         fused; those runs are made here, so that every result comes from the fused graph,
         however many calls came before (a resumed run equals an uninterrupted one)."""
@@ -496,9 +508,6 @@ class FoldedBase(nn.Module):
             # constants (why each input shape has a graph of its own).
             warnings.simplefilter("ignore")
             example = x.clone()
-            # The weights as a module's buffers, not constants: the graph reads them at each
-            # call, so new ones can be handed to it (constants would need another trace, and
-            # torch.jit keeps traced constants for the life of the process).
             for flipped in (True, False):
                 try:
                     run = torch.jit.trace(_FrozenStages(self, stages, kept, flipped), example,
@@ -507,6 +516,9 @@ class FoldedBase(nn.Module):
                     break
                 except _NotFlippable:   # a padding the flipped frame cannot express
                     continue
+            if constants:
+                # optimize_numerics=False: nothing is folded into the (already folded) weights.
+                run = torch.jit.freeze(run.eval(), optimize_numerics=False)
             with _onednn_fusion():
                 for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
                     run(example)
@@ -531,7 +543,8 @@ def _frame_weights(kept: list[_Kept],
 
 class _FrozenStages(nn.Module):
     """The first ``stages`` stages of ``folded`` as a module to trace: its buffers are those
-    stages' units' weights and biases (from ``kept``, in run order).
+    stages' units' weights and biases (from ``kept``, in run order), which the traced graph
+    reads, or holds as constants once frozen (:meth:`FoldedBase._trace`).
 
     ``flipped``: the stages run on the input turned upside down and left to right, with their
     3x3 kernels turned likewise, and the result is turned back. A convolution's output is then
@@ -569,7 +582,10 @@ class _FrozenStages(nn.Module):
                 x = _flipped_conv(x, conv, getattr(self, f"weight_{n}"),
                                   getattr(self, f"bias_{n}"), pending)
                 if unit.relu:
-                    x = F.relu6(x, inplace=True)
+                    # Out of place: oneDNN Graph fuses it either way, and the last one traced in
+                    # place, turned back by the flip, left the graph's output with no recorded
+                    # layout: oneDNN wrote it NCHW, through one more reorder (0.5-0.8 ms at 32).
+                    x = F.relu6(x)
                 n, pending = n + 1, pad
             if stage.residual:
                 x = shortcut + x
