@@ -82,13 +82,7 @@ def test_a_target_inside_the_runs_noise_is_reported_undecided(tmp_path):
         assert a["interval"][0] <= 1.6 <= a["interval"][1]
         assert a["decided"] is decided, a["interval"]
     assert report.targets(rows)["a"]["interval"] is None   # without the repetitions: none
-    doc = {"command": "test", "date": "now", "elapsed_s": 0.0, "threads": {},
-           "machine": {"cpu_model": "x", "logical_cpus": 2, "simd": [], "memory_gib": 1,
-                       "python": "3", "versions": {}, "load_average_at_start": None},
-           "load_average_at_end": None, "sizes": C.QUICK.to_dict(), "rows": rows,
-           "targets": report.targets(rows, summary, results), "summary": summary,
-           "results": results, "configs": {}, "demos": {}}
-    text = report.write(doc, tmp_path)[1].read_text()
+    text = report.write(_report_doc(rows, summary, results), tmp_path)[1].read_text()
     assert "(a) 1.60 (target 1.5) — **met** (90% bootstrap interval" in text
     assert "the target lies inside, noise could turn the verdict" in text
 
@@ -110,6 +104,16 @@ def test_bench_warms_up_then_times_repetitions():
     calls.clear()
     Bench(work, 4, warmup=5).warm(budget_s=0.005)
     assert len(calls) == 2
+
+
+def _report_doc(rows: list, summary: dict, results: dict) -> dict:
+    """A benchmark.json document around fake rows (a quick run on a made-up machine)."""
+    return {"command": "test", "date": "now", "elapsed_s": 0.0, "threads": {},
+            "machine": {"cpu_model": "x", "logical_cpus": 2, "simd": [], "memory_gib": 1,
+                        "python": "3", "versions": {}, "load_average_at_start": None},
+            "load_average_at_end": None, "sizes": C.QUICK.to_dict(), "rows": rows,
+            "targets": report.targets(rows, summary, results), "summary": summary,
+            "results": results, "configs": {}, "demos": {}}
 
 
 def _fake_run(config: C.Config, samples: dict[str, list[float]]) -> dict:
@@ -251,3 +255,38 @@ def test_both_workers_end_to_end(tmp_path):
     json_path, md_path = report.write(doc, tmp_path / "out")
     assert json.loads(json_path.read_text())["rows"][2]["row"] == "c"
     assert "| c | inference" in md_path.read_text()
+
+
+def test_the_fp32_peak_is_the_faster_matmul_of_the_two_frameworks():
+    """The base forward's share is judged against the machine's measured fp32 peak: the faster
+    of the two frameworks' matmuls, not torch's alone (which can be the slower one)."""
+    per_image = FLOPS_AT_160 / 1e9
+    forward = [300.0, 310.0, 320.0]   # images/s: 91.7-97.8 GFLOP/s
+    matmuls = {"torch": [130.0, 135.0, 140.0], "keras": [150.0, 155.0, 160.0]}
+
+    def share(keras_matmul):
+        results = {
+            C.TORCH.name: [_fake_run(C.TORCH, {C.BASE_FORWARD: forward,
+                                               C.MATMUL: matmuls["torch"]})],
+            C.KERAS_ONEDNN.name: [_fake_run(C.KERAS_ONEDNN, {C.BASE_FORWARD: [100.0] * 3,
+                                                             **keras_matmul})],
+        }
+        summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+        rows = report.build_rows(summary, results, demos={})
+        return rows, summary, results, report.targets(rows, summary, results)["g1 share of peak"]
+
+    rows, summary, results, g1 = share({C.MATMUL: matmuls["keras"]})
+    assert [(fw, peak) for fw, _, peak in report.fp32_peak(rows)] == [("keras", 155.0),
+                                                                     ("torch", 135.0)]
+    assert (g1["peak"], g1["peak_from"]) == (155.0, "keras")
+    assert g1["ratio"] == pytest.approx(310.0 * per_image / 155.0)
+    assert g1["met"] is False   # 61 % of 155; it would be 70 % of torch's 135
+    low, high = g1["interval"]
+    assert 300.0 * per_image / 160.0 <= low < g1["ratio"] < high <= 320.0 * per_image / 150.0
+    text = report.markdown(_report_doc(rows, summary, results))
+    assert (f"(155 GFLOP/s: the faster of the n×n matmuls, tf.linalg.matmul "
+            f"{C.QUICK.matmul_n}²): Keras 20 %, torch 61 %.") in text
+    # Without TensorFlow's matmul, torch's is the peak.
+    *_, g1 = share({})
+    assert (g1["peak"], g1["peak_from"]) == (135.0, "torch")
+    assert g1["met"] is True

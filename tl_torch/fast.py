@@ -574,6 +574,7 @@ class _FrozenStages(nn.Module):
             return folded._run(x, 0, self.stages)
         x = x.flip((2, 3))
         n, pending = 0, None   # pending: the ZeroPadding2D after the last unit, for the next
+        last = folded._stages[self.stages - 1]
         for stage in folded._stages[:self.stages]:
             shortcut = x
             for i in stage.units:
@@ -582,10 +583,13 @@ class _FrozenStages(nn.Module):
                 x = _flipped_conv(x, conv, getattr(self, f"weight_{n}"),
                                   getattr(self, f"bias_{n}"), pending)
                 if unit.relu:
-                    # Out of place: oneDNN Graph fuses it either way, and the last one traced in
-                    # place, turned back by the flip, left the graph's output with no recorded
-                    # layout: oneDNN wrote it NCHW, through one more reorder (0.5-0.8 ms at 32).
-                    x = F.relu6(x)
+                    # In place but in the last stage: traced in place and turned back by the
+                    # flip, the last one left the graph's output with no recorded layout, and
+                    # oneDNN wrote it NCHW through one more reorder (0.5-0.8 ms at batch 32).
+                    # Not all out of place: oneDNN Graph fuses them either way, but the
+                    # unfused tracing and profiling runs would need ~200 MB more at batch 32,
+                    # which glibc then keeps (keep_freed_memory).
+                    x = F.relu6(x, inplace=stage is not last)
                 n, pending = n + 1, pad
             if stage.residual:
                 x = shortcut + x
