@@ -368,9 +368,9 @@ class FoldedBase(nn.Module):
     process; past that, new shapes run through the units). Once a kept weight is folded again,
     that shape's graph is traced once more, reading the weights as buffers, and is handed the
     new ones from then on (:meth:`_trace` says what each way costs). A graph is traced and
-    optimized in the call that first needs it (a second or so on a CPU). The results differ from the
-    units' own by float32 rounding (the fused kernels sum in another order), and do not depend
-    on how many calls came before. Where tracing fails, the units run as they are, after one
+    optimized in the call that first needs it (a second or so on a CPU). The results differ
+    from the units' own by float32 rounding (the fused kernels sum in another order), and do
+    not depend on how many calls came before. Where tracing fails, the units run as they are, after one
     warning; where this torch has no oneDNN Graph (torch.jit is deprecated), they run so
     silently. ``graph = False``: never.
     """
