@@ -50,7 +50,7 @@ class Config:
     label: str                           # what it is, for the report
     sections: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
-    keep_freed_memory: bool = False      # glibc mallopt before anything else (tl_torch.fast)
+    keep_freed_memory: bool = False      # glibc mallopt before anything else (tl_torch.runtime)
     bf16: bool = False                   # changes the numbers: reported apart
     jit_compile: bool = False            # Keras: XLA (see KERAS_XLA)
     tf32: bool | None = None             # NVIDIA GPUs: TF32 for float32 matrix products and

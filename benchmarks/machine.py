@@ -26,7 +26,8 @@ def _cpuinfo() -> dict[str, str]:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key in ("model name", "flags", "cpu MHz", "vendor_id") and key not in info:
+        if key in ("model name", "flags", "cpu MHz", "vendor_id", "cpu family", "model") \
+                and key not in info:
             info[key] = value.strip()
     return info
 
@@ -96,6 +97,8 @@ def describe() -> dict[str, object]:
     return {
         "cpu_model": cpu.get("model name", platform.processor() or "unknown"),
         "cpu_vendor": cpu.get("vendor_id"),
+        "cpu_family": cpu.get("cpu family"),
+        "cpu_model_number": cpu.get("model"),
         "cpu_mhz": cpu.get("cpu MHz"),
         "simd": sorted(f for f in flags if f in ("avx", "avx2", "fma", "avx512f", "avx512_bf16",
                                                  "amx_bf16", "avx_vnni")),

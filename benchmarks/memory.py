@@ -17,7 +17,7 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
-#: glibc ``mallopt`` parameters (malloc.h), the ones tl_torch.fast.keep_freed_memory sets.
+#: glibc ``mallopt`` parameters (malloc.h), the ones tl_torch.runtime.keep_freed_memory sets.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
@@ -55,7 +55,7 @@ def peak_rss_mb() -> float:
 
 
 def keep_freed_memory_glibc() -> bool:
-    """The same ``mallopt`` calls as ``tl_torch.fast.keep_freed_memory`` (no mmap for large
+    """The same ``mallopt`` calls as ``tl_torch.runtime.keep_freed_memory`` (no mmap for large
     blocks, no trimming), without importing torch: for the Keras process. True if applied."""
     if not sys.platform.startswith("linux"):
         return False

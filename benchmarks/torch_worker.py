@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     spec, result_fd = read_spec(argv)
     cfg, sizes = spec["config"], C.Sizes(**spec["sizes"])
-    from tl_torch.fast import keep_freed_memory
+    from tl_torch.runtime import keep_freed_memory
 
     # First, as tl_torch.train does, before the large tensors are allocated.
     kept = keep_freed_memory() if cfg["keep_freed_memory"] else False

@@ -20,9 +20,9 @@ from tl_common.errors import UserError, run_main
 from tl_common.files import IMAGE_EXTENSIONS
 from tl_common.outputs import read_metrics
 from tl_torch.data import load_images
-from tl_torch.fast import keep_freed_memory
 from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
+from tl_torch.runtime import keep_freed_memory
 from tl_torch.train import MODEL_FILE, read_checkpoint
 from tl_torch.weights import base_config
 

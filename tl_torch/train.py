@@ -56,10 +56,10 @@ from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorde
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
 from tl_torch.data import ImageFolderDataModule, load_images
-from tl_torch.fast import bf16_cost_warning, keep_freed_memory
 from tl_torch.freezing import layer_table
 from tl_torch.keras_weights import save_keras_weights
 from tl_torch.module import TransferModule, TwoPhaseFineTuning
+from tl_torch.runtime import bf16_cost_warning, keep_freed_memory
 from tl_torch.weights import build_base
 
 LAST_CHECKPOINT = "last"
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
     check_output_dir_placement(settings)
-    keep_freed_memory()  # large activations reuse freed memory: see tl_torch/fast.py
+    keep_freed_memory()  # large activations reuse freed memory: see tl_torch/runtime.py
     if (warning := bf16_cost_warning(ns.precision, ns.accelerator)) and rank_zero_only.rank == 0:
         print(warning, file=sys.stderr)
     run_dir = RunDir(Path(settings.output_dir))
