@@ -99,7 +99,7 @@ def check_module() -> list[Row]:
     rows = [
         # rms over the images: the folded base (BatchNorm folded into the convolutions in
         # float32) rounds more than Keras' layers, and the largest of 48 errors is itself a
-        # noisy statistic (the README gives both, measured).
+        # noisy statistic (benchmarks/RESULTS.md gives both, measured).
         measured(GROUP, f"evaluation: logits of {IMAGES} images (module.forward, folded base)",
                  bands.against_exact(e["logits"], f["logits"], logits, norm="rms"),
                  keras=summary(f["logits"]), torch=summary(logits),

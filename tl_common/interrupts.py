@@ -7,7 +7,7 @@ training step and validation batch (:meth:`StopRequests.check`) and raises
 :class:`~tl_common.errors.Interrupted` there. A step is never cut in half and no checkpoint or
 backup is cut short: the state of the last finished epoch, written atomically when that epoch
 ended, is what ``--resume`` continues from, and the interrupted epoch is trained again from its
-start (a state saved mid-epoch would not resume bit for bit: see the README). Outside training
+start (a state saved mid-epoch would not resume bit for bit: see docs/reliability.md). Outside training
 (reading data, testing, writing outputs) the signal raises at once, as Python's Ctrl-C does;
 every file there is written atomically. The run then ends with ``error: stopped by SIGINT: ...``
 and exit status 130 (143 for SIGTERM).

@@ -10,7 +10,7 @@ from tl_common.compat import load_before_tensorflow
 # TensorFlow's C++ INFO lines (no CUDA driver, CPU features) drown the run's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # TensorFlow uses oneDNN's kernels by default only on some x86 CPUs; elsewhere (AMD EPYC, see the
-# README's Performance section) the same model trains markedly slower without them. A user's own
+# notes in docs/performance.md) the same model trains markedly slower without them. A user's own
 # setting wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # Before TensorFlow, or a later torchvision import in this process crashes: see tl_common/compat.py.
