@@ -181,7 +181,7 @@ def load_keras_weights(base: Base, path: str | os.PathLike[str]) -> Base:
         raise RuntimeError(f"no Keras value for {missing[:3]}")
     with torch.no_grad():
         for key, array in state.items():
-            own[key].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+            own[key].copy_(torch.from_numpy(np.array(array, order="C")))
     return base
 
 
@@ -195,9 +195,12 @@ def _snake_case(name: str) -> str:
 
 
 def _keras_arrays(base: Base, layer: KerasLayer) -> list[tuple[str, np.ndarray]]:
+    variables = keras_variables(layer)
+    if not variables:
+        return []
     state = dict(layer.module.named_parameters()) | dict(layer.module.named_buffers())
     return [(keras_name, torch_to_keras(layer.type, state[torch_name].detach().cpu().numpy()))
-            for keras_name, torch_name in keras_variables(layer)]
+            for keras_name, torch_name in variables]
 
 
 def save_keras_weights(base: Base, path: str | os.PathLike[str]) -> Path:
@@ -230,7 +233,7 @@ def _write_keras3(base: Base, f: h5py.File) -> None:
         vars_group = group.create_group("vars")
         vars_group.attrs["name"] = layer.name
         for i, (_, array) in enumerate(_keras_arrays(base, layer)):
-            vars_group.create_dataset(str(i), data=np.ascontiguousarray(array, dtype=_dtype(array)))
+            vars_group.create_dataset(str(i), data=np.array(array, dtype=_dtype(array), order="C"))
 
 
 def _write_legacy(base: Base, f: h5py.File) -> None:
@@ -244,7 +247,7 @@ def _write_legacy(base: Base, f: h5py.File) -> None:
         weight_names = [f"{layer.name}/{keras_name}" for keras_name, _ in arrays]
         group.attrs["weight_names"] = np.array([w.encode() for w in weight_names])
         for weight_name, (_, array) in zip(weight_names, arrays, strict=True):
-            group.create_dataset(weight_name, data=np.ascontiguousarray(array, dtype=_dtype(array)))
+            group.create_dataset(weight_name, data=np.array(array, dtype=_dtype(array), order="C"))
 
 
 def describe_file(path: str | os.PathLike[str]) -> dict[str, object]:
