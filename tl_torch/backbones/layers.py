@@ -31,11 +31,16 @@ def _activation(name: str):
 
 
 class Rescaling(nn.Module):
-    """``Rescaling(scale, offset)``: ``x * scale + offset``, the scale per channel if a sequence."""
+    """``Rescaling(scale, offset)``: ``x * scale + offset``, the scale per channel if a sequence.
+
+    The scale is rounded to float32 whatever the precision: Keras casts its Python number to the
+    layer's dtype through a TensorFlow constant, which is float32 first (so a float64 Keras model
+    multiplies by float32(1/127.5), not by 1/127.5).
+    """
 
     def __init__(self, scale: float | Sequence[float], offset: float = 0.0) -> None:
         super().__init__()
-        values = torch.tensor(scale, dtype=torch.float64).reshape(1, -1, 1, 1)
+        values = torch.tensor(scale, dtype=torch.float32).to(torch.float64).reshape(1, -1, 1, 1)
         # Not in the state dict: Keras keeps the scale in the layer's config, not its weights.
         self.register_buffer("scale", values, persistent=False)
         self.offset = offset

@@ -1,8 +1,8 @@
 """ResNet50 (v1, no top) as Keras 3 builds it.
 
 ``keras.applications.ResNet50(include_top=False)``: 175 layers, the InputLayer included; a
-``(N, 3, H, W)`` image, after :meth:`ResNet50Base.preprocess`, becomes ``(N, 2048, H', W')`` with
-H' = floor((floor((H + 6 - 7) / 2 + 1) + 2 - 3) / 2 + 1) halved three more times (ceil).
+``(N, 3, H, W)`` image, after :meth:`ResNet50Base.preprocess`, becomes ``(N, 2048, H/32, W/32)``
+for sizes divisible by 32 (the stem's ``valid`` convolution and pooling round down elsewhere).
 
 What decides whether outputs match Keras:
 - the stem: ``ZeroPadding2D(3)`` -> 7x7 stride-2 ``valid`` convolution *with bias* -> BatchNorm
