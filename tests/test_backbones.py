@@ -1,0 +1,449 @@
+"""The bases of tl_torch.backbones against the Keras applications themselves (``weights=None``).
+
+For MobileNetV3Large, EfficientNetB0 and ResNet50 (and MobileNetV2 where the same check applies):
+the layer table (count, names, types, order), the parameter counts at every fine-tune point, the
+preprocessing (Keras' ``preprocess_input`` + the model's own preprocessing layers), BatchNorm and
+Dropout in inference mode, and, in the slow tier, every layer's output: Keras in float64 is the
+exact answer, the port in float64 agrees with it to rounding, and the port in float32 stays within
+a multiple of Keras' own float32 error (tl_common.bands). The weights compared on are random, with
+BatchNorm statistics measured on the images so that activations are of order 1, and reach the port
+through Keras' own file: the port exports them, Keras loads that file and saves its own, the port
+imports Keras' file. Each base has planted mistakes, each caught by a named check.
+
+Run: ``PYTHONPATH=$PWD python -m pytest -p no:cacheprovider tests/test_backbones.py -q``
+(``-m "not slow"`` for the quick tier).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from keras.src.backend.common import global_state
+from torch import nn
+
+import tl_torch.backbones.efficientnet as efficientnet
+import tl_torch.backbones.layers as layers
+import tl_torch.backbones.mobilenet_v3 as mobilenet_v3
+import tl_torch.backbones.resnet as resnet
+import tl_torch.padding
+from tl_common import bands
+from tl_common.errors import UserError
+from tl_torch.backbones import BACKBONES, RECIPE_FINE_TUNE_AT, RECIPE_LAYERS, get_backbone
+from tl_torch.freezing import count_params, freeze
+from tl_torch.keras_weights import load_keras_weights, save_keras_weights
+
+NEW = ("mobilenet_v3_large", "efficientnet_b0", "resnet50")
+ALL = ("mobilenet_v2", *NEW)
+#: Even at every stride-2 layer (TF "same" pads asymmetrically there), and small: torch's float64
+#: depthwise convolutions are slow on the CPU.
+SIZE = 48
+IMAGES = 3
+#: ``keras.applications.<module>.preprocess_input`` of each base.
+KERAS_MODULES = {"mobilenet_v2": "mobilenet_v2", "mobilenet_v3_large": "mobilenet_v3",
+                 "efficientnet_b0": "efficientnet", "resnet50": "resnet50"}
+#: Pixels in [0, 255] reach the first convolution in this range (Normalization at mean 0, var 1).
+INPUT_RANGES = {"mobilenet_v2": (-1.0, 1.0), "mobilenet_v3_large": (-1.0, 1.0),
+                "efficientnet_b0": (0.0, 1.0), "resnet50": (-123.68, 255.0 - 103.939)}
+#: Float64 agreement, relative to a layer's magnitude: the two frameworks sum in other orders,
+#: which in float64 leaves differences of order 1e-15 per operation, far below this.
+FLOAT64_TOL = 1e-10
+#: Activations of calibrated weights are of order 1; below this a comparison would mean little.
+ACTIVATION_FLOOR = 1e-2
+
+
+# ---- Keras, built as each test needs it ---------------------------------------------------------
+
+@contextlib.contextmanager
+def fresh_layer_names() -> Iterator[None]:
+    """Keras names the layers it builds unnamed (``re_lu_3``...) from a process-wide count: count
+    from zero inside, as a fresh session does (the names in Keras' own files), and give the count
+    back to the rest of the test run afterwards."""
+    saved = global_state.get_global_attribute("object_name_uids")
+    global_state.set_global_attribute("object_name_uids", collections.defaultdict(int))
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("object_name_uids",
+                                          saved if saved is not None else collections.defaultdict(int))
+
+
+@contextlib.contextmanager
+def float64_policy() -> Iterator[None]:
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(policy)
+        keras.config.set_floatx(floatx)
+
+
+def keras_base(name: str, *, float64: bool = False, size: int = SIZE, **kwargs):
+    app = getattr(keras.applications, get_backbone(name).keras_application)
+    with fresh_layer_names(), float64_policy() if float64 else contextlib.nullcontext():
+        return app(include_top=False, weights=kwargs.pop("weights", None),
+                   input_shape=(size, size, 3), **kwargs)
+
+
+_KERAS32: dict[str, object] = {}
+
+
+def cached_keras_base(name: str):
+    """One float32 Keras base per application for the quick tier (building one takes seconds)."""
+    if name not in _KERAS32:
+        _KERAS32[name] = keras_base(name)
+    return _KERAS32[name]
+
+
+def keras_preprocess(name: str, pixels: np.ndarray) -> np.ndarray:
+    module = importlib.import_module(f"keras.applications.{KERAS_MODULES[name]}")
+    return np.asarray(module.preprocess_input(pixels.copy()))
+
+
+def keras_outputs(kbase, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every layer's output for ``x`` (the model's input), by Keras name, inference mode."""
+    outs = keras.Model(kbase.input, [layer.output for layer in kbase.layers[1:]])(x, training=False)
+    result = {kbase.layers[0].name: x}
+    result.update({layer.name: keras.ops.convert_to_numpy(o)
+                   for layer, o in zip(kbase.layers[1:], outs, strict=True)})
+    return result
+
+
+# ---- the port ---------------------------------------------------------------------------------
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    a = t.detach().numpy()
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+def torch_outputs(base: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every Keras layer's output (NHWC) on a forward pass of ``x``, read with forward hooks."""
+    seen = {base.input_layer_name: nhwc(x)}
+    hooks = [layer.module.register_forward_hook(
+                 lambda m, args, out, n=layer.name: seen.__setitem__(n, nhwc(out)))
+             for layer in base.keras_layers if layer.module is not None]
+    try:
+        with torch.no_grad():
+            base(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def randomize_normalization_(base: nn.Module, generator: torch.Generator) -> None:
+    """EfficientNet's Normalization away from 0 / 1, so a square root left out shows."""
+    with torch.no_grad():
+        for m in base.modules():
+            if isinstance(m, layers.Normalization):
+                m.mean.uniform_(0.3, 0.6, generator=generator)
+                m.variance.uniform_(0.04, 0.09, generator=generator)
+                m.count.fill_(1000)
+
+
+def pixels(generator: torch.Generator, n: int = IMAGES, size: int = SIZE) -> np.ndarray:
+    """Random images in [0, 255], NHWC float32, the first one the extremes (0 and 255 halves)."""
+    x = torch.rand(n, size, size, 3, generator=generator) * 255
+    x[0, : size // 2], x[0, size // 2:] = 0.0, 255.0
+    return x.numpy()
+
+
+# ---- quick tier: tables, counts, defaults, preprocessing, inference mode ----------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_layer_table_equals_keras(name: str) -> None:
+    kbase, tbase = cached_keras_base(name), get_backbone(name).build()
+    keras_table = [(i, type(layer).__name__, layer.name) for i, layer in enumerate(kbase.layers)]
+    torch_table = [(layer.index, layer.type, layer.name) for layer in tbase.keras_layers]
+    assert len(torch_table) == len(keras_table)
+    assert torch_table == keras_table
+    assert tbase.keras_layer(len(keras_table) - 1).name == kbase.layers[-1].name
+    out = tbase(torch.zeros(1, 3, SIZE, SIZE))
+    assert tuple(out.permute(0, 2, 3, 1).shape[1:]) == tuple(kbase.output.shape[1:])
+
+
+def keras_counts(kbase, fine_tune_at: int) -> tuple[int, int]:
+    """The recipe's freezing in Keras: ``base.trainable = True``, then ``layers[:k]`` frozen."""
+    kbase.trainable = True
+    for layer in kbase.layers[:fine_tune_at]:
+        layer.trainable = False
+    size = lambda weights: sum(int(np.prod(w.shape)) for w in weights)  # noqa: E731
+    return size(kbase.trainable_weights), size(kbase.non_trainable_weights)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parameter_counts_equal_keras_at_every_fine_tune_point(name: str) -> None:
+    kbase, tbase = cached_keras_base(name), get_backbone(name).build()
+    n = len(kbase.layers)
+    assert {0, get_backbone(name).default_fine_tune_at(tbase), n} <= set(range(n + 1))
+    mismatches = []
+    for k in range(n + 1):
+        ours = count_params(freeze(tbase, k))
+        theirs = keras_counts(kbase, k)
+        if ours != theirs:
+            mismatches.append((k, theirs, ours))
+    kbase.trainable = True
+    assert not mismatches, f"(fine_tune_at, keras, torch) first differences: {mismatches[:3]}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_default_fine_tune_point_is_the_block_start_nearest_the_recipe_share(name: str) -> None:
+    backbone = get_backbone(name)
+    base = backbone.build()
+    n, default = len(base.keras_layers), backbone.default_fine_tune_at(base)
+    if name == "mobilenet_v2":
+        assert (default, n) == (RECIPE_FINE_TUNE_AT, RECIPE_LAYERS)
+        return
+    starts = [base.keras_layer(block.layers[0]).index for block in base.blocks]
+    share = RECIPE_FINE_TUNE_AT / RECIPE_LAYERS
+    assert default in starts
+    assert default == min(starts, key=lambda i: abs(i / n - share))
+    assert str(default) in backbone.reason
+
+
+def test_efficientnet_imagenet_rescaling_matches_keras_imagenet_layout(monkeypatch) -> None:
+    """Keras builds one more Rescaling for ``weights="imagenet"``: built here with its download
+    and load stubbed (the layout is what is compared, not ImageNet's numbers)."""
+    from keras.src.applications import efficientnet as keras_efficientnet
+    from keras.src.models.model import Model
+
+    monkeypatch.setattr(keras_efficientnet.file_utils, "get_file", lambda *a, **k: "no-file.h5")
+    monkeypatch.setattr(Model, "load_weights", lambda self, *a, **k: None)
+    kbase = keras_base("efficientnet_b0", weights="imagenet")
+    tbase = efficientnet.EfficientNetB0Base(imagenet_rescaling=True)
+    assert [(layer.index, layer.type, layer.name) for layer in tbase.keras_layers] == \
+        [(i, type(layer).__name__, layer.name) for i, layer in enumerate(kbase.layers)]
+    assert len(kbase.layers) == len(cached_keras_base("efficientnet_b0").layers) + 1
+    assert get_backbone("efficientnet_b0").default_fine_tune_at(tbase) == \
+        get_backbone("efficientnet_b0").default_fine_tune_at(efficientnet.EfficientNetB0Base()) + 1
+    x = np.full((1, 2, 2, 3), 0.5, np.float64)
+    expected = keras.ops.convert_to_numpy(kbase.get_layer("rescaling_1")(x))
+    got = tbase.rescaling_1(nchw(x)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert not np.allclose(expected, 0.5)
+
+
+def preprocessing_difference(name: str, tbase: nn.Module, kbase, x: np.ndarray) -> float:
+    """Largest |Keras - port| of what reaches the first convolution: ``preprocess_input`` and
+    the model's leading preprocessing layers (Rescaling, Normalization)."""
+    k, t = keras_preprocess(name, x), tbase.preprocess(nchw(x))
+    for layer in tbase.keras_layers[1:]:
+        if layer.type not in ("Rescaling", "Normalization"):
+            break
+        k = keras.ops.convert_to_numpy(kbase.get_layer(layer.name)(k))
+        with torch.no_grad():
+            t = layer.module(t)
+    return bands.max_error(k, nhwc(t))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_preprocessing_ranges_and_values_equal_keras(name: str, tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(3)
+    tbase, kbase = get_backbone(name).build(), cached_keras_base(name)
+    extremes = np.stack([np.zeros((SIZE, SIZE, 3), np.float32), np.full((SIZE, SIZE, 3), 255, np.float32)])
+    low, high = INPUT_RANGES[name]
+    assert preprocessing_difference(name, tbase, kbase, extremes) == 0.0
+    k_ext = keras_preprocess(name, extremes)
+    for layer in kbase.layers[1:]:
+        if type(layer).__name__ not in ("Rescaling", "Normalization"):
+            break
+        k_ext = keras.ops.convert_to_numpy(layer(k_ext))
+    np.testing.assert_allclose([k_ext.min(), k_ext.max()], [low, high], rtol=1e-6)
+    # Values: random images, EfficientNet's Normalization weights randomised through Keras' file.
+    randomize_normalization_(tbase, generator)
+    path = save_keras_weights(tbase, tmp_path / "base.weights.h5")
+    kbase.load_weights(str(path))
+    x = pixels(generator)
+    magnitude = bands.magnitude(keras_preprocess(name, x))
+    # One float32 rounding of the largest value: Keras and torch may round a multiply-add once
+    # (fused) or twice; nothing wrong (a flip, a missing square root) is near this.
+    assert preprocessing_difference(name, tbase, kbase, x) <= bands.EPS32 * max(magnitude, 1.0) * 4
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_base_stays_in_inference_mode_inside_a_training_parent(name: str) -> None:
+    generator = torch.Generator().manual_seed(4)
+    base = get_backbone(name).build()
+    x = base.preprocess(torch.from_numpy(pixels(generator, n=2, size=32)).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        before = base(x)
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in base.batchnorms()]
+    parent = nn.Sequential(base).train()
+    freeze(base, get_backbone(name).default_fine_tune_at(base))
+    after = parent(x)
+    after.sum().backward()
+    assert not any(m.training for m in base.modules())
+    assert torch.equal(before, after.detach())  # Dropout inactive, BatchNorm on moving statistics
+    for m, (mean, var) in zip(base.batchnorms(), stats, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    trained = [layer for layer in base.keras_layers if layer.has_weights
+               and layer.index >= get_backbone(name).default_fine_tune_at(base)]
+    assert trained and all(p.grad is not None for layer in trained for p in layer.parameters())
+
+
+def test_unknown_base_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="'vgg16'.*mobilenet_v2, mobilenet_v3_large"):
+        get_backbone("vgg16")
+    assert set(BACKBONES) == set(ALL)
+
+
+# ---- slow tier: every layer's output, float64 and float32 -------------------------------------
+
+@dataclass
+class Pair:
+    """Calibrated random weights in Keras' own file, the images, and Keras' outputs on them."""
+
+    path: Path
+    pixels: np.ndarray
+    k64: dict[str, np.ndarray]
+    k32: dict[str, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, randomize, calibrate_bn) -> Callable[[str], Pair]:
+    made: dict[str, Pair] = {}
+
+    def get(name: str) -> Pair:
+        if name not in made:
+            generator = torch.Generator().manual_seed(0)
+            directory = tmp_path_factory.mktemp(name)
+            tbase = randomize(get_backbone(name).build(), generator)
+            randomize_normalization_(tbase, generator)
+            x = pixels(generator)
+            calibrate_bn(tbase, tbase.preprocess(nchw(x)), generator)
+            exported = save_keras_weights(tbase, directory / "port.weights.h5")
+            k32, k64 = keras_base(name), keras_base(name, float64=True)
+            k32.load_weights(str(exported))          # Keras reads the port's export...
+            keras_file = directory / "keras.weights.h5"
+            k32.save_weights(str(keras_file))        # ...and writes its own file
+            k64.load_weights(str(keras_file))
+            made[name] = Pair(keras_file, x, keras_outputs(k64, keras_preprocess(name, x.astype(np.float64))),
+                              keras_outputs(k32, keras_preprocess(name, x)))
+        return made[name]
+
+    return get
+
+
+def float64_mismatches(name: str, pair: Pair) -> list[str]:
+    """Layers whose float64 output differs from Keras' beyond rounding ("import: ..." when the
+    Keras file does not load): [] for a faithful port."""
+    tbase = get_backbone(name).build()
+    try:
+        load_keras_weights(tbase, pair.path)
+    except UserError as err:
+        return [f"import: {err}"]
+    t64 = torch_outputs(tbase.double(), tbase.preprocess(nchw(pair.pixels.astype(np.float64))))
+    bad = [n for n in pair.k64 if n not in t64]
+    bad += [n for n, k in pair.k64.items() if n in t64 and
+            not bands.max_error(k, t64[n]) <= FLOAT64_TOL * max(1.0, bands.magnitude(k))]
+    return bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
+def test_every_layer_equals_keras_float64_and_float32_within_band(name: str, pairs) -> None:
+    pair = pairs(name)
+    assert min(float(np.std(v)) for v in pair.k32.values()) >= ACTIVATION_FLOOR  # not vanishing
+    assert float64_mismatches(name, pair) == []
+    tbase = load_keras_weights(get_backbone(name).build(), pair.path)
+    t32 = torch_outputs(tbase, tbase.preprocess(nchw(pair.pixels)))
+    found = {n: bands.against_exact(k, pair.k32[n], t32[n]) for n, k in pair.k64.items()}
+    failed = [(n, f"{b.port_error:.3g} > {b.limit:.3g}") for n, b in found.items() if not b.passed]
+    assert not failed, failed[:5]
+
+
+# ---- planted mistakes: each must fail the named check above -----------------------------------
+
+def sigmoid_for_hard_sigmoid(relu6: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(x)
+
+
+def normalization_by_variance(self: layers.Normalization, x: torch.Tensor) -> torch.Tensor:
+    return (x - self.mean.view(1, -1, 1, 1)) / self.variance.view(1, -1, 1, 1)
+
+
+def caffe_without_flip(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(resnet.CAFFE_MEAN_BGR, dtype=images.dtype).view(1, 3, 1, 1)
+    return images - mean
+
+
+MISTAKES: dict[str, tuple[str, Callable[[pytest.MonkeyPatch], None]]] = {
+    "v3 hard-sigmoid as sigmoid": ("mobilenet_v3_large", lambda m: m.setattr(
+        mobilenet_v3, "hard_sigmoid", sigmoid_for_hard_sigmoid)),
+    "v3 hard-swish as swish": ("mobilenet_v3_large", lambda m: m.setitem(
+        layers.ACTIVATIONS, "hard_swish", F.silu)),
+    "v3 symmetric padding": ("mobilenet_v3_large", lambda m: m.setattr(
+        tl_torch.padding, "pad_amounts", lambda h, w, k, s, t: (k // 2,) * 4)),
+    "v3 torch's BatchNorm epsilon": ("mobilenet_v3_large", lambda m: m.setattr(mobilenet_v3, "BN_EPS", 1e-5)),
+    "efficientnet normalised by the variance": ("efficientnet_b0", lambda m: m.setattr(
+        layers.Normalization, "forward", normalization_by_variance)),
+    "efficientnet SE width from the expanded filters": ("efficientnet_b0", lambda m: m.setattr(
+        efficientnet, "se_filters", lambda fin, expanded: max(1, int(expanded * 0.25)))),
+    "efficientnet symmetric padding": ("efficientnet_b0", lambda m: m.setattr(
+        tl_torch.padding, "pad_amounts", lambda h, w, k, s, t: (k // 2,) * 4)),
+    "efficientnet torch's BatchNorm epsilon": ("efficientnet_b0", lambda m: m.setattr(
+        efficientnet, "BN_EPS", 1e-5)),
+    "resnet stride on the 3x3": ("resnet50", lambda m: m.setattr(
+        resnet, "bottleneck_strides", lambda stride: (1, stride))),
+    "resnet torch's BatchNorm epsilon": ("resnet50", lambda m: m.setattr(resnet, "BN_EPS", 1e-5)),
+    "resnet caffe without RGB->BGR": ("resnet50", lambda m: m.setattr(resnet, "caffe", caffe_without_flip)),
+}
+#: Mistakes that only the file import sees (the shapes change) or that the preprocessing row sees.
+CAUGHT_BY_IMPORT = {"efficientnet SE width from the expanded filters"}
+CAUGHT_BY_PREPROCESSING = {"resnet caffe without RGB->BGR"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_planted_mistake_fails_float64_layers(mistake: str, pairs, monkeypatch) -> None:
+    name, plant = MISTAKES[mistake]
+    pair = pairs(name)
+    plant(monkeypatch)
+    bad = float64_mismatches(name, pair)
+    assert bad, f"{mistake} went unnoticed"
+    assert bad[0].startswith("import:") == (mistake in CAUGHT_BY_IMPORT), bad[:3]
+
+
+@pytest.mark.parametrize("mistake", sorted(CAUGHT_BY_PREPROCESSING))
+def test_planted_mistake_fails_preprocessing(mistake: str, monkeypatch) -> None:
+    name, plant = MISTAKES[mistake]
+    plant(monkeypatch)
+    x = pixels(torch.Generator().manual_seed(5))
+    assert preprocessing_difference(name, get_backbone(name).build(), cached_keras_base(name), x) > 1.0
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_legacy_hdf5_round_trip_through_keras(name: str, tmp_path: Path, randomize) -> None:
+    """Keras' ImageNet files are legacy HDF5: the port's legacy export loads in Keras, and the
+    legacy file Keras writes from it loads back into the port, every tensor unchanged."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    generator = torch.Generator().manual_seed(6)
+    source = randomize(get_backbone(name).build(), generator)
+    randomize_normalization_(source, generator)
+    kbase = cached_keras_base(name)
+    kbase.load_weights(str(save_keras_weights(source, tmp_path / "port.h5")))
+    with h5py.File(tmp_path / "keras.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, kbase)
+    target = load_keras_weights(get_backbone(name).build(), tmp_path / "keras.h5")
+    theirs = target.state_dict()
+    differing = [k for k, v in source.state_dict().items()
+                 if not k.endswith("num_batches_tracked") and not torch.equal(v, theirs[k])]
+    assert not differing, differing[:3]
+    assert len(theirs) == len(source.state_dict())

@@ -1,0 +1,85 @@
+"""What every Keras-faithful base shares: Keras' layer list, lookup by index or name, BatchNorm
+kept in inference mode.
+
+A base built on :class:`KerasBase` registers each Keras layer once, in Keras' order
+(``keras.applications.<App>(include_top=False).layers``), as one named module: so freezing by Keras
+index (:func:`tl_torch.freeze`), the layer table, weight import/export by layer name
+(:mod:`tl_torch.keras_weights`) and reading a layer's output by its name work the same for every
+base. The InputLayer has no module; layers without weights (activations, padding, Add...) have
+modules without parameters. Operations that Keras records as graph nodes but not as layers
+(``x + 3.0``, ``* (1 / 6)``) live in ``forward`` and have no entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from tl_torch.model import Block, KerasLayer
+
+
+class KerasBase(nn.Module):
+    """A base whose modules are Keras' layers, named and ordered as Keras has them."""
+
+    #: Keras' application name, for messages (``MobileNetV3Large``...).
+    KERAS_NAME = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_layer_name = "input_layer"
+        self._types: dict[str, str] = {}
+        self._order: list[str] = []
+        self._blocks: list[Block] = []
+        self.frozen_below = 0  # layers with a Keras index below this are frozen (tl_torch.freeze)
+
+    def add_layer(self, name: str, keras_type: str, module: nn.Module) -> str:
+        """Register the next Keras layer (in Keras' order) and return its name."""
+        if name in self._types:
+            raise ValueError(f"Keras layer {name!r} registered twice")
+        self.add_module(name, module)
+        self._types[name] = keras_type
+        self._order.append(name)
+        return name
+
+    def layer(self, name: str) -> nn.Module:
+        return getattr(self, name)
+
+    # ---- Keras' view ---------------------------------------------------------------------
+    @property
+    def keras_layers(self) -> list[KerasLayer]:
+        """Keras' ``base.layers``, InputLayer first, in Keras' order."""
+        layers = [KerasLayer(0, self.input_layer_name, "InputLayer", None)]
+        for i, name in enumerate(self._order, start=1):
+            layers.append(KerasLayer(i, name, self._types[name], getattr(self, name)))
+        return layers
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """The network's repeated blocks, in order: their Keras layers and the Add closing each."""
+        return tuple(self._blocks)
+
+    def keras_layer(self, key: int | str) -> KerasLayer:
+        """A layer by Keras index or name."""
+        layers = self.keras_layers
+        if isinstance(key, bool):
+            raise TypeError(f"a Keras layer is named by index or name, not {key!r}")
+        if isinstance(key, int):
+            if not 0 <= key < len(layers):
+                raise IndexError(f"Keras layer index {key} out of range 0..{len(layers) - 1}")
+            return layers[key]
+        for layer in layers:
+            if layer.name == key:
+                return layer
+        raise KeyError(f"no Keras layer named {key!r} in {self.KERAS_NAME}")
+
+    # ---- BatchNorm (and Dropout) always in inference mode ----------------------------------
+    def train(self, mode: bool = True) -> KerasBase:
+        """Stay in inference mode: the recipe calls the base with ``training=False`` in both
+        phases, so BatchNorm normalises with, and never updates, its moving statistics, and any
+        Dropout inside the base passes its input through. Gradients still reach the unfrozen
+        weights."""
+        return super().train(False)
+
+    def batchnorms(self) -> Iterator[nn.BatchNorm2d]:
+        return (m for m in self.modules() if isinstance(m, nn.BatchNorm2d))
