@@ -655,3 +655,40 @@ def test_the_shape_sweep_passes_under_capped_kernels(isa):
         capture_output=True, text=True, env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa})
     assert done.returncode == 0, done.stdout[-3000:]
     assert "6 passed" in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.parametrize("fine_tune_at", [100, 154])
+def test_bf16_autocast_runs_the_frozen_pairs_in_bf16_kernels(random_base, monkeypatch,
+                                                             fine_tune_at):
+    """Under CPU autocast to bf16 (``--precision bf16-mixed``) the folded base's error against
+    float64 is held to a multiple of the base's own under autocast; where oneDNN has bf16
+    kernels, every frozen pair runs as a fused oneDNN call on bf16 tensors, and gradients still
+    reach the trainable layers."""
+    from tl_torch import fused
+
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, fine_tune_at)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True)
+    dtypes = []
+    real = internals.conv_pointwise
+
+    def recording(inputs, *args, **kwargs):
+        dtypes.append(inputs.dtype)
+        return real(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(internals, "conv_pointwise", recording)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, own = folded(x), base(x)
+        want = copy.deepcopy(base).double()(x.double())
+    err, own_err = rel_err(got.double(), want), rel_err(own.double(), want)
+    assert err <= GRAPH_ERROR_MULTIPLE * own_err, (err, own_err)
+    if fused.BF16_KERNELS and internals.HAS_FUSED_CONVOLUTION:
+        assert got.dtype == torch.bfloat16
+        assert len(dtypes) >= 35 and set(dtypes) == {torch.bfloat16}   # every pair with a ReLU6
+    trainable = [p for p in base.parameters() if p.requires_grad]
+    assert len(trainable) == (54 if fine_tune_at == 100 else 0)
+    if trainable:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            folded(x).float().square().sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)

@@ -71,7 +71,7 @@ class Kept(NamedTuple):
     bias: torch.Tensor
     storages: list         # the sources' storages, held so that no new tensor takes their address
     packs: dict            # (input shape, dtype) -> the weight in oneDNN's layout
-    bf16: dict             # "weight" -> the folded weight cast to bf16, made at first need
+    bf16: dict             # "weight", "bias": the folded ones cast to bf16, made at first need
 
 
 class FoldedConvBN(nn.Module):
@@ -152,7 +152,7 @@ class FoldedConvBN(nn.Module):
     def folded(self, channels_last: bool,
                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """The gradient-free folded weight (channels-last if asked, as oneDNN wants it; in
-        ``dtype``: the base's own, or bf16) and bias (the base's dtype): kept from the last call
+        ``dtype``: the base's own, or bf16) and bias (likewise): kept from the last call
         while their sources are unchanged (the module's docstring says what that means), else
         folded again; folded at each call from tensors made under inference mode (they have no
         version counter), then ``kept`` is None."""
@@ -164,7 +164,9 @@ class FoldedConvBN(nn.Module):
             elif t.is_inference():
                 self.kept = None
                 weight, bias = self._fold(channels_last)
-                return (weight.to(dtype) if dtype == torch.bfloat16 else weight), bias
+                if dtype == torch.bfloat16:
+                    weight, bias = weight.to(dtype), bias.to(dtype)
+                return weight, bias
             else:
                 key.append((t.data_ptr(), internals.version(t), t.dtype, t.device))
         key = tuple(key)
@@ -174,11 +176,11 @@ class FoldedConvBN(nn.Module):
                 self.kept = Kept(key, *self._fold(channels_last), storages, {}, {})
         if dtype != torch.bfloat16 or self.kept.weight.dtype == torch.bfloat16:
             return self.kept.weight, self.kept.bias
-        low = self.kept.bf16.get("weight")
-        if low is None:
+        if not self.kept.bf16:   # cast once, as autocast casts a convolution's weight and bias
             with torch.inference_mode(False):
-                low = self.kept.bf16["weight"] = self.kept.weight.to(torch.bfloat16)
-        return low, self.kept.bias
+                self.kept.bf16.update(weight=self.kept.weight.to(torch.bfloat16),
+                                      bias=self.kept.bias.to(torch.bfloat16))
+        return self.kept.bf16["weight"], self.kept.bf16["bias"]
 
     def _packed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """The kept folded weight in the layout oneDNN's convolution wants for inputs shaped
