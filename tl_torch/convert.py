@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
@@ -71,13 +70,13 @@ from tl_common import bands
 from tl_common.errors import UserError, run_main
 from tl_common.mobilenet_v2 import LAST_FILTERS
 from tl_common.outputs import atomic_write_bytes, read_metrics, replaced_atomically, write_json
+from tl_torch.checkpoint import MODEL_FILE, load_run, save_module
 from tl_torch.data import load_images
 from tl_torch.keras_weights import EXPORT_KERAS_VERSION, load_keras_weights, open_keras_file
 from tl_torch.model import KERAS_BN_MOMENTUM, MobileNetV2Base
 from tl_torch.module import TransferModule
 from tl_torch.padding import pad_amounts
-from tl_torch.predict import image_paths, load_run
-from tl_torch.train import MODEL_FILE
+from tl_torch.predict import image_paths
 from tl_torch.weights import base_config
 
 #: The ONNX opset of to-onnx (the TorchScript exporter's well-tested range).
@@ -365,19 +364,6 @@ def module_from_keras(path: Path, *, class_names: list[str] | None = None,
         module.classifier.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
         module.classifier.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
     return module, found
-
-
-def save_module(module: TransferModule, path: Path, phase: str = "fine_tuning") -> Path:
-    """A Lightning checkpoint of the module (no trainer, no optimizer): what
-    ``TransferModule.load_from_checkpoint`` and ``tl_torch.predict`` read; plain data only."""
-    checkpoint = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": L.__version__,
-                  "state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                  "phase": phase}
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
 
 
 # ---- writing a Keras model --------------------------------------------------------------------
