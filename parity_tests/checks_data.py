@@ -12,7 +12,7 @@ from scipy import stats
 
 from parity_tests import exact, pairs
 from parity_tests.rows import Row, measured, summary, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.demo import demo_data_root
 from tl_common.files import find_images
 from tl_common.settings import Settings
@@ -29,7 +29,7 @@ from tl_torch.data import ImageFolderDataModule
 #: Distribution tests fail below this p-value.
 P_MIN = 1e-3
 DRAWS = 20_000
-FACTOR = 0.2
+FACTOR = recipe.ROTATION_FACTOR
 
 
 # ---- 6 input pipeline ------------------------------------------------------------------------

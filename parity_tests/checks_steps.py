@@ -43,7 +43,7 @@ from torch import nn
 from parity_tests import exact, pairs
 from parity_tests.checks_training import FINE_TUNE_AT, PHASES, _batches
 from parity_tests.rows import Row, measured, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.demo import demo_weights_path
 from tl_common.mobilenet_v2 import LAST_FILTERS
 from tl_keras import model as kmodel
@@ -69,7 +69,7 @@ class Setup:
     free_steps: int = 10        # of each phase, free-running
     num_classes: int = 2
     augment: bool = True
-    dropout: float = 0.2
+    dropout: float = recipe.DROPOUT
     group: str = GROUP
     # Also the free-running comparison (and the variant process); None: as FREE_RUNNING_ENV says.
     free_running: bool | None = None

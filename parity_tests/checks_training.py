@@ -10,7 +10,7 @@ import torch
 
 from parity_tests import pairs
 from parity_tests.rows import Row, measured, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.demo import demo_weights_path
 from tl_keras import model as kmodel
 from tl_torch.module import TransferModule
@@ -19,8 +19,9 @@ from tl_torch.module import TransferModule
 #: (relative): the trap the Keras-rule optimizers exist for.
 TORCH_DEFAULT_MISS = 1e-3
 
-FINE_TUNE_AT = 100
-PHASES = (("feature_extraction", 1e-4), ("fine_tuning", 1e-5))
+FINE_TUNE_AT = recipe.FINE_TUNE_AT
+PHASES = (("feature_extraction", recipe.LEARNING_RATE),
+          ("fine_tuning", recipe.FINE_TUNE_LEARNING_RATE))
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ FINE_TUNE_LAYER = "block_11_expand_relu"
 DROPOUT = 0.2
 #: Adam's learning rate in feature extraction.
 LEARNING_RATE = 1e-4
-#: RMSprop's learning rate in fine-tuning is this share of feature extraction's ("a tenth").
-FINE_TUNE_LR_RATIO = 0.1
+#: RMSprop's learning rate in fine-tuning is feature extraction's divided by this ("a tenth";
+#: a division, not a product with 0.1, which rounds 1e-4 to another float than 1e-5).
+FINE_TUNE_LR_DIVISOR = 10
 #: RMSprop's learning rate in fine-tuning, by default.
-FINE_TUNE_LEARNING_RATE = LEARNING_RATE * FINE_TUNE_LR_RATIO
+FINE_TUNE_LEARNING_RATE = LEARNING_RATE / FINE_TUNE_LR_DIVISOR
 
 #: ``RandomFlip("horizontal")``: each image flipped left-right with probability 1/2.
 FLIP_MODE = "horizontal"
@@ -45,9 +46,9 @@ PIXEL_OFFSET = 1.0
 
 
 def fine_tune_learning_rate(learning_rate: float) -> float:
-    """Fine-tuning's rate when none is given: :data:`FINE_TUNE_LR_RATIO` of feature
-    extraction's."""
-    return learning_rate * FINE_TUNE_LR_RATIO
+    """Fine-tuning's rate when none is given: feature extraction's over
+    :data:`FINE_TUNE_LR_DIVISOR`."""
+    return learning_rate / FINE_TUNE_LR_DIVISOR
 
 
 def scale_pixels(x: T) -> T:
