@@ -122,7 +122,7 @@ def module_from_keras(path: Path, *, class_names: list[str] | None = None,
 _BLOCK = re.compile(r"^(expanded_conv|block_\d+)_")
 
 
-def _layer_settings(kind: str, m: Any, trainable: bool, in_shape: tuple[int, ...],
+def _layer_settings(name: str, kind: str, m: Any, trainable: bool, in_shape: tuple[int, ...],
                     pad_type: str) -> dict[str, Any]:
     """A base layer's Keras configuration (name and inputs aside)."""
     if kind == "Conv2D":
@@ -145,7 +145,7 @@ def _layer_settings(kind: str, m: Any, trainable: bool, in_shape: tuple[int, ...
         return {"trainable": trainable, "padding": [[top, bottom], [left, right]]}
     if kind == "Add":
         return {"trainable": trainable}
-    raise ValueError(f"no Keras configuration for a layer of type {kind}")
+    raise ValueError(f"no Keras configuration for layer {name} of type {kind}")
 
 
 def base_config_json(base: MobileNetV2Base, image_size: int, fine_tune_at: int) -> dict[str, Any]:
@@ -170,7 +170,7 @@ def base_config_json(base: MobileNetV2Base, image_size: int, fine_tune_at: int) 
             args = [kc.keras_tensor(previous, shapes[previous])]
             if kind == "Add":  # the residual: the block's input and its last BatchNorm
                 args = [[kc.keras_tensor(block_input, shapes[block_input]), args[0]]]
-            settings = _layer_settings(kind, layer.module, layer.index >= fine_tune_at,
+            settings = _layer_settings(name, kind, layer.module, layer.index >= fine_tune_at,
                                        shapes[previous], base.pad_type)
             layers.append(kc.keras_layer(kind, name, settings, args))
         previous = name
