@@ -36,8 +36,8 @@ from pathlib import Path
 
 from benchmarks import config as C
 from benchmarks import report
-from benchmarks.machine import describe, load_average
 from benchmarks.runner import REPO_ROOT, make_batch, run_demo, run_workers
+from tl_common.machine import describe, load_average
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

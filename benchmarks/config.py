@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from tl_common import recipe
+
 BATCH_SIZE = 32           # the recipe's
 IMAGE_SIZE = 160          # the recipe's
-FINE_TUNE_AT = 100        # the recipe's phase-B freezing point (Keras layer index)
-LEARNING_RATE = 1e-4      # phase A (Adam); phase B uses a tenth (RMSprop), as both trainers do
+FINE_TUNE_AT = recipe.FINE_TUNE_AT    # the recipe's phase-B freezing point (Keras layer index)
+LEARNING_RATE = recipe.LEARNING_RATE  # phase A (Adam); phase B: recipe.fine_tune_learning_rate
 SEED = 42
 WEIGHTS = "none"          # random weights: throughput does not depend on their values
 

@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks import config as C
 from benchmarks.memory import keep_freed_memory_glibc
 from benchmarks.worker import Bench, load_batch, read_spec, serve
+from tl_common import recipe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
 
     makers = {
         C.TRAIN_A: lambda: train("feature_extraction", C.LEARNING_RATE),
-        C.TRAIN_B: lambda: train("fine_tuning", C.LEARNING_RATE / 10),
+        C.TRAIN_B: lambda: train("fine_tuning", recipe.fine_tune_learning_rate(C.LEARNING_RATE)),
         C.INFER: infer,
         C.BASE_FORWARD: base_forward,
         C.AUGMENT: augment,

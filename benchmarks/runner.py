@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from benchmarks import config as C
-from benchmarks.machine import busy_cpu_seconds, load_average, wait_for_quiet
+from tl_common.machine import busy_cpu_seconds, load_average, wait_for_quiet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Seconds a worker may take to build and warm up, and to answer one command.

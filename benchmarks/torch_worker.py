@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks import config as C
 from benchmarks.worker import Bench, load_batch, read_spec, serve
+from tl_common import recipe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     def new_module() -> TransferModule:
         base = build_base(C.WEIGHTS, C.IMAGE_SIZE, generator=torch.Generator().manual_seed(C.SEED))
         return TransferModule(base, learning_rate=C.LEARNING_RATE,
-                              fine_tune_learning_rate=C.LEARNING_RATE / 10,
+                              fine_tune_learning_rate=recipe.fine_tune_learning_rate(C.LEARNING_RATE),
                               fine_tune_at=C.FINE_TUNE_AT, seed=C.SEED).to(device)
 
     images_np, labels_np = load_batch(spec["batch_file"])

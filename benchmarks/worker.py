@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from benchmarks import memory
-from benchmarks.machine import busy_cpu_seconds, load_average
+from tl_common.machine import busy_cpu_seconds, load_average
 
 
 def _nothing() -> None:

@@ -30,10 +30,12 @@ import torch
 from parity_tests import pairs
 from parity_tests.rows import Row, equal, verdict
 from tl_common import bands
+from tl_common.keras_config import float64_config, inspect_keras_model
 from tl_common.outputs import SCHEMA_VERSION
 from tl_common.settings import KERAS_BASE_LAYERS
 from tl_keras import model as kmodel
-from tl_torch import convert
+from tl_torch import conversion_parity as cp
+from tl_torch import keras_interchange, onnx_export
 from tl_torch.module import TransferModule
 
 GROUP = "13 whole models across frameworks"
@@ -45,15 +47,6 @@ OTHER_CLASSES = ("beagle", "husky", "poodle")
 HEAD_SCALE = 5.0
 
 
-def _retype(value):
-    """A Keras configuration with every float32 dtype and dtype policy made float64."""
-    if isinstance(value, dict):
-        return {k: _retype(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_retype(v) for v in value]
-    return "float64" if value == "float32" else value
-
-
 def keras_float64(model: keras.Model) -> keras.Model:
     """The same model and weights under a float64 dtype policy: the exact answer."""
     config = keras.saving.serialize_keras_object(model)
@@ -61,7 +54,7 @@ def keras_float64(model: keras.Model) -> keras.Model:
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
-        model64 = keras.saving.deserialize_keras_object(_retype(config))
+        model64 = keras.saving.deserialize_keras_object(float64_config(config))
     finally:
         keras.config.set_dtype_policy(policy)
         keras.config.set_floatx(floatx)
@@ -132,13 +125,13 @@ def _images() -> torch.Tensor:
 
 def _port(module: TransferModule, images: torch.Tensor, float64: bool = False) -> np.ndarray:
     """The port's probabilities: float32 as tl_torch.predict runs it, or float64 (unfolded)."""
-    module = convert.unfolded_copy(module).double() if float64 else module.eval()
+    module = cp.unfolded_copy(module).double() if float64 else module.eval()
     with torch.no_grad():
-        return convert.probabilities(module(images.to(torch.float64 if float64 else
+        return cp.probabilities(module(images.to(torch.float64 if float64 else
                                                       torch.float32)).numpy())
 
 
-def _band_row(check: str, parity: convert.Parity, note: str = "") -> Row:
+def _band_row(check: str, parity: cp.Parity, note: str = "") -> Row:
     return Row(GROUP, check, f"own error {parity.source_error:.3g}",
                f"error {parity.result_error:.3g}", parity.result_error,
                f"band {bands.RATIO:g}x + {bands.FLOOR_ULPS:g} ulps = {parity.band:.3g}",
@@ -158,17 +151,17 @@ def _keras_outputs(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _from_keras(path: Path, label: str, class_names: tuple[str, ...],
                 given: list[str] | None) -> tuple[list[Row], TransferModule]:
-    found = convert.inspect_keras_model(path)
-    module, _ = convert.module_from_keras(path, class_names=given)
+    found = inspect_keras_model(path)
+    module, _ = keras_interchange.module_from_keras(path, class_names=given)
     images = _images()
     x = pairs.nhwc(images)
     outputs32, outputs64 = _keras_outputs(path)
-    source32 = convert.probabilities(outputs32, found.activation)
-    exact = convert.probabilities(outputs64, found.activation)
+    source32 = cp.probabilities(outputs32, found.activation)
+    exact = cp.probabilities(outputs64, found.activation)
     result32 = _port(module, images)
-    parity = convert.compare("from-keras", str(path), "port", source32, result32, exact)
-    keras_names = [class_names[i] for i in convert.predicted_classes(source32)]
-    port_names = [module.hparams.class_names[i] for i in convert.predicted_classes(result32)]
+    parity = cp.compare("from-keras", str(path), "port", source32, result32, exact)
+    keras_names = [class_names[i] for i in cp.predicted_classes(source32)]
+    port_names = [module.hparams.class_names[i] for i in cp.predicted_classes(result32)]
     rows = [
         equal(GROUP, f"from-keras, {label}: classes, image size",
               (len(class_names), SIZE), (module.hparams.num_classes, module.hparams.image_size)),
@@ -182,7 +175,7 @@ def _from_keras(path: Path, label: str, class_names: tuple[str, ...],
 
 
 def _to_keras(module: TransferModule, directory: Path) -> list[Row]:
-    path = convert.write_keras_model(module, SIZE, directory / "exported.keras")
+    path = keras_interchange.write_keras_model(module, SIZE, directory / "exported.keras")
     with zipfile.ZipFile(path) as zf:
         config_text = zf.read("config.json").decode()
     model = keras.models.load_model(path, compile=False)
@@ -190,11 +183,11 @@ def _to_keras(module: TransferModule, directory: Path) -> list[Row]:
     reference = kmodel.build_base("none", SIZE)
     images = _images()
     source32, exact = _port(module, images), _port(module, images, float64=True)
-    result32 = convert.probabilities(keras.ops.convert_to_numpy(
+    result32 = cp.probabilities(keras.ops.convert_to_numpy(
         model(pairs.nhwc(images), training=False)))
-    parity = convert.compare("to-keras", "port", str(path), source32, result32, exact,
-                             variants=convert.port_variants(module, images))
-    back, _ = convert.module_from_keras(path, class_names=list(module.hparams.class_names))
+    parity = cp.compare("to-keras", "port", str(path), source32, result32, exact,
+                             variants=cp.port_variants(module, images))
+    back, _ = keras_interchange.module_from_keras(path, class_names=list(module.hparams.class_names))
     same = {k: torch.equal(v, back.state_dict()[k]) for k, v in module.state_dict().items()}
     return [
         verdict(GROUP, "to-keras: keras.models.load_model opens it; no layer of this project",
@@ -205,8 +198,8 @@ def _to_keras(module: TransferModule, directory: Path) -> list[Row]:
               str([(type(x).__name__, x.name) for x in reference.layers[1:]]),
               str([(type(x).__name__, x.name) for x in base.layers[1:]])),
         _band_row("to-keras: Keras' probabilities against the port's in float64", parity),
-        equal(GROUP, "to-keras: class predicted", str(convert.predicted_classes(source32)),
-              str(convert.predicted_classes(result32))),
+        equal(GROUP, "to-keras: class predicted", str(cp.predicted_classes(source32)),
+              str(cp.predicted_classes(result32))),
         verdict(GROUP, "port -> Keras file -> port: every tensor bit for bit",
                 f"{len(same)} tensors", f"{sum(same.values())} equal", all(same.values()),
                 tolerance="exact"),
@@ -214,16 +207,11 @@ def _to_keras(module: TransferModule, directory: Path) -> list[Row]:
 
 
 def _to_onnx(module: TransferModule, directory: Path) -> list[Row]:
-    path = convert.write_onnx(module, SIZE, directory / "exported.onnx")
-    images = _images()
-    source32, exact = _port(module, images), _port(module, images, float64=True)
-    logits = convert.onnx_outputs(path, images.numpy())
-    if logits is None:
+    path = onnx_export.write_onnx(module, SIZE, directory / "exported.onnx")
+    parity = onnx_export.check_onnx(module.eval(), path, _images())
+    if parity.passed is None:
         return [verdict(GROUP, "to-onnx: onnxruntime", "-", "not installed", False)]
-    parity = convert.compare("to-onnx", "port", str(path), source32,
-                             convert.probabilities(logits), exact,
-                             variants=convert.port_variants(module, images))
-    return [_band_row(f"to-onnx (opset {convert.ONNX_OPSET}): onnxruntime's probabilities "
+    return [_band_row(f"to-onnx (opset {onnx_export.ONNX_OPSET}): onnxruntime's probabilities "
                       "against the port's in float64", parity)]
 
 

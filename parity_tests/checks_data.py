@@ -11,8 +11,9 @@ import torch
 from scipy import stats
 
 from parity_tests import exact, pairs
+from parity_tests.records import Record, Step, data_rows, decoded
 from parity_tests.rows import Row, measured, summary, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.demo import demo_data_root
 from tl_common.files import find_images
 from tl_common.settings import Settings
@@ -29,17 +30,10 @@ from tl_torch.data import ImageFolderDataModule
 #: Distribution tests fail below this p-value.
 P_MIN = 1e-3
 DRAWS = 20_000
-FACTOR = 0.2
+FACTOR = recipe.ROTATION_FACTOR
 
 
 # ---- 6 input pipeline ------------------------------------------------------------------------
-
-def _decoded(path: str) -> np.ndarray:
-    """The file's pixels as TensorFlow decodes them (uint8, RGB), before any resize."""
-    import tensorflow as tf
-
-    return tf.image.decode_image(tf.io.read_file(path), channels=3, expand_animations=False).numpy()
-
 
 def check_pipeline(size: int = 160) -> list[Row]:
     group = "6 input pipeline"
@@ -65,7 +59,7 @@ def check_pipeline(size: int = 160) -> list[Row]:
                         tolerance="exact"))
     kimages = np.concatenate([b[0] for b in kbatches])
     timages = np.concatenate([pairs.nhwc(b[0]) for b in tbatches])
-    exact_images = np.stack([exact.resize_bilinear(_decoded(path), size)
+    exact_images = np.stack([exact.resize_bilinear(decoded(path), size)
                              for path in splits.validation.paths[:len(kimages)]])
     rows.append(measured(group, "pixels of the first 2 validation batches (0..255)",
                          bands.against_exact(exact_images, kimages, timages),
@@ -178,8 +172,6 @@ def check_augmentation(size: int = 160) -> list[Row]:
 @functools.cache
 def _keras_training_epoch(size: int, batch: int):
     """The reference's training batches of epoch 0 (``tl_keras.data.TrainingData``)."""
-    from parity_tests.checks_trainers import Record, Step
-
     settings = Settings(demo=True, image_size=size, batch_size=batch)
     splits = ImageFolderDataModule(settings, cache=False)
     splits.setup()
@@ -192,8 +184,6 @@ def check_cached_pipeline(size: int = 32, batch: int = 48) -> list[Row]:
     """One training epoch through the port's data module with its cache on (as ``tl_torch.train``
     reads it), and through the reference's ``TrainingData``: every file once, with its label, and
     the pixels against the exact resize of their files."""
-    from parity_tests.checks_trainers import Record, Step, data_rows
-
     settings = Settings(demo=True, image_size=size, batch_size=batch)
     data = ImageFolderDataModule(settings, cache=True)
     data.setup()

@@ -24,12 +24,12 @@ MIN_VAL_ACCURACY = 0.9
 VAL_ACCURACY_BAND = 0.1
 
 
-def _key_paths(doc: dict[str, Any], prefix: str = "") -> set[str]:
+def key_paths(doc: dict[str, Any], prefix: str = "") -> set[str]:
     paths = set()
     for key, value in doc.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and key not in ("per_class",):
-            paths |= _key_paths(value, path + ".")
+            paths |= key_paths(value, path + ".")
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             paths |= {f"{path}[].{k}" for k in value[0]}
         else:
@@ -51,8 +51,8 @@ def run_both(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def check_end_to_end(directory: Path) -> list[Row]:
     group = "11 end to end"
     k, t = run_both(directory)
-    kkeys = _key_paths(k) - FRAMEWORK_KEYS["keras"]
-    tkeys = _key_paths(t) - FRAMEWORK_KEYS["torch"]
+    kkeys = key_paths(k) - FRAMEWORK_KEYS["keras"]
+    tkeys = key_paths(t) - FRAMEWORK_KEYS["torch"]
     rows = [verdict(group, "metrics.json: the same keys (beyond versions and Lightning's flags)",
                     f"{len(kkeys)} keys", f"{len(tkeys)} keys", kkeys == tkeys, tolerance="exact",
                     note=f"only keras: {sorted(kkeys - tkeys)[:3]} only torch: "

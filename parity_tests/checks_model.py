@@ -13,7 +13,7 @@ from scipy import stats
 
 from parity_tests import pairs
 from parity_tests.rows import Row, close, equal, measured, summary, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.settings import KERAS_BASE_LAYERS
 from tl_keras import model as kmodel
 from tl_torch import count_params, freeze, layer_table
@@ -51,8 +51,8 @@ def check_architecture(sizes=pairs.SHAPE_SIZES) -> list[Row]:
                 f"{len(tlayers)} layers", klayers == tlayers, tolerance="exact",
                 note="" if first is None else f"first difference at {first}: {klayers[first]} vs "
                                                f"{tlayers[first]}"),
-        equal(group, "layers[100] (fine_tune_at)", kbase.layers[100].name,
-              tbase.keras_layers[100].name),
+        equal(group, f"layers[{recipe.FINE_TUNE_AT}] (fine_tune_at)",
+              kbase.layers[recipe.FINE_TUNE_AT].name, tbase.keras_layers[recipe.FINE_TUNE_AT].name),
     ]
     for size in sizes:
         kbase = kmodel.build_base("none", size)
@@ -79,7 +79,7 @@ def _torch_module():
     return TransferModule(pairs.torch_base("none", 96), fast=False)
 
 
-def check_counts(fine_tune_at: int = 100) -> list[Row]:
+def check_counts(fine_tune_at: int = recipe.FINE_TUNE_AT) -> list[Row]:
     group = "2 trainable counts"
     kbase, kmodel_ = _keras_model()
     module = _torch_module()

@@ -22,7 +22,7 @@ from scipy import stats
 
 from parity_tests import pairs
 from parity_tests.rows import Row, equal, measured, summary, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.demo import demo_weights_path
 from tl_keras import model as kmodel
 from tl_torch.module import TransferModule
@@ -45,7 +45,7 @@ def keras_side() -> dict:
         base = pairs.keras_base("none" if float64 else demo_weights_path(), SIZE, float64=float64)
         with pairs.float64_policy() if float64 else contextlib.nullcontext():
             model = kmodel.build_model(base, seed=0)
-            kmodel.compile_for(model, "feature_extraction", 1e-4)
+            kmodel.compile_for(model, "feature_extraction", recipe.LEARNING_RATE)
         if float64:
             model.set_weights([w.astype(np.float64) for w in results["weights"]])
         else:

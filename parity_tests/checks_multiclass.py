@@ -20,7 +20,7 @@ import numpy as np
 from PIL import ImageOps
 
 from parity_tests import checks_steps, pairs
-from parity_tests.checks_e2e import FRAMEWORK_KEYS, _key_paths
+from parity_tests.checks_e2e import FRAMEWORK_KEYS, key_paths
 from parity_tests.rows import Row, equal, verdict
 from tl_common.demo import draw_animal
 from tl_common.files import load_splits
@@ -170,8 +170,8 @@ def _end_to_end(root: Path, directory: Path) -> list[Row]:
     k, t, warnings = _run_both(root, directory)
     expected_warning = (f"warning: --skip-bad-images: left out 1 unreadable image file: "
                         f"{root / CORRUPT} (truncated JPEG (the data ends before the image does))")
-    kkeys = _key_paths(k) - FRAMEWORK_KEYS["keras"]
-    tkeys = _key_paths(t) - FRAMEWORK_KEYS["torch"]
+    kkeys = key_paths(k) - FRAMEWORK_KEYS["keras"]
+    tkeys = key_paths(t) - FRAMEWORK_KEYS["torch"]
     rows = [
         verdict(GROUP, "CLIs, 1 + 1 epochs: metrics.json keys (beyond versions and Lightning's "
                        "flags)", f"{len(kkeys)} keys", f"{len(tkeys)} keys", kkeys == tkeys,

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from parity_tests import exact, pairs
-from parity_tests.checks_training import FINE_TUNE_AT, PHASES, _batches
+from parity_tests.checks_training import FINE_TUNE_AT, PHASES, demo_batches, torch_phase
 from parity_tests.rows import Row, measured, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.demo import demo_weights_path
 from tl_common.mobilenet_v2 import LAST_FILTERS
 from tl_keras import model as kmodel
@@ -69,7 +69,7 @@ class Setup:
     free_steps: int = 10        # of each phase, free-running
     num_classes: int = 2
     augment: bool = True
-    dropout: float = 0.2
+    dropout: float = recipe.DROPOUT
     group: str = GROUP
     # Also the free-running comparison (and the variant process); None: as FREE_RUNNING_ENV says.
     free_running: bool | None = None
@@ -248,9 +248,7 @@ class TorchTrainer:
         self.optimizer = None
 
     def set_phase(self, phase: str) -> None:
-        from parity_tests.checks_training import _torch_phase
-
-        self.optimizer = _torch_phase(self.module, phase)
+        self.optimizer = torch_phase(self.module, phase)
 
     def named_parameters(self) -> list[tuple[torch.nn.Parameter, str]]:
         """The trainable parameters, in Keras' order (see KerasTrainer.named_variables)."""
@@ -398,7 +396,7 @@ def run(setup: Setup = RECIPE, batches: list[tuple[np.ndarray, np.ndarray]] | No
         make_torch: Callable[..., TorchTrainer] = TorchTrainer) -> Trajectories:
     """Both comparisons on ``batches`` (default: demo training images), ``setup.steps`` of each
     phase; ``make_torch`` lets the planted-mistake tests break the port."""
-    batches = batches or _batches(setup.size, 2 * setup.steps, setup.batch)
+    batches = batches or demo_batches(setup.size, 2 * setup.steps, setup.batch)
     reference, truth = KerasTrainer(setup), KerasTrainer(setup, float64=True)
     _same_head(reference, truth)
     # Every step's draws first: drawing consumes nothing the steps use.

@@ -21,12 +21,12 @@ The two runs draw different random numbers (the head's init, the file order, aug
 dropout come from each framework's generators), so their losses are two samples of one training
 outcome: shown in a note, not compared; the step-by-step comparison of the same step is check 9.
 
-15. The Keras run's saved ``model.keras`` is converted for the port (``tl_torch.convert``'s
-``module_from_keras`` and ``save_module``, as ``from-keras`` does), and the same image files go
-through ``tl_torch.predict`` (its ``main``, in this process) and through the saved Keras model
-(``model.predict`` on the reference's own decoding); the exact answer is the Keras model in
-float64 on the exact resize. Class names and their order are exact; probabilities are held to a
-band.
+15. The Keras run's saved ``model.keras`` is converted for the port (``module_from_keras`` of
+``tl_torch.keras_interchange`` and ``save_module`` of ``tl_torch.checkpoint``, as ``from-keras``
+does), and the same image files go through ``tl_torch.predict`` (its ``main``, in this process)
+and through the saved Keras model (``model.predict`` on the reference's own decoding); the exact
+answer is the Keras model in float64 on the exact resize. Class names and their order are exact;
+probabilities are held to a band.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,20 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from parity_tests import exact, pairs
-from parity_tests.checks_data import _decoded
+from parity_tests.records import (
+    TRAINERS_GROUP,
+    TRAINERS_IMAGE_SIZE,
+    Record,
+    Step,
+    data_rows,
+    decoded,
+)
 from parity_tests.rows import Row, equal, measured, summary, verdict
 from tl_common import bands
 from tl_common.files import load_splits
 from tl_common.outputs import read_metrics
 
-GROUP = "14 trainers, recorded"
+GROUP = TRAINERS_GROUP
 #: Checks 14 and 15 run both trainers (about a minute on two cores, more with the planted
 #: mistakes): with this variable set to 1 (``python -m parity_tests`` sets it).
 ENV = "TL_PARITY_TRAINERS"
@@ -64,7 +70,7 @@ PREDICT_GROUP = "15 prediction"
 
 #: The recorded runs: both phases, whole epochs (every training file once per epoch), small
 #: images; 320 training files in batches of 48 make a last batch of 32 in every epoch.
-IMAGE_SIZE = 32
+IMAGE_SIZE = TRAINERS_IMAGE_SIZE
 FLAGS = ("--demo", "--image-size", str(IMAGE_SIZE), "--batch-size", "48",
          "--initial-epochs", "1", "--fine-tune-epochs", "1", "--overwrite")
 
@@ -87,30 +93,6 @@ def _value(v: Any) -> Any:
     if isinstance(v, bool) or v is None:
         return v
     return float(np.float32(v))
-
-
-@dataclass
-class Step:
-    epoch: int                      # from 0
-    optimizer: tuple                # (Keras class, ((name, value), ...))
-    trainable: tuple                # ((Keras layer, tensors), ...) in order
-    numbers: int                    # trainable numbers
-    optimizer_holds_trainable: bool
-    images: np.ndarray              # (N, H, W, 3) float32 NHWC, as they reach the model
-    labels: np.ndarray
-    loss: float = float("nan")
-
-
-@dataclass
-class Record:
-    steps: list[Step] = field(default_factory=list)
-    epochs: list[tuple[int, str]] = field(default_factory=list)   # the history's (epoch, phase)
-    run_dir: Path | None = None
-    # Each augmentation draw: (stage, images, angles in degrees); stage is "train" inside a
-    # training step, "evaluate" elsewhere.
-    draws: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
-    # Each pass through the head's Dropout: (stage, training mode, features zeroed, features).
-    dropout: list[tuple[str, bool, int, int]] = field(default_factory=list)
 
 
 # ---- the Keras recorder ----------------------------------------------------------------------
@@ -371,41 +353,6 @@ def keras_record() -> Record:
 
 # ---- 14: the rows ----------------------------------------------------------------------------
 
-@functools.cache
-def train_files(size: int = IMAGE_SIZE) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """The demo's training files, their labels, and their exact resize (N, size, size, 3)."""
-    from tl_common.demo import demo_data_root
-
-    files = load_splits(demo_data_root(), test_fraction=0.2, seed=42).train
-    images = np.stack([exact.resize_bilinear(_decoded(p), size) for p in files.paths])
-    return tuple(files.paths), np.asarray(files.labels), images
-
-
-def _identify(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """For each image, the index of the nearest exact image (mean absolute difference)."""
-    flat = images.reshape(len(images), -1).astype(np.float64)
-    ref = reference.reshape(len(reference), -1)
-    d = (flat ** 2).sum(1)[:, None] - 2 * flat @ ref.T + (ref ** 2).sum(1)[None, :]
-    return d.argmin(axis=1)
-
-
-def _epoch_images(record: Record, epoch: int, reference: np.ndarray, labels: np.ndarray):
-    """An epoch's images in the file list's order (NaN where a file was not seen), whether every
-    file came exactly once with its own label, and a description."""
-    steps = [s for s in record.steps if s.epoch == epoch]
-    if not steps:
-        return np.full(reference.shape, np.nan), False, "no steps"
-    images = np.concatenate([s.images for s in steps])
-    got = np.concatenate([s.labels for s in steps])
-    index = _identify(images, reference)
-    ordered = np.full(reference.shape, np.nan)
-    ordered[index] = images
-    once = len(index) == len(reference) and len(set(index.tolist())) == len(reference)
-    right = np.array_equal(got, labels[index])
-    return ordered, once and right, (f"{len(images)} images, {len(set(index.tolist()))} files, "
-                                     f"{int((got != labels[index]).sum())} wrong labels")
-
-
 def _per_epoch(record: Record, what) -> list:
     return [sorted({what(s) for s in record.steps if s.epoch == e})
             for e in sorted({s.epoch for s in record.steps})]
@@ -488,24 +435,6 @@ def randomness_rows(k: Record, t: Record, group: str = GROUP) -> list[Row]:
     return rows
 
 
-def data_rows(k: Record, t: Record, group: str = GROUP) -> list[Row]:
-    """Per epoch: every training file once with its label, in both; the pixels that reach the
-    model against the exact resize of their file."""
-    _, labels, reference = train_files()
-    rows = []
-    for epoch in sorted({s.epoch for s in k.steps}):
-        kimg, kok, kdesc = _epoch_images(k, epoch, reference, labels)
-        timg, tok, tdesc = _epoch_images(t, epoch, reference, labels)
-        rows.append(verdict(group, f"epoch {epoch + 1}: every training file once, with its label",
-                            kdesc, tdesc, kok and tok, tolerance="exact"))
-        rows.append(measured(group, f"epoch {epoch + 1}: pixels reaching the model (0..255)",
-                             bands.against_exact(reference, kimg, timg),
-                             keras=summary(kimg) if kok else kdesc,
-                             torch=summary(timg) if tok else tdesc,
-                             note="vs the exact resize of each image's file"))
-    return rows
-
-
 # ---- 15: prediction --------------------------------------------------------------------------
 
 PREDICT_FILES = 24
@@ -518,8 +447,8 @@ def prediction_reference() -> dict[str, Any]:
     from tl_common.head import decide
     from tl_keras import model as kmodel
     from tl_keras.data import load_image
-    from tl_torch.convert import module_from_keras, save_module
-    from tl_torch.train import MODEL_FILE
+    from tl_torch.checkpoint import MODEL_FILE, save_module
+    from tl_torch.keras_interchange import module_from_keras
 
     record = keras_record()
     run = record.run_dir
@@ -535,7 +464,7 @@ def prediction_reference() -> dict[str, Any]:
         base = kmodel.build_base("none", IMAGE_SIZE)
         model64 = kmodel.build_model(base, seed=0)
     model64.set_weights([w.astype(np.float64) for w in saved.get_weights()])
-    x64 = np.stack([exact.resize_bilinear(_decoded(p), IMAGE_SIZE) for p in paths])
+    x64 = np.stack([exact.resize_bilinear(decoded(p), IMAGE_SIZE) for p in paths])
     logits64 = keras.ops.convert_to_numpy(model64(x64, training=False)).reshape(-1)
     ported = workdir() / "keras-for-torch"
     module, _ = module_from_keras(run / "model.keras", class_names=class_names)

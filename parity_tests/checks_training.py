@@ -10,7 +10,7 @@ import torch
 
 from parity_tests import pairs
 from parity_tests.rows import Row, measured, verdict
-from tl_common import bands
+from tl_common import bands, recipe
 from tl_common.demo import demo_weights_path
 from tl_keras import model as kmodel
 from tl_torch.module import TransferModule
@@ -19,8 +19,9 @@ from tl_torch.module import TransferModule
 #: (relative): the trap the Keras-rule optimizers exist for.
 TORCH_DEFAULT_MISS = 1e-3
 
-FINE_TUNE_AT = 100
-PHASES = (("feature_extraction", 1e-4), ("fine_tuning", 1e-5))
+FINE_TUNE_AT = recipe.FINE_TUNE_AT
+PHASES = (("feature_extraction", recipe.LEARNING_RATE),
+          ("fine_tuning", recipe.FINE_TUNE_LEARNING_RATE))
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def _torch_module(size: int, **kwargs) -> TransferModule:
     return module.train()
 
 
-def _torch_phase(module: TransferModule, phase: str) -> torch.optim.Optimizer:
+def torch_phase(module: TransferModule, phase: str) -> torch.optim.Optimizer:
     """Enter a phase as training does: freeze, new optimizer."""
     module.set_phase(phase)
     return module.configure_optimizers()
@@ -116,7 +117,7 @@ def check_batchnorm(size: int = 96, steps: int = 2,
             # As the trainer runs (BatchNorm folded into the convolutions: tl_torch.fast), and
             # with the base's own BatchNorm modules running (TransferModule(fast=False)).
             for variant, folded in (("torch", True), ("torch unfolded", False)):
-                optimizer = _torch_phase(module, phase)
+                optimizer = torch_phase(module, phase)
                 module.fast = folded
                 before = _bn_state(tbase=module.base)
                 for _ in range(steps):
@@ -258,7 +259,7 @@ def check_optimizers() -> list[Row]:
 
 # ---- the demo batches of check 9 -------------------------------------------------------------------
 
-def _batches(size: int, steps: int, batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+def demo_batches(size: int, steps: int, batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
     """``steps`` fixed batches of demo training images (decoded once, cycled), both classes in
     each, in a fixed shuffled order."""
     images, labels = _demo_train(size)

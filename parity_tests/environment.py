@@ -38,7 +38,7 @@ def describe() -> dict[str, Any]:
     import tensorflow as tf
     import torch
 
-    from benchmarks.machine import describe as machine
+    from tl_common.machine import describe as machine
 
     found = machine()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tl_torch.convert
+import tl_torch.keras_interchange
 from parity_tests import checks_convert
 from parity_tests.rows import Row, failures
 
@@ -36,20 +36,20 @@ def test_13_whole_models_across_frameworks(parity, models) -> None:
 
 def test_transposed_head_kernel_is_caught(monkeypatch, models) -> None:
     # A reshape keeps a (1280, 3) kernel's shape as (3, 1280) and scrambles it.
-    monkeypatch.setattr(tl_torch.convert, "dense_kernel_to_torch",
+    monkeypatch.setattr(tl_torch.keras_interchange, "dense_kernel_to_torch",
                         lambda kernel: np.ascontiguousarray(kernel.reshape(kernel.shape[::-1])))
     assert_caught(checks_convert.check_convert(models, ("other",)), where="probabilities")
 
 
 def test_transposed_head_kernel_on_export_is_caught(monkeypatch, models) -> None:
-    monkeypatch.setattr(tl_torch.convert, "torch_to_dense_kernel",
+    monkeypatch.setattr(tl_torch.keras_interchange, "torch_to_dense_kernel",
                         lambda weight: np.ascontiguousarray(weight.reshape(weight.shape[::-1])))
     assert_caught(checks_convert.check_convert(models, ("to-keras",)),
                   where="to-keras: Keras' probabilities")
 
 
 def test_dropped_bias_is_caught(monkeypatch, models) -> None:
-    monkeypatch.setattr(tl_torch.convert, "dense_bias",
+    monkeypatch.setattr(tl_torch.keras_interchange, "dense_bias",
                         lambda bias, units: np.zeros(units, np.float32))
     rows = checks_convert.check_convert(models, ("recipe", "other"))
     assert_caught(rows, where="from-keras, the reference's model: probabilities")
@@ -57,8 +57,8 @@ def test_dropped_bias_is_caught(monkeypatch, models) -> None:
 
 
 def test_wrong_class_order_is_caught(monkeypatch, models) -> None:
-    original = tl_torch.convert.class_names_for
-    monkeypatch.setattr(tl_torch.convert, "class_names_for",
+    original = tl_torch.keras_interchange.class_names_for
+    monkeypatch.setattr(tl_torch.keras_interchange, "class_names_for",
                         lambda *args: original(*args)[::-1])
     rows = checks_convert.check_convert(models, ("recipe", "other"))
     assert_caught(rows, where="from-keras, the reference's model: class names predicted")

@@ -56,3 +56,16 @@ def test_the_port_decides_as_tl_common(num_classes):
 def test_public_surface():
     assert {"TransferModule", "ImageFolderDataModule", "fold"} <= set(tl_torch.__all__)
     assert tl_torch.TransferModule is TransferModule
+
+
+def test_probabilities_are_decided_by_the_same_rule():
+    """Scores known only as probabilities (a sigmoid or softmax Keras head) go through
+    ``decide`` too: class 1 above one half, exactly one half is class 0 (logit 0), saturated
+    probabilities decided by their side; N classes: the largest."""
+    from tl_common.head import logits_of
+
+    p = np.array([0.5, 0.5 + 1e-12, 0.5 - 1e-12, 0.0, 1.0, 0.93])
+    assert decide(logits_of(p))[0].tolist() == [0, 1, 0, 0, 1, 1]
+    assert logits_of(np.array([0.93]))[0] == pytest.approx(np.log(0.93 / 0.07))
+    softmax = np.array([[0.2, 0.5, 0.3], [0.0, 0.1, 0.9], [0.6, 0.4, 0.0]])
+    assert decide(logits_of(softmax))[0].tolist() == [1, 2, 0]

@@ -31,3 +31,15 @@ def decide(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs = shifted / shifted.sum(axis=-1, keepdims=True)
     return probs.argmax(axis=-1), probs.max(axis=-1)
+
+
+def logits_of(probabilities: np.ndarray) -> np.ndarray:
+    """Logits that the head's probabilities came from: one probability (of class 1) -> its logit
+    ``log p - log(1 - p)``; N probabilities -> ``log p`` (softmax's logits up to a constant).
+    Scores known only as probabilities (a Keras model ending in a sigmoid or softmax) are then
+    decided by :func:`decide` too; p = 0 and 1 give infinite logits, decided as their sign says."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 1:
+        p = p[:, 0]
+    with np.errstate(divide="ignore"):
+        return np.log(p) - np.log1p(-p) if p.ndim == 1 else np.log(p)

@@ -21,6 +21,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
+from tl_common import recipe
 from tl_common.demo import DEMO_SETS
 from tl_common.errors import UserError
 from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS, MIN_IMAGE_SIZE
@@ -54,13 +55,14 @@ class Settings:
         "epochs of feature extraction (base frozen)"))
     fine_tune_epochs: int = field(default=10, metadata=_help(
         "epochs of fine-tuning, numbered on from feature extraction"))
-    fine_tune_at: int = field(default=100, metadata=_help(
+    fine_tune_at: int = field(default=recipe.FINE_TUNE_AT, metadata=_help(
         f"Keras layer index from which the base is unfrozen for fine-tuning "
         f"(0..{KERAS_BASE_LAYERS})"))
-    learning_rate: float = field(default=1e-4, metadata=_help("Adam learning rate, feature extraction"))
+    learning_rate: float = field(default=recipe.LEARNING_RATE, metadata=_help(
+        "Adam learning rate, feature extraction"))
     fine_tune_learning_rate: float | None = field(default=None, metadata=_help(
         "RMSprop learning rate, fine-tuning (default: a tenth of --learning-rate)"))
-    dropout: float = field(default=0.2, metadata=_help("dropout rate before the classifier"))
+    dropout: float = field(default=recipe.DROPOUT, metadata=_help("dropout rate before the classifier"))
     test_fraction: float = field(default=0.2, metadata=_help(
         "share of the validation files set aside as the test split, per class"))
     seed: int = field(default=42, metadata=_help(
@@ -89,7 +91,7 @@ class Settings:
         """Fine-tuning learning rate: the recipe uses a tenth of feature extraction's."""
         if self.fine_tune_learning_rate is not None:
             return self.fine_tune_learning_rate
-        return self.learning_rate / 10
+        return recipe.fine_tune_learning_rate(self.learning_rate)
 
     @property
     def total_epochs(self) -> int:

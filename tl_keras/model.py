@@ -20,7 +20,7 @@ import numpy as np
 from keras import layers
 from keras.src.utils.naming import to_snake_case
 
-from tl_common import keras_files
+from tl_common import keras_files, recipe
 from tl_common.download import (
     DOWNLOAD_TIMEOUT_S,
     IMAGENET_BASE_URL,
@@ -34,8 +34,8 @@ from tl_common.outputs import PHASES
 from tl_common.weights import weights_file
 
 #: The recipe's fine_tune_at layer, a check that Keras still builds the base the recipe knows.
-RECIPE_FINE_TUNE_AT = 100
-RECIPE_FINE_TUNE_LAYER = "block_11_expand_relu"
+RECIPE_FINE_TUNE_AT = recipe.FINE_TUNE_AT
+RECIPE_FINE_TUNE_LAYER = recipe.FINE_TUNE_LAYER
 
 #: What a weights or model file must hold to fill the base.
 EXPECTED_BASE = "a MobileNetV2 with alpha=1.0 and include_top=False (any input size)"
@@ -251,13 +251,14 @@ class InferenceMode(keras.layers.Layer):
 def data_augmentation(seed: int) -> keras.Sequential:
     """Flip left-right with probability 1/2, then rotate by up to ±0.2 turns (reflect fill)."""
     return keras.Sequential([
-        layers.RandomFlip("horizontal", seed=seed),
+        layers.RandomFlip(recipe.FLIP_MODE, seed=seed + recipe.FLIP_SEED_OFFSET),
         # Another seed: the same one would tie each image's rotation to its flip.
-        layers.RandomRotation(0.2, seed=seed + 1),
+        layers.RandomRotation(recipe.ROTATION_FACTOR, fill_mode=recipe.ROTATION_FILL_MODE,
+                              seed=seed + recipe.ROTATION_SEED_OFFSET),
     ], name="data_augmentation")
 
 
-def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int,
+def build_model(base: keras.Model, *, dropout: float = recipe.DROPOUT, seed: int,
                 augment: bool = True, num_classes: int = 2) -> keras.Model:
     """augmentation → ``x / 127.5 − 1`` → base (inference mode) → pooling → dropout → logits.
 
@@ -273,9 +274,10 @@ def build_model(base: keras.Model, *, dropout: float = 0.2, seed: int,
     x = keras.applications.mobilenet_v2.preprocess_input(x)
     x = InferenceMode(base, name="base_inference_mode")(x)          # (N, s/32, s/32, 1280)
     x = layers.GlobalAveragePooling2D(name="global_average_pooling2d")(x)   # (N, 1280)
-    x = layers.Dropout(dropout, seed=seed + 2, name="dropout")(x)
+    x = layers.Dropout(dropout, seed=seed + recipe.DROPOUT_SEED_OFFSET, name="dropout")(x)
     outputs = layers.Dense(head_units(num_classes),
-                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3),
+                           kernel_initializer=keras.initializers.GlorotUniform(
+                               seed=seed + recipe.HEAD_INIT_SEED_OFFSET),
                            name="dense")(x)                         # (N, 1) or (N, classes)
     return keras.Model(inputs, outputs)
 

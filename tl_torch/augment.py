@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tl_common.recipe import ROTATION_FACTOR, ROTATION_FILL_MODE
+
 #: ``fill_mode`` values supported, and grid_sample's name for each.
 FILL_MODES = {"reflect": "reflection", "constant": "zeros", "nearest": "border"}
 
@@ -111,7 +113,8 @@ def flip_horizontal(images: Tensor, flips: Tensor) -> Tensor:
     return torch.where(flips, images.flip(-1), images)
 
 
-def augment(images: Tensor, flips: Tensor, angles_deg: Tensor, fill_mode: str = "reflect") -> Tensor:
+def augment(images: Tensor, flips: Tensor, angles_deg: Tensor,
+            fill_mode: str = ROTATION_FILL_MODE) -> Tensor:
     """The recipe's ``data_augmentation`` with given draws: flip, then rotate (as its Sequential)."""
     _, _, h, w = images.shape
     transforms = keras_rotation_transform(angles_deg.to(images.device), h, w)
@@ -125,7 +128,8 @@ class RandomFlipRotation(nn.Module):
     within [−1, 1].
     """
 
-    def __init__(self, factor: float | Sequence[float] = 0.2, fill_mode: str = "reflect") -> None:
+    def __init__(self, factor: float | Sequence[float] = ROTATION_FACTOR,
+                 fill_mode: str = ROTATION_FILL_MODE) -> None:
         super().__init__()
         if isinstance(factor, (int, float)):
             if not -1.0 <= factor <= 1.0:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tl_common.mobilenet_v2 import FIRST_FILTERS, INVERTED_RESIDUAL_SETTING, LAST_FILTERS
+from tl_common.recipe import scale_pixels
 from tl_torch.padding import Conv2dSame, Pad2d
 
 #: Keras' ``BatchNormalization(epsilon=1e-3, momentum=0.999)``; torch's momentum is 1 - Keras'.
@@ -182,7 +183,7 @@ class MobileNetV2Base(nn.Module):
         """[0, 255] pixels -> the weights' input range: ``x / 127.5 - 1`` for Keras weights
         (``mobilenet_v2.preprocess_input``), ImageNet mean/std for torchvision's."""
         if self.preprocessing == "keras":
-            return images / 127.5 - 1.0
+            return scale_pixels(images)
         return (images / 255.0 - self._mean) / self._std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

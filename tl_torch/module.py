@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
+from tl_common import recipe
 from tl_common.head import head_units
 from tl_common.outputs import PHASES, format_counts, format_layer_table
 from tl_torch.augment import RandomFlipRotation
@@ -62,9 +63,11 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
 class TransferModule(L.LightningModule):
     """Base + head, trained in two phases; logs Keras' history keys."""
 
-    def __init__(self, base: MobileNetV2Base | None = None, *, learning_rate: float = 1e-4,
-                 fine_tune_learning_rate: float = 1e-5, fine_tune_at: int = 100,
-                 dropout: float = 0.2, seed: int = 42, augment: bool = True,
+    def __init__(self, base: MobileNetV2Base | None = None, *,
+                 learning_rate: float = recipe.LEARNING_RATE,
+                 fine_tune_learning_rate: float = recipe.FINE_TUNE_LEARNING_RATE,
+                 fine_tune_at: int = recipe.FINE_TUNE_AT, dropout: float = recipe.DROPOUT,
+                 seed: int = 42, augment: bool = True,
                  fast: bool = True, num_classes: int = 2,
                  class_names: Sequence[str] | None = None, image_size: int | None = None,
                  base_config: dict[str, Any] | None = None, weights: str | None = None) -> None:
@@ -91,7 +94,7 @@ class TransferModule(L.LightningModule):
         self.hparams.weights = weights if weights is not None else getattr(base, "weights_source",
                                                                            None)
         self.base = base
-        self.augment = RandomFlipRotation(0.2) if augment else None
+        self.augment = RandomFlipRotation(recipe.ROTATION_FACTOR) if augment else None
         self.dropout = nn.Dropout(dropout)
         self.classifier = keras_dense_init_(nn.Linear(LAST_FILTERS, head_units(num_classes)),
                                             torch.Generator().manual_seed(seed))

@@ -18,13 +18,10 @@ import torch
 
 from tl_common.errors import UserError, run_main
 from tl_common.files import IMAGE_EXTENSIONS
-from tl_common.outputs import read_metrics
+from tl_torch.checkpoint import load_run
 from tl_torch.data import load_images
-from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
 from tl_torch.runtime import keep_freed_memory
-from tl_torch.train import MODEL_FILE, read_checkpoint
-from tl_torch.weights import base_config
 
 #: Images per forward pass.
 PREDICT_BATCH = 32
@@ -45,53 +42,6 @@ def image_paths(inputs: Sequence[str]) -> list[Path]:
     if not found:
         raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
     return found
-
-
-def load_run(run_dir: str | Path, *, fast: bool = True
-             ) -> tuple[TransferModule, tuple[str, ...], int]:
-    """The trained module of a finished run, its class names and its image size; ``fast=False``
-    leaves the frozen layers unfolded (exports, float64 comparisons).
-
-    ``model.ckpt`` alone rebuilds the model: it holds the base's settings, the class names and
-    the image size (see :class:`TransferModule`). Checkpoints from before it held them take these
-    from ``metrics.json`` beside them, as they always did.
-    """
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / MODEL_FILE
-    if not checkpoint.is_file():
-        raise UserError(f"{run_dir} has no {MODEL_FILE}: expected the output folder of "
-                        "python -m tl_torch.train or python -m tl_torch.convert from-keras")
-    way_out = ("expected the model.ckpt of python -m tl_torch.train or python -m tl_torch.convert "
-               "from-keras")
-    # Plain data only: a checkpoint is read without unpickling arbitrary objects.
-    saved = read_checkpoint(checkpoint, way_out=way_out)
-    # What load_from_checkpoint reads first.
-    missing = [key for key in ("hyper_parameters", "pytorch-lightning_version") if key not in saved]
-    if missing:
-        raise UserError(f"{checkpoint} is not a Lightning checkpoint of this project (no "
-                        f"{missing[0]!r} in it); {way_out}")
-    hparams = saved["hyper_parameters"]
-    if not isinstance(hparams, dict):
-        raise UserError(f"{checkpoint} holds hyper_parameters of type {type(hparams).__name__}, "
-                        f"not a dict; {way_out}")
-    overrides: dict[str, object] = {}
-    class_names, image_size = hparams.get("class_names"), hparams.get("image_size")
-    if "base_config" not in hparams or class_names is None or image_size is None:
-        metrics = read_metrics(run_dir)
-        if "base_config" not in hparams:
-            overrides["base"] = MobileNetV2Base(**base_config(metrics["weights"]["source"]))
-        class_names = class_names or metrics["data"]["class_names"]
-        image_size = image_size or metrics["settings"]["image_size"]
-    module = TransferModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True,
-                                                 fast=fast, **overrides)
-    class_names = tuple(class_names)
-    if module.hparams.num_classes != len(class_names):
-        raise UserError(f"{checkpoint} has a head for {module.hparams.num_classes} classes, but "
-                        f"{run_dir / 'metrics.json'} lists {len(class_names)}: the two files "
-                        "come from different runs")
-    # Nothing trains here: the whole base frozen, then folded for speed (tl_torch.fast).
-    module.set_phase("feature_extraction")
-    return module.eval(), class_names, int(image_size)
 
 
 def predict(module: TransferModule, paths: Sequence[Path], class_names: Sequence[str],

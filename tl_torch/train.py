@@ -23,9 +23,7 @@ continues from the last finished epoch, as after a kill (see :mod:`tl_common.int
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import pickle
 import signal
 import sys
 import time
@@ -34,20 +32,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tl_common.data import check_output_dir_placement
-from tl_common.errors import UserError, non_finite_loss, run_main
+from tl_common.errors import non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
 from tl_common.interrupts import StopRequests
 from tl_common.lock import OutputLock
 from tl_common.outputs import (
     RunDir,
-    atomic_write_bytes,
     finish_run,
     format_counts,
     history_entry,
@@ -55,6 +51,13 @@ from tl_common.outputs import (
 from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
+from tl_torch.checkpoint import (  # noqa: F401  (the checkpoint names, importable from here)
+    BASE_WEIGHTS_FILE,
+    LAST_CHECKPOINT,
+    MODEL_FILE,
+    AtomicCheckpointIO,
+    read_checkpoint,
+)
 from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.freezing import layer_table
 from tl_torch.keras_weights import save_keras_weights
@@ -62,9 +65,6 @@ from tl_torch.module import TransferModule, TwoPhaseFineTuning
 from tl_torch.runtime import bf16_cost_warning, keep_freed_memory
 from tl_torch.weights import build_base
 
-LAST_CHECKPOINT = "last"
-MODEL_FILE = "model.ckpt"
-BASE_WEIGHTS_FILE = "base.weights.h5"
 #: What the one line says after Ctrl-C or SIGTERM.
 INTERRUPTED = ("rerun with --resume to continue from the last finished epoch "
                "(checkpoints/last.ckpt)")
@@ -111,45 +111,6 @@ class StopOnNonFiniteLoss(Callback):
         if bad:
             value = float(loss.detach()) if not torch.isfinite(loss.detach()).all() else "non-finite"
             raise non_finite_loss(value, trainer.current_epoch + 1, batch_idx + 1)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file beside their name, fsynced, then renamed over it.
-
-    Lightning stages a checkpoint in the system's temporary folder and moves it into place,
-    which across file systems is a copy that a kill can cut short; here a kill leaves the last
-    complete checkpoint, or none."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buffer.getvalue())
-
-    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        """Plain data only, whatever the caller asks: ``--resume`` reads a file from a folder
-        anyone may have written to, and a pickle can run code when it is read."""
-        return read_checkpoint(path, map_location=map_location)
-
-
-def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu", *,
-                    way_out: str = "use --overwrite to start over") -> dict[str, Any]:
-    """A checkpoint of this project, read with ``torch.load(weights_only=True)``: tensors,
-    numbers, strings, lists and dicts; anything else (a pickled object), a damaged or a foreign
-    file is one line ending in ``way_out``. ``--resume`` and ``tl_torch.predict`` read with it."""
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise UserError(f"{path} is not a readable checkpoint of this project holding plain data "
-                        f"only ({' '.join(str(err).split())[:160]}); {way_out}") from None
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path} is not a Lightning checkpoint (a {type(checkpoint).__name__}); "
-                        f"{way_out}")
-    return checkpoint
 
 
 class StopOnRequest(Callback):

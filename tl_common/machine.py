@@ -1,4 +1,6 @@
-"""What the numbers were measured on: CPU, cores, memory, load, package versions, settings."""
+"""What a measurement ran on: CPU, cores, memory, load, package versions, settings (read without
+importing torch or TensorFlow). The benchmarks record it beside their numbers; the parity report
+names the machine its rows were measured on."""
 
 from __future__ import annotations
 

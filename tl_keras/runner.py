@@ -1,0 +1,95 @@
+"""Run a whole Keras model file on images, in float32 as saved or rebuilt in float64 (the exact
+answer a conversion is judged against). ``tl_torch.convert`` starts it in a fresh process, so that
+the port's processes import no TensorFlow.
+
+Run::
+
+    python -m tl_keras.runner MODEL.keras|MODEL.h5 IMAGES.npy OUT.npy [--float64]
+        [--inputs-scaled] [--project]
+
+``IMAGES.npy``: NHWC float32 pixels in [0, 255]; ``OUT.npy``: the model's outputs, float64.
+``--inputs-scaled``: the model takes ``x / 127.5 - 1`` (it has no scaling layer of its own).
+Without ``--project`` the model must load with Keras alone: this project's registered layers
+are withdrawn first, so a file that needs them fails here as it would anywhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+# The package's __init__ (TensorFlow's environment, import order, InferenceMode registered)
+# has run before this module: it is tl_keras.runner.
+import keras
+import numpy as np
+
+from tl_common.errors import run_main
+from tl_common.keras_config import float64_config, read_model_config
+from tl_common.recipe import scale_pixels
+
+#: The package name this project's Keras layers are registered under.
+PROJECT_PACKAGE = "tl_keras"
+
+
+def withdraw_project_layers() -> list[str]:
+    """Unregister this project's Keras layers; returns their registered names."""
+    objects = keras.saving.get_custom_objects()
+    names = [name for name in objects if name.startswith(f"{PROJECT_PACKAGE}>")]
+    for name in names:
+        del objects[name]
+    return names
+
+
+def load_float64(path: Path) -> keras.Model:
+    """The model rebuilt with every float32 dtype made float64, its weights loaded into it."""
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    config = float64_config(read_model_config(path))
+    if not zipfile.is_zipfile(path):  # a whole-model .h5: the weights are in the same file
+        model = keras.models.model_from_json(json.dumps(config))
+        model.load_weights(path)
+        return model
+    model = keras.saving.deserialize_keras_object(config)
+    with zipfile.ZipFile(path) as zf, tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model.weights.h5"
+        weights.write_bytes(zf.read("model.weights.h5"))
+        model.load_weights(weights)
+    return model
+
+
+def outputs(path: Path, images: np.ndarray, *, float64: bool = False,
+            inputs_scaled: bool = False) -> np.ndarray:
+    """The model's outputs on NHWC [0, 255] images, as float64 numbers."""
+    if float64:
+        model = load_float64(path)
+    else:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    x = images.astype("float64" if float64 else "float32")
+    if inputs_scaled:
+        x = scale_pixels(x)
+    return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), np.float64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tl_keras.runner",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="Keras model file (.keras, or .h5)")
+    parser.add_argument("images", type=Path, help="NHWC float32 [0, 255] images (.npy)")
+    parser.add_argument("out", type=Path, help="where the outputs go (.npy, float64)")
+    parser.add_argument("--float64", action="store_true", help="rebuild the model in float64")
+    parser.add_argument("--inputs-scaled", action="store_true",
+                        help="scale the images to [-1, 1] first (the model does not)")
+    parser.add_argument("--project", action="store_true",
+                        help="keep this project's Keras layers registered")
+    args = parser.parse_args(argv)
+    if not args.project:
+        withdraw_project_layers()
+    np.save(args.out, outputs(args.model, np.load(args.images), float64=args.float64,
+                              inputs_scaled=args.inputs_scaled))
+
+
+if __name__ == "__main__":
+    run_main(main)
