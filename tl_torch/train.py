@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_common.data import check_output_dir_placement
+from tl_common.data import check_data_dir, check_output_dir_placement
 from tl_common.errors import UserError, non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
 from tl_common.interrupts import StopRequests
@@ -51,10 +51,12 @@ from tl_common.outputs import (
     finish_run,
     format_counts,
     history_entry,
+    removed_if_unused,
 )
 from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
+from tl_torch.console import EpochFromOneBar, InferenceModeNote, quiet_lightning
 from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.fast import bf16_cost_warning, keep_freed_memory
 from tl_torch.freezing import layer_table
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the recipe; return the metrics.json document (None on DDP's other processes)."""
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
+    check_data_dir(settings)  # a mistyped --data-dir first, before any folder or download
     check_output_dir_placement(settings)
+    quiet_lightning()
     keep_freed_memory()  # large activations reuse freed memory: see tl_torch/fast.py
     if (warning := bf16_cost_warning(ns.precision, ns.accelerator)) and rank_zero_only.rank == 0:
         print(warning, file=sys.stderr)
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     with contextlib.ExitStack() as stack:
         lock = None
         if rank_zero_only.rank == 0:  # DDP's other processes rerun this script: rank 0 owns it
-            run_dir.create()
+            # Left last: a run that fails before writing anything removes the folder it made.
+            stack.enter_context(removed_if_unused(run_dir.create()))
             lock = stack.enter_context(OutputLock(run_dir.path))
         stop = stack.enter_context(StopRequests(INTERRUPTED,
                                                 on_abort=lock.release if lock else None))
@@ -333,14 +338,17 @@ def build_trainer(settings: Settings, ns: Any, run_dir: RunDir, history: KerasHi
                   stop: StopRequests) -> L.Trainer:
     """Lightning's Trainer for both phases: phase switch, history, checkpoints for --resume,
     a stop at the next safe point on Ctrl-C or SIGTERM."""
-    limit = settings.limit_batches if settings.limit_batches is not None else 1.0
+    # None, not 1.0, without --limit-batches: Lightning notes every limit it is given.
+    limit = settings.limit_batches
     return L.Trainer(
         max_epochs=settings.total_epochs,
         accelerator=ns.accelerator, devices=_devices(ns.devices), strategy=ns.strategy,
         precision=ns.precision,
         plugins=[AtomicCheckpointIO()],
         callbacks=[StopOnNonFiniteLoss(), StopOnRequest(stop),
-                   TwoPhaseFineTuning(settings.initial_epochs), history,
+                   TwoPhaseFineTuning(settings.initial_epochs, layer_table=run_dir.layer_table,
+                                      print_layers=settings.print_layers), history,
+                   EpochFromOneBar(), InferenceModeNote(),
                    # save_top_k=1 without a monitor: the latest epoch, overwritten each time
                    # (save_top_k=0 would save nothing at all).
                    ModelCheckpoint(dirpath=run_dir.path / "checkpoints", filename=LAST_CHECKPOINT,
