@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tl_common.errors import UserError, disk_full_is_one_line
+from tl_common.outputs import new_file_mode
 
 #: Seconds without an answer before a download gives up.
 DOWNLOAD_TIMEOUT_S = 30
@@ -74,6 +75,7 @@ def _download(url: str, dest: Path, *, what: str, way_out: str, sha256: str | No
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), new_file_mode())  # a cached file like any other, not 0600
             try:
                 response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)  # noqa: S310
             except (urllib.error.URLError, OSError) as err:
