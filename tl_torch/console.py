@@ -52,12 +52,13 @@ def inference_mode_note(count: int) -> str:
 
 
 class InferenceModeNote(Callback):
-    """Prints :func:`inference_mode_note` once, where Lightning would have warned."""
+    """Prints :func:`inference_mode_note` once as training starts, before the progress bar does
+    (a line printed while a bar is drawn lands after it in a log file)."""
 
     def __init__(self) -> None:
         self.shown = False
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         count = sum(not module.training for module in pl_module.modules())
         if count and not self.shown:
             trainer.print(inference_mode_note(count))
@@ -65,9 +66,18 @@ class InferenceModeNote(Callback):
 
 
 class EpochFromOneBar(TQDMProgressBar):
-    """Lightning's progress bar, with epochs counted 1..N as in ``metrics.json`` and Keras."""
+    """Lightning's progress bar, with epochs counted 1..N as in ``metrics.json`` and Keras.
+
+    Its start of an epoch is Lightning's own, but for the description: calling Lightning's
+    first would show its 0-based count for a moment. One bar for all epochs (``leave=False``,
+    Lightning's default), so the bar is reset, not replaced."""
+
+    def __init__(self) -> None:
+        super().__init__(leave=False)
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description(
-            f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+        total = self.total_train_batches
+        bar = self.train_progress_bar
+        bar.reset(total=None if total == float("inf") else total)
+        bar.initial = 0
+        bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
