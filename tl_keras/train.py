@@ -342,7 +342,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser("keras", "Train the transfer-learning recipe with Keras 3 (the "
                                    "reference): feature extraction, then fine-tuning.")
     settings = settings_from(parse(parser, argv), "keras")
-    check_data_dir(settings)  # a mistyped --data-dir first, before any folder or download
     check_output_dir_placement(settings)
     find_devices()
     run_dir = RunDir(Path(settings.output_dir))
@@ -358,6 +357,7 @@ def run(settings: Settings, run_dir: RunDir, stop: StopRequests) -> dict[str, An
     state = RunState(run_dir.path)
     resuming = prepare_output_dir(run_dir, state, settings)
     keras.utils.set_random_seed(settings.seed)
+    check_data_dir(settings)  # a mistyped --data-dir is the error to see, not a failed download
     base, weights = load_base(settings)
     splits = load_data(settings, run_dir)
     inputs = recorded_inputs(weights, splits.summary())

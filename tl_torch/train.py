@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the recipe; return the metrics.json document (None on DDP's other processes)."""
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
-    check_data_dir(settings)  # a mistyped --data-dir first, before any folder or download
     check_output_dir_placement(settings)
     quiet_lightning()
     keep_freed_memory()  # large activations reuse freed memory: see tl_torch/fast.py
@@ -236,6 +235,7 @@ def run(settings: Settings, ns: Any, run_dir: RunDir, stop: StopRequests
             read_checkpoint(last)  # plain data, before any work: see AtomicCheckpointIO
     started = time.perf_counter()
     L.seed_everything(settings.seed, workers=True, verbose=False)
+    check_data_dir(settings)  # a mistyped --data-dir is the error to see, not a failed download
 
     # The base first: a weights file that does not fit stops the run before the data is read.
     with naming_flag("weights", settings.weights_source):
