@@ -242,3 +242,13 @@ def test_compare_names_both_epochs_and_warns_of_other_schedules(tmp_path, capsys
                            "training"]
     else:
         assert warning == []
+
+
+@pytest.mark.parametrize("framework", ["keras", "torch"])
+def test_print_layers_is_a_shared_flag(framework):
+    from tl_common.settings import build_parser, parse, settings_from
+
+    parser = (torch_train.build_arg_parser() if framework == "torch"
+              else build_parser("keras", "the reference"))
+    assert settings_from(parse(parser, ["--print-layers"]), framework).print_layers is True
+    assert settings_from(parse(parser, []), framework).print_layers is False
