@@ -9,7 +9,7 @@ Folders are searched recursively for the image types Keras reads.
 
 A file that cannot be read (damaged, truncated, not an image) is one line on stderr naming it and
 why, in the trainers' words; the other files are still predicted, and the exit status is then 1
-(:data:`SKIPPED_EXIT`), so that a script knows something was left out. Exit status 2: nothing
+(``SKIPPED_EXIT``), so that a script knows something was left out. Exit status 2: nothing
 was predicted (a bad run folder, no images found).
 """
 
