@@ -21,9 +21,42 @@ import os
 import sys
 from pathlib import Path
 
+USAGE = """\
+usage: python -m parity_tests [--report-dir DIR] [PYTEST OPTIONS]
+       python -m parity_tests compare RUN_A RUN_B [--output DIR]
+       python -m parity_tests seeds [--seeds N] [--output DIR] [--torch-flags "..."]
+
+The parity suite: the Keras reference and the PyTorch port compared check by check.
+
+  (no command)  run every check and print the report: check, Keras value, torch value, |diff|,
+                tolerance, pass/fail; write DIR/parity_report.json and DIR/parity_report.md
+                (--report-dir, default parity_report); exit non-zero on any failure.
+  compare       two finished runs' metrics.json side by side, their curves overlaid
+                (comparison.png); see python -m parity_tests compare --help.
+  seeds         both trainers over N seeds on the hard demo, the port judged against the
+                reference's seed-to-seed band; see python -m parity_tests seeds --help.
+
+Opt-in checks (environment variables; the report sets the first three to 1 unless set):
+  TL_PARITY_TRAINERS=1     checks 14 and 15: both trainers' main run and recorded, and
+                           tl_torch.predict against the saved Keras model (about a minute)
+  TL_PARITY_FREE_RUNNING=1 the free-running training rows (reported, not judged)
+  TL_PARITY_SEEDS=1        check 17, the seed study on the hard demo (about 16 minutes on
+                           2 cores); TL_PARITY_SEEDS=0 leaves it out of the report
+  TL_PARITY_WEIGHTS=FILE   a Keras weights file of your own for the numeric checks
+
+pytest options: anything else is passed to pytest, e.g.
+  python -m parity_tests -k padding -x      only the checks whose name matches, stop at a failure
+  python -m parity_tests -n 2               two workers (pytest-xdist)
+  python -m pytest parity_tests --help      all of pytest's options
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Ours, not pytest's: pytest's own help is one command away (USAGE says which).
+    if argv[:1] not in (["compare"], ["seeds"]) and ("-h" in argv or "--help" in argv):
+        print(USAGE, end="")
+        return 0
     if argv and argv[0] in ("compare", "seeds"):
         from tl_common.errors import UserError, fail
 

@@ -45,14 +45,28 @@ def comparison_rows(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any
         ea, eb = _last_of_phase(a["history"], phase), _last_of_phase(b["history"], phase)
         if ea is None or eb is None:
             continue
+        # Both runs' epochs named: the last epoch of a phase need not be the same in the two.
+        epochs = (f"epoch {ea['epoch']}" if ea["epoch"] == eb["epoch"]
+                  else f"A epoch {ea['epoch']} vs B epoch {eb['epoch']}")
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            add(f"{phase} epoch {ea['epoch']}/{eb['epoch']} {key}", ea[key], eb[key])
+            add(f"{phase} {epochs} {key}", ea[key], eb[key])
     if a.get("test") and b.get("test"):
         for key in ("loss", "accuracy"):
             add(f"test {key}", a["test"][key], b["test"][key])
     for key in sorted(set(a["timings"]) & set(b["timings"])):
         add(f"time {key}", round(a["timings"][key], 2), round(b["timings"][key], 2))
     return rows
+
+
+#: The settings that make up a run's schedule: runs that differ in one compare unlike epochs.
+SCHEDULE_SETTINGS = ("initial_epochs", "fine_tune_epochs", "batch_size", "limit_batches")
+
+
+def schedule_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``--flag A vs B`` for each schedule setting in which the two runs differ."""
+    sa, sb = a.get("settings", {}), b.get("settings", {})
+    return [f"--{key.replace('_', '-')} {sa.get(key)} vs {sb.get(key)}"
+            for key in SCHEDULE_SETTINGS if sa.get(key) != sb.get(key)]
 
 
 def format_rows(rows: list[tuple[str, Any, Any, str]], names: tuple[str, str]) -> str:
@@ -80,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if mismatched:
         print(f"note: the runs differ in {', '.join(mismatched)}: their numbers are not comparable "
               "one to one")
+    if schedule := schedule_differences(a, b):
+        print(f"warning: the two runs had different schedules (A vs B: {', '.join(schedule)}): "
+              "their epochs are not the same point of training")
     out = Path(args.output or ".")
     out.mkdir(parents=True, exist_ok=True)
     label = {names[0]: a["history"], names[1]: b["history"]}

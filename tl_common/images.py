@@ -324,16 +324,22 @@ _DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
 
 # ---- the check before training --------------------------------------------------------------
 
+def unreadable_reason(err: UnreadableImage | OSError) -> str:
+    """Why a file could not be read, in the words every command uses for it (the trainers'
+    check before training, ``tl_torch.predict``)."""
+    if isinstance(err, UnreadableImage):
+        return err.reason
+    return f"cannot be read ({err.strerror or err})"
+
+
 def check_image(path: str | os.PathLike[str],
                 keep: Callable[[str, np.ndarray], None] | None = None) -> str | None:
     """Why the file is bad, or None if both frameworks read it (to the same pixels). ``keep``:
     called with the path and the pixels of a good file, for a caller that needs them."""
     try:
         pixels = decode_rgb(path)
-    except UnreadableImage as err:
-        return err.reason
-    except OSError as err:
-        return f"cannot be read ({err.strerror or err})"
+    except (UnreadableImage, OSError) as err:
+        return unreadable_reason(err)
     if keep is not None:
         keep(str(path), pixels)
     return None

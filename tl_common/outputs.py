@@ -12,7 +12,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,29 @@ LAYER_TABLE_COLUMNS = ("index", "type", "name", "trainable")
 # over the name: a kill, a signal or a full disk at any moment leaves the previous version whole
 # (or none), never a half-written one. A full disk or quota is one line naming the file
 # (tl_common.errors.disk_full); the temporary file is removed.
+#
+# mkstemp makes its file 0600 (private while it is written); once renamed it is the user's
+# output, so it gets the mode any other program's new file would get under the user's umask.
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux' /proc);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open(name, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
@@ -43,6 +66,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             try:
+                os.fchmod(fd, new_file_mode())
                 view = memoryview(data)
                 while view:  # os.write may write less than asked
                     view = view[os.write(fd, view):]
@@ -117,10 +141,13 @@ class RunDir:
         self.create()
         self.check_reuse(resume=resume, overwrite=overwrite, has_state=has_state)
 
-    def create(self) -> None:
-        """Create the folder; one line if it is a file or cannot be written to."""
+    def create(self) -> list[Path]:
+        """Create the folder; one line if it is a file or cannot be written to. Returns the
+        folders it made, outermost first (for :func:`removed_if_unused`)."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--output-dir={str(self.path)!r} is a file, not a folder")
+        folder = self.path.absolute()
+        made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-")
@@ -130,6 +157,7 @@ class RunDir:
                 raise disk_full(self.path, err) from None
             raise UserError(f"--output-dir={str(self.path)!r} is not writable "
                             f"({err.strerror}): choose a folder you can write to") from None
+        return made
 
     def check_reuse(self, *, resume: bool, overwrite: bool, has_state: bool) -> None:
         """Refuse to reuse a folder that holds a finished run (without ``--overwrite``) or an
@@ -157,6 +185,23 @@ class RunDir:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def removed_if_unused(made: Sequence[Path]) -> Iterator[None]:
+    """A run that fails before writing anything leaves no empty folder behind: on the way out
+    with an error, the folders in ``made`` (:meth:`RunDir.create`'s) that are still empty are
+    removed, innermost first. ``os.rmdir`` removes empty folders only, so nothing written is lost
+    and a folder the user already had is never in ``made``."""
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(made):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or gone): keep it and the folders around it
+                break
+        raise
 
 
 # ---- metrics.json ----------------------------------------------------------------------------
@@ -241,6 +286,23 @@ def write_layer_table(path: str | os.PathLike[str], rows: Iterable[Sequence[Any]
     writer.writerow(LAYER_TABLE_COLUMNS)
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def show_layer_table(rows: Sequence[Sequence[Any]], path: str | os.PathLike[str] | None, *,
+                     print_all: bool, echo: Callable[[str], object] = print) -> None:
+    """The recipe's table at the start of fine-tuning: written to ``path`` (``layer_table.csv``)
+    and summed up in one line on the console; ``print_all`` (``--print-layers``) prints it all."""
+    if path is not None:
+        write_layer_table(path, rows)
+    if print_all:
+        echo(format_layer_table(rows))
+    trainable = [r for r in rows if str(r[3]) == "True"]
+    where = (f"from index {trainable[0][0]} ({trainable[0][2]})" if trainable
+             else "none of them")
+    full = f"in {path}" if path is not None else "not written"
+    echo(f"base layers: {len(rows)}, {len(rows) - len(trainable)} frozen, {len(trainable)} "
+         f"trainable {where}; the full table {full}"
+         + ("" if print_all else " (--print-layers prints it here)"))
 
 
 def read_layer_table(path: str | os.PathLike[str]) -> list[tuple[int, str, str, bool]]:

@@ -41,18 +41,20 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tl_common.data import check_output_dir_placement, resolve_data_root
+from tl_common.data import check_data_dir, check_output_dir_placement, resolve_data_root
 from tl_common.errors import UserError, run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
 from tl_common.head import decide
 from tl_common.interrupts import StopRequests
 from tl_common.lock import OutputLock
 from tl_common.outputs import (
+    LAYER_TABLE_FILE,
     RunDir,
     finish_run,
     format_counts,
-    format_layer_table,
+    removed_if_unused,
     replaced_atomically,
+    show_layer_table,
     write_json,
 )
 from tl_common.resume import ResumeRecord, recorded_inputs, recorded_settings
@@ -67,6 +69,7 @@ from tl_keras.callbacks import (  # noqa: F401  (importable from here, as before
     TerminateOnNaN,
     seed_states,
 )
+from tl_keras.console import find_devices
 from tl_keras.data import TrainingData, make_dataset
 from tl_keras.model import (
     build_base,
@@ -223,9 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    "reference): feature extraction, then fine-tuning.")
     settings = settings_from(parse(parser, argv), "keras")
     check_output_dir_placement(settings)
+    find_devices()
     run_dir = RunDir(Path(settings.output_dir))
-    run_dir.create()
-    with OutputLock(run_dir.path) as lock, \
+    # A run that fails before writing anything removes the folder it made.
+    with removed_if_unused(run_dir.create()), OutputLock(run_dir.path) as lock, \
             StopRequests(INTERRUPTED, on_abort=lock.release) as stop:
         return run(settings, run_dir, stop)
 
@@ -236,6 +240,7 @@ def run(settings: Settings, run_dir: RunDir, stop: StopRequests) -> dict[str, An
     state = RunState(run_dir.path)
     resuming = prepare_output_dir(run_dir, state, settings)
     keras.utils.set_random_seed(settings.seed)
+    check_data_dir(settings)  # a mistyped --data-dir is the error to see, not a failed download
     base, weights = load_base(settings)
     splits = load_data(settings, run_dir)
     inputs = recorded_inputs(weights, splits.summary())
@@ -368,7 +373,8 @@ class Phases:
         """Phase B, the base from fine_tune_at on; returns the layer table."""
         set_phase(self.base, "fine_tuning", self.settings.fine_tune_at)
         table = layer_table(self.base)
-        print(format_layer_table(table))
+        show_layer_table(table, self.state.path / LAYER_TABLE_FILE,
+                         print_all=self.settings.print_layers)
         self.show_counts("fine_tuning")
         compile_for(self.model, "fine_tuning", self.settings.fine_tuning_lr)
         # The recipe's history.epoch[-1] would repeat phase A's last epoch.

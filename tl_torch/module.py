@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -31,7 +32,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from tl_common import recipe
 from tl_common.head import head_units
-from tl_common.outputs import PHASES, format_counts, format_layer_table
+from tl_common.outputs import PHASES, format_counts, show_layer_table
 from tl_torch.augment import RandomFlipRotation
 from tl_torch.fast import fold
 from tl_torch.freezing import count_params, freeze, layer_table
@@ -246,10 +247,14 @@ def rewrap_ddp(trainer: L.Trainer) -> bool:
 class TwoPhaseFineTuning(Callback):
     """Switch from feature extraction to fine-tuning when epoch ``initial_epochs`` begins:
     unfreeze from ``fine_tune_at`` and replace Adam by RMSprop (Lightning's fine-tuning
-    callbacks freeze in a callback the same way, but keep BatchNorm in training mode)."""
+    callbacks freeze in a callback the same way, but keep BatchNorm in training mode).
+    The layer table goes to ``layer_table`` (a ``.csv`` path; None: not written) with a one-line
+    summary on the console, the whole table too with ``print_layers``."""
 
-    def __init__(self, initial_epochs: int) -> None:
+    def __init__(self, initial_epochs: int, *, layer_table: str | Path | None = None,
+                 print_layers: bool = False) -> None:
         self.initial_epochs = initial_epochs
+        self.layer_table, self.print_layers = layer_table, print_layers
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: TransferModule) -> None:
         if trainer.current_epoch < self.initial_epochs or pl_module.phase == "fine_tuning":
@@ -258,5 +263,7 @@ class TwoPhaseFineTuning(Callback):
         rewrap_ddp(trainer)
         trainer.strategy.setup_optimizers(trainer)
         counts = pl_module.counts()
-        trainer.print(format_layer_table(layer_table(pl_module.base)))
+        show_layer_table(layer_table(pl_module.base),
+                         self.layer_table if trainer.is_global_zero else None,
+                         print_all=self.print_layers, echo=trainer.print)
         trainer.print(format_counts("fine_tuning", counts["trainable"], counts["non_trainable"]))

@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tl_common.data import check_output_dir_placement
+from tl_common.data import check_data_dir, check_output_dir_placement
 from tl_common.errors import non_finite_loss, run_main
 from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
 from tl_common.interrupts import StopRequests
@@ -47,6 +47,7 @@ from tl_common.outputs import (
     finish_run,
     format_counts,
     history_entry,
+    removed_if_unused,
 )
 from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
@@ -58,6 +59,7 @@ from tl_torch.checkpoint import (  # noqa: F401  (the checkpoint names, importab
     AtomicCheckpointIO,
     read_checkpoint,
 )
+from tl_torch.console import EpochFromOneBar, InferenceModeNote, quiet_lightning
 from tl_torch.data import ImageFolderDataModule, load_images
 from tl_torch.freezing import layer_table
 from tl_torch.keras_weights import save_keras_weights
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
     check_output_dir_placement(settings)
+    quiet_lightning()
     keep_freed_memory()  # large activations reuse freed memory: see tl_torch/runtime.py
     if (warning := bf16_cost_warning(ns.precision, ns.accelerator)) and rank_zero_only.rank == 0:
         print(warning, file=sys.stderr)
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     with contextlib.ExitStack() as stack:
         lock = None
         if rank_zero_only.rank == 0:  # DDP's other processes rerun this script: rank 0 owns it
-            run_dir.create()
+            # Left last: a run that fails before writing anything removes the folder it made.
+            stack.enter_context(removed_if_unused(run_dir.create()))
             lock = stack.enter_context(OutputLock(run_dir.path))
         stop = stack.enter_context(StopRequests(INTERRUPTED,
                                                 on_abort=lock.release if lock else None))
@@ -192,6 +196,7 @@ def run(settings: Settings, ns: Any, run_dir: RunDir, stop: StopRequests
             read_checkpoint(last)  # plain data, before any work: see AtomicCheckpointIO
     started = time.perf_counter()
     L.seed_everything(settings.seed, workers=True, verbose=False)
+    check_data_dir(settings)  # a mistyped --data-dir is the error to see, not a failed download
 
     # The base first: a weights file that does not fit stops the run before the data is read.
     with naming_flag("weights", settings.weights_source):
@@ -294,14 +299,17 @@ def build_trainer(settings: Settings, ns: Any, run_dir: RunDir, history: KerasHi
                   stop: StopRequests) -> L.Trainer:
     """Lightning's Trainer for both phases: phase switch, history, checkpoints for --resume,
     a stop at the next safe point on Ctrl-C or SIGTERM."""
-    limit = settings.limit_batches if settings.limit_batches is not None else 1.0
+    # None, not 1.0, without --limit-batches: Lightning notes every limit it is given.
+    limit = settings.limit_batches
     return L.Trainer(
         max_epochs=settings.total_epochs,
         accelerator=ns.accelerator, devices=_devices(ns.devices), strategy=ns.strategy,
         precision=ns.precision,
         plugins=[AtomicCheckpointIO()],
         callbacks=[StopOnNonFiniteLoss(), StopOnRequest(stop),
-                   TwoPhaseFineTuning(settings.initial_epochs), history,
+                   TwoPhaseFineTuning(settings.initial_epochs, layer_table=run_dir.layer_table,
+                                      print_layers=settings.print_layers), history,
+                   EpochFromOneBar(), InferenceModeNote(),
                    # save_top_k=1 without a monitor: the latest epoch, overwritten each time
                    # (save_top_k=0 would save nothing at all).
                    ModelCheckpoint(dirpath=run_dir.path / "checkpoints", filename=LAST_CHECKPOINT,

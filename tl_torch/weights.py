@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tl_common.download import IMAGENET_WAY_OUT
 from tl_common.errors import UserError
 from tl_common.mobilenet_v2 import MIN_IMAGE_SIZE
 from tl_common.weights import TORCH_WEIGHT_SOURCES, WEIGHT_SOURCES, imagenet_weights_path
@@ -90,7 +91,7 @@ def _load_torchvision(base: MobileNetV2Base) -> None:
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         reason = getattr(err, "reason", err)
         raise UserError(f"could not download torchvision's weights from {weights.url} ({reason}); "
-                        "pass --weights none or a Keras weights file") from None
+                        f"{IMAGENET_WAY_OUT}") from None
     copy_from_torchvision(base, reference)
 
 
