@@ -28,23 +28,16 @@ the epoch alone, never on how many epochs ran in this process. The data order co
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
-import keras
-import tensorflow as tf
-
 from tl_common.data import check_output_dir_placement, resolve_data_root
-from tl_common.errors import UserError, non_finite_loss, run_main
+from tl_common.errors import run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
 from tl_common.head import decide
 from tl_common.interrupts import StopRequests
@@ -54,33 +47,67 @@ from tl_common.outputs import (
     finish_run,
     format_counts,
     format_layer_table,
-    history_entry,
     replaced_atomically,
     write_json,
 )
 from tl_common.resume import ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
-from tl_keras.data import TrainingData, make_dataset
-from tl_keras.model import (
-    build_base,
-    build_model,
-    compile_for,
-    count_params,
-    layer_table,
-    set_phase,
-)
 
 MODEL_FILE = "model.keras"
 #: What the one line says after Ctrl-C or SIGTERM.
 INTERRUPTED = ("rerun with --resume to continue from the last finished epoch (its backup, "
                "in backup/)")
+_ENGINE_LOADED = False
 
-#: Each epoch's random state starts at draw ``epoch * SEED_DRAWS_PER_EPOCH`` of every
-#: SeedGenerator (see :class:`EpochSeeds`), so epochs draw from ranges of their own as long as
-#: an epoch has fewer steps than this (each generator draws once per step). TensorFlow reduces
-#: the count modulo 2**31 - 2 (Keras' ``_cast_seed``): the ranges stay apart for 2047 epochs.
-SEED_DRAWS_PER_EPOCH = 2**20
+
+def load_engine() -> None:
+    """Import TensorFlow, Keras and the reference's modules into this module. Not at its top:
+    they take seconds to load, and the command line, the paths and the output folder's lock are
+    checked before (:func:`main`), so that a refusal comes at once. Names already set here (a
+    test's replacement of one) are kept."""
+    global _ENGINE_LOADED, keras, tf, TrainingData, make_dataset, build_base, build_model
+    global compile_for, count_params, layer_table, set_phase, SEED_DRAWS_PER_EPOCH
+    global BackupAndRestore, EpochLog, EpochSeeds, StopOnRequest, TerminateOnNaN, reading_data
+    global seed_states
+    if _ENGINE_LOADED:
+        return
+    kept = {name: value for name, value in globals().items() if not name.startswith("__")}
+    import keras
+    import tensorflow as tf
+
+    from tl_keras.callbacks import (
+        SEED_DRAWS_PER_EPOCH,
+        BackupAndRestore,
+        EpochLog,
+        EpochSeeds,
+        StopOnRequest,
+        TerminateOnNaN,
+        reading_data,
+        seed_states,
+    )
+    from tl_keras.data import TrainingData, make_dataset
+    from tl_keras.model import (
+        build_base,
+        build_model,
+        compile_for,
+        count_params,
+        layer_table,
+        set_phase,
+    )
+
+    globals().update(kept)
+    _ENGINE_LOADED = True
+
+
+def __getattr__(name: str) -> Any:
+    """``tl_keras.train.EpochSeeds`` and the engine's other names, read from outside: loaded on
+    first use (:func:`load_engine`)."""
+    if not name.startswith("__") and not _ENGINE_LOADED:
+        load_engine()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -121,147 +148,6 @@ class RunState:
         for p in [*self.files()[1:], self.record.path]:
             p.unlink(missing_ok=True)
 
-
-class EpochLog(keras.callbacks.Callback):
-    """Adds each finished epoch to the run's history and saves the history at once."""
-
-    def __init__(self, history: list[dict[str, Any]], phase: str, path: Path) -> None:
-        super().__init__()
-        self.history, self.phase, self.path = history, phase, path
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        entry = history_entry(epoch + 1, self.phase, logs or {})
-        # A resumed fit redoes the epochs after its backup: their old entries are replaced.
-        self.history[:] = [h for h in self.history if h["epoch"] < entry["epoch"]] + [entry]
-        write_json(self.path, self.history)
-
-
-class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
-    """Keras' callback, raising at the first batch whose loss is NaN or infinite: the run stops
-    at once with one line, before the epoch's end writes its history and backs up the broken
-    weights (which ``--resume`` would restore); the last backup stays that of a sound epoch."""
-
-    def __init__(self) -> None:
-        super().__init__(raise_error=True)
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.epoch = epoch
-
-    def on_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        try:
-            super().on_batch_end(batch, logs)
-        except RuntimeError:
-            raise non_finite_loss(float((logs or {})["loss"]), self.epoch + 1, batch + 1) from None
-
-
-def seed_states(model: keras.Model) -> list[keras.Variable]:
-    """The state of every SeedGenerator in the model (augmentation, dropout), ``[seed, draws]``:
-    in ``model.variables`` ("including random seeds", says Keras), not in what it saves."""
-    return [v for v in model.variables if v.name == "seed_generator_state"]
-
-
-class EpochSeeds(keras.callbacks.Callback):
-    """Sets the model's random state from the epoch as each epoch begins.
-
-    RandomFlip, RandomRotation and Dropout draw from Keras SeedGenerators, whose state
-    (:func:`seed_states`) counts up by one per training step and is not in the backup: a
-    resumed run would restart it at ``[seed, 0]`` and draw other flips, angles and masks. Set
-    to ``[seed, epoch * SEED_DRAWS_PER_EPOCH]`` here, the draws of step ``b`` of epoch ``e``
-    depend on (seed, e, b) alone. Per epoch is enough: a run killed mid-epoch resumes from the
-    backup of the last finished epoch and redoes the whole epoch. The compiled train step reads
-    the variable when it runs, so the assignment holds in graph mode too.
-    """
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        for state in seed_states(self.model):
-            seed = state.numpy()[0]  # the generator's own seed: its draws count up the other entry
-            state.assign([seed, epoch * SEED_DRAWS_PER_EPOCH])
-
-
-class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' callback with its backup in one file, written atomically, the epoch inside.
-
-    Keras writes ``latest.weights.h5`` in place, about half a second per epoch, and then the
-    epoch number in ``training_metadata.json``: a kill during the first leaves a file that stops
-    ``--resume`` with an OSError, a kill between the two leaves the new weights with the last
-    epoch number, and the resumed run would train that epoch twice. Here the epoch is an
-    attribute of the weights file, written beside and renamed over: a kill leaves the last
-    backup or the new one, whole. The weights file holds the optimizer's state too (its step
-    count and slots), so training goes on as if never stopped.
-    """
-
-    EPOCH_ATTRIBUTE = "tl_keras_epoch"  # epochs finished, as Keras' training_metadata.json
-
-    def backed_up_epoch(self) -> int | None:
-        """The epochs the backup has finished, or None without a backup."""
-        if not os.path.exists(self._weights_path):
-            return None
-        with h5py.File(self._weights_path, "r") as f:
-            if self.EPOCH_ATTRIBUTE not in f.attrs:
-                raise UserError(f"{self._weights_path} does not say which epoch it backs up "
-                                "(a backup of an older version?): start the run again with "
-                                "--overwrite")
-            return int(f.attrs[self.EPOCH_ATTRIBUTE])
-
-    def _save_model(self) -> None:
-        os.makedirs(self.backup_dir, exist_ok=True)
-        # Keras wants the .weights.h5 ending on the temporary file too.
-        with replaced_atomically(self._weights_path, ".latest.tmp.weights.h5") as tmp:
-            self.model.save_weights(tmp, overwrite=True)
-            with h5py.File(tmp, "a") as f:
-                f.attrs[self.EPOCH_ATTRIBUTE] = self._current_epoch
-
-    def _load_model(self) -> None:
-        epoch = self.backed_up_epoch()
-        if epoch is None:
-            return
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)  # so that its state loads
-        self.model.load_weights(self._weights_path)
-        self.model._initial_epoch = epoch
-
-
-class StopOnRequest(keras.callbacks.Callback):
-    """Ends training at a safe point after Ctrl-C or SIGTERM (:mod:`tl_common.interrupts`): after
-    the current training step or validation batch, before the epoch's end writes its history and
-    backup; the backup of the last finished epoch stays what --resume continues from."""
-
-    def __init__(self, stop: StopRequests) -> None:
-        super().__init__()
-        self.stop = stop
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.stop.check()
-
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.stop.check()
-
-
-#: TensorFlow's errors for a file that cannot be opened or decoded any more.
-_DATA_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
-                tf.errors.InvalidArgumentError)
-
-
-@contextlib.contextmanager
-def reading_data() -> Iterator[None]:
-    """Files read before training and gone or damaged since (a vanished folder, a file replaced
-    by a bad one) are one line; the backup of the last finished epoch is kept for --resume.
-
-    TensorFlow's message names the missing file, not the undecodable one (its decoder does not
-    know the path): the line quotes TensorFlow's reason."""
-    try:
-        yield
-    except _DATA_ERRORS as err:
-        lines = [line.strip() for line in str(err.message).splitlines() if line.strip()]
-        reason = next((line for line in lines if "failed to" in line or "No such file" in line
-                       or "image" in line.lower() or "Permission denied" in line), None)
-        if reason is None or (isinstance(err, tf.errors.InvalidArgumentError)
-                              and "image" not in reason.lower()):
-            raise
-        raise UserError(f"the data could not be read during training ({reason[:240]}): it "
-                        "changed after the check at the start of the run; restore it, then "
-                        "rerun with --resume to continue from the last finished epoch") from None
 
 
 def fit(model: keras.Model, train_data: TrainingData, validation: tf.data.Dataset, phase: str,
@@ -342,16 +228,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_output_dir_placement(settings)
     run_dir = RunDir(Path(settings.output_dir))
     run_dir.create()
+    # The folder is locked and checked before TensorFlow loads (seconds): a refusal comes at once.
     with OutputLock(run_dir.path) as lock, \
             StopRequests(INTERRUPTED, on_abort=lock.release) as stop:
-        return run(settings, run_dir, stop)
+        resuming = prepare_output_dir(run_dir, RunState(run_dir.path), settings)
+        load_engine()
+        return run(settings, run_dir, stop, resuming)
 
 
-def run(settings: Settings, run_dir: RunDir, stop: StopRequests) -> dict[str, Any]:
-    """The recipe in a locked output folder, Ctrl-C and SIGTERM handled by ``stop``."""
+def run(settings: Settings, run_dir: RunDir, stop: StopRequests, resuming: bool
+        ) -> dict[str, Any]:
+    """The recipe in a locked, checked output folder (``resuming``: there is a run to resume),
+    Ctrl-C and SIGTERM handled by ``stop``."""
     started = time.perf_counter()
     state = RunState(run_dir.path)
-    resuming = prepare_output_dir(run_dir, state, settings)
     keras.utils.set_random_seed(settings.seed)
     base, weights = load_base(settings)
     splits = load_data(settings, run_dir)
