@@ -4,7 +4,9 @@ Run ``python -m tl_torch.train --demo --output-dir runs/torch-demo`` (offline), 
 ``python -m tl_torch.train`` for cats_and_dogs_filtered with the ImageNet weights (online).
 The flags are ``tl_keras.train``'s (see ``--help``; ``--config exp.yaml`` drives either trainer)
 plus Lightning's ``--accelerator``, ``--devices``, ``--strategy`` and ``--precision``; e.g.
-``--accelerator cpu --devices 2 --strategy ddp`` trains in two processes.
+``--accelerator cpu --devices 2 --strategy ddp`` trains in two processes, and ``--num-nodes N``
+on N machines, started on each by torchrun or SLURM. ``--init-from`` starts from a trained
+``model.ckpt`` (a converted Keras model, another run: :mod:`tl_torch.init_from`).
 
 Outputs in ``--output-dir``, in the Keras reference's schema: ``metrics.json``,
 ``learning_curves.png``, ``layer_table.csv``; plus ``model.ckpt`` (the trained Lightning
