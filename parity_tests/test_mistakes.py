@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 import tl_torch.augment
+import tl_torch.callbacks
 import tl_torch.data
 import tl_torch.freezing
+import tl_torch.init_from
 import tl_torch.keras_weights
 import tl_torch.model
 import tl_torch.module
@@ -30,6 +32,7 @@ import tl_torch.train
 import tl_torch.weights
 from parity_tests import (
     checks_data,
+    checks_init_from,
     checks_model,
     checks_module,
     checks_steps,
@@ -157,6 +160,18 @@ def test_loss_summed_not_averaged(monkeypatch) -> None:
     assert_caught(checks_steps.check_steps(setup), where="loss of each of 1 steps")
 
 
+def test_init_from_keeps_a_fresh_head(monkeypatch, tmp_path) -> None:
+    # --init-from loads the converted base but leaves the head as a new run initialises it.
+    def base_only(module, state_dict, path):
+        module.load_state_dict({k: v for k, v in state_dict.items()
+                                if not k.startswith("classifier.")}, strict=False)
+
+    monkeypatch.setattr(tl_torch.init_from, "load_trained_weights", base_only)
+    rows = checks_init_from.check_init_from(tmp_path)
+    assert_caught(rows, where="starting point")
+    assert_caught(rows, where="update of every trainable weight")
+
+
 # ---- outside the model's numerics: the trainer's wiring, data, augmentation, head, prediction --
 # The trainer's mistakes run tl_torch.train.main with a recorder (one batch per epoch is enough
 # for the wiring rows) against the reference's recorded run, made once per session.
@@ -201,12 +216,12 @@ def test_phase_switch_one_epoch_late(monkeypatch, tmp_path) -> None:
 @pytest.mark.trainers
 def test_fine_tuning_epochs_numbered_from_one(monkeypatch, tmp_path) -> None:
     # Phase B's epochs counted afresh (Keras' initial_epoch forgotten).
-    entry = tl_torch.train.history_entry
+    entry = tl_torch.callbacks.history_entry
 
     def restarted(epoch, phase, logs):
         return entry(epoch if phase == "feature_extraction" else epoch - 1, phase, logs)
 
-    monkeypatch.setattr(tl_torch.train, "history_entry", restarted)
+    monkeypatch.setattr(tl_torch.callbacks, "history_entry", restarted)
     assert_caught(torch_wiring(tmp_path), where="history: (epoch, phase)")
 
 

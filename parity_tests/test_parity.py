@@ -14,6 +14,7 @@ import pytest
 from parity_tests import (
     checks_data,
     checks_e2e,
+    checks_init_from,
     checks_model,
     checks_module,
     checks_steps,
@@ -94,6 +95,11 @@ def test_16_module(parity) -> None:
 
 def test_18_bf16(parity) -> None:
     parity.check(checks_module.check_bf16())
+
+
+@pytest.mark.slow  # a Keras model saved, converted, and stepped in float64
+def test_19_converted_model_fine_tuned(parity, workdir: Path) -> None:
+    parity.check(checks_init_from.check_init_from(workdir / "init-from"))
 
 
 @pytest.mark.seeds

@@ -28,6 +28,21 @@ from types import TracebackType
 from tl_common.errors import UserError, disk_full_is_one_line
 
 LOCK_FILE = "run.lock"
+#: Where launchers say which process this is. torchrun: RANK (of all processes); SLURM's srun:
+#: SLURM_PROCID; Lightning's own launcher: LOCAL_RANK in the processes it starts, NODE_RANK (or
+#: torchrun's GROUP_RANK) on every node, set by the user or the cluster.
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
+
+
+def owns_output_dir() -> bool:
+    """Whether this process is a run's first (global rank 0), which alone locks and writes the
+    output folder; read from the launcher's environment, before any framework loads.
+
+    Lightning's own rank (``rank_zero_only.rank``) is known only once its Trainer is made, and
+    reads 0 in the process a user starts on a second node with ``NODE_RANK=1`` (which sets no
+    rank of its own): that process would lock the folder the first node's run holds.
+    """
+    return all(int(os.environ.get(name) or 0) == 0 for name in RANK_VARIABLES)
 
 
 def _owner(fd: int) -> dict[str, object]:

@@ -50,6 +50,10 @@ class Settings:
     weights: str | None = field(default=None, metadata=_help(
         "imagenet, demo, none, torchvision (the PyTorch port only), or a Keras "
         ".h5/.keras/.weights.h5 file (default: demo with --demo, else imagenet)"))
+    init_from: str | None = field(default=None, metadata=_help(
+        "start from a trained model instead of --weights (the PyTorch port only): the model.ckpt "
+        "of python -m tl_torch.convert from-keras or of a tl_torch.train run (its file, or its "
+        "folder); with --initial-epochs 0 the run fine-tunes it at once"))
     image_size: int = field(default=160, metadata=_help(
         f"square input size in pixels (>= {MIN_IMAGE_SIZE})"))
     batch_size: int = field(default=32, metadata=_help("images per batch"))
@@ -69,6 +73,9 @@ class Settings:
         "share of the validation files set aside as the test split, per class"))
     seed: int = field(default=42, metadata=_help(
         "seed for the test split, shuffling, augmentation, dropout and the head's init"))
+    num_nodes: int = field(default=1, metadata=_help(
+        "machines the run spans, each running --devices processes (the PyTorch port only; "
+        "start it on every node with torchrun or SLURM: see the README)"))
     limit_batches: int | None = field(default=None, metadata=_help(
         "at most this many batches per epoch in training, validation and test (quick runs)"))
     skip_bad_images: bool = field(default=False, metadata=_help(
@@ -131,9 +138,12 @@ def validate(settings: Settings, framework: str = "keras") -> Settings:
     def bad(name: str, accepted: str) -> UserError:
         return UserError(f"{flag(name)}={getattr(s, name)!r} is not accepted: {accepted}")
 
-    for name in ("batch_size", "initial_epochs", "fine_tune_epochs"):
+    for name in ("batch_size", "fine_tune_epochs", "num_nodes"):
         if getattr(s, name) < 1:
             raise bad(name, "expected a positive integer")
+    if s.initial_epochs < (0 if s.init_from is not None else 1):
+        raise bad("initial_epochs", "expected a positive integer (0 only with --init-from, "
+                                    "whose head is trained already)")
     if s.image_size < MIN_IMAGE_SIZE:
         raise bad("image_size", f"MobileNetV2 needs at least {MIN_IMAGE_SIZE} pixels")
     if not 0 <= s.fine_tune_at <= KERAS_BASE_LAYERS:
@@ -156,6 +166,7 @@ def validate(settings: Settings, framework: str = "keras") -> Settings:
         raise UserError("--demo and --data-dir exclude each other: the demo brings its own data")
     if s.resume and s.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
+    _check_port_only(s, framework)
     w = s.weights
     if w in TORCH_WEIGHT_SOURCES and framework != "torch":
         raise bad("weights", f"{w} weights are for the PyTorch port (python -m tl_torch.train); "
@@ -164,6 +175,32 @@ def validate(settings: Settings, framework: str = "keras") -> Settings:
         raise bad("weights", f"expected one of {', '.join(sources)}, or a Keras weights "
                              "or model file (.h5, .keras)")
     return s
+
+
+def _check_port_only(s: Settings, framework: str) -> None:
+    """--num-nodes and --init-from: the Keras reference refuses them rather than ignoring them (a
+    multi-node launch would run one whole copy per node, all writing one folder); the port checks
+    that --init-from names something."""
+    if framework != "torch":
+        if s.num_nodes != 1:
+            raise UserError(f"--num-nodes={s.num_nodes} is not accepted: the Keras reference trains "
+                            "on one machine; use python -m tl_torch.train for several nodes")
+        if s.init_from is not None:
+            raise UserError(f"--init-from={s.init_from!r} is not accepted: the Keras reference "
+                            "starts from --weights; continuing from a model.ckpt is the PyTorch "
+                            "port's (python -m tl_torch.train)")
+        return
+    if s.init_from is None:
+        return
+    if s.weights is not None:
+        raise UserError("--init-from and --weights exclude each other: the model started from "
+                        "brings its own weights")
+    if s.resume:
+        return  # the run's own checkpoint continues it; --init-from is only recorded
+    if not Path(s.init_from).exists():
+        raise UserError(f"--init-from={s.init_from!r}: no such file or folder; expected the "
+                        "model.ckpt of python -m tl_torch.convert from-keras or of a "
+                        "tl_torch.train run, or its folder")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -208,6 +245,8 @@ def settings_from(namespace: Namespace, framework: str) -> Settings:
         if values[name] is not None:
             values[name] = os.path.expanduser(values[name])
     values["weights"] = expand_weights(values["weights"])
+    if values["init_from"] is not None:
+        values["init_from"] = os.path.expanduser(values["init_from"])
     return validate(Settings(**values), framework)
 
 

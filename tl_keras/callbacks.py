@@ -1,17 +1,21 @@
-"""The reference trainer's Keras callbacks: the run's history written each epoch, a stop at the
-first non-finite loss, each epoch's random state set from the epoch alone, an atomic backup of
-the last finished epoch, and a stop at a safe point on Ctrl-C or SIGTERM. ``tl_keras.train``
-puts them into each phase's ``fit``.
+"""The Keras trainer's callbacks (``python -m tl_keras.train``): the history saved as each epoch
+ends, ``TerminateOnNaN`` as one line, every epoch's random state set from the seed and the epoch,
+``BackupAndRestore`` in one atomically written file, the stop at a safe point after Ctrl-C or
+SIGTERM, and data read during training that changed since the run's start as one line. Apart from
+:mod:`tl_keras.train` so that the trainer can check its command line before TensorFlow loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import keras
+import tensorflow as tf
 
 from tl_common.errors import UserError, non_finite_loss
 from tl_common.interrupts import StopRequests
@@ -139,3 +143,29 @@ class StopOnRequest(keras.callbacks.Callback):
 
     def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.stop.check()
+
+
+#: TensorFlow's errors for a file that cannot be opened or decoded any more.
+_DATA_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
+                tf.errors.InvalidArgumentError)
+
+
+@contextlib.contextmanager
+def reading_data() -> Iterator[None]:
+    """Files read before training and gone or damaged since (a vanished folder, a file replaced
+    by a bad one) are one line; the backup of the last finished epoch is kept for --resume.
+
+    TensorFlow's message names the missing file, not the undecodable one (its decoder does not
+    know the path): the line quotes TensorFlow's reason."""
+    try:
+        yield
+    except _DATA_ERRORS as err:
+        lines = [line.strip() for line in str(err.message).splitlines() if line.strip()]
+        reason = next((line for line in lines if "failed to" in line or "No such file" in line
+                       or "image" in line.lower() or "Permission denied" in line), None)
+        if reason is None or (isinstance(err, tf.errors.InvalidArgumentError)
+                              and "image" not in reason.lower()):
+            raise
+        raise UserError(f"the data could not be read during training ({reason[:240]}): it "
+                        "changed after the check at the start of the run; restore it, then "
+                        "rerun with --resume to continue from the last finished epoch") from None

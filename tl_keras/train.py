@@ -28,21 +28,16 @@ the epoch alone, never on how many epochs ran in this process. The data order co
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import keras
-import tensorflow as tf
-
 from tl_common.data import check_data_dir, check_output_dir_placement, resolve_data_root
-from tl_common.errors import UserError, run_main
+from tl_common.errors import run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
 from tl_common.head import decide
 from tl_common.interrupts import StopRequests
@@ -60,30 +55,63 @@ from tl_common.outputs import (
 from tl_common.resume import ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
-from tl_keras.callbacks import (  # noqa: F401  (importable from here, as before)
-    SEED_DRAWS_PER_EPOCH,
-    BackupAndRestore,
-    EpochLog,
-    EpochSeeds,
-    StopOnRequest,
-    TerminateOnNaN,
-    seed_states,
-)
 from tl_keras.console import find_devices
-from tl_keras.data import TrainingData, make_dataset
-from tl_keras.model import (
-    build_base,
-    build_model,
-    compile_for,
-    count_params,
-    layer_table,
-    set_phase,
-)
 
 MODEL_FILE = "model.keras"
 #: What the one line says after Ctrl-C or SIGTERM.
 INTERRUPTED = ("rerun with --resume to continue from the last finished epoch (its backup, "
                "in backup/)")
+_ENGINE_LOADED = False
+
+
+def load_engine() -> None:
+    """Import TensorFlow, Keras and the reference's modules into this module. Not at its top:
+    they take seconds to load, and the command line, the paths and the output folder's lock are
+    checked before (:func:`main`), so that a refusal comes at once. Names already set here (a
+    test's replacement of one) are kept."""
+    global _ENGINE_LOADED, keras, tf, TrainingData, make_dataset, build_base, build_model
+    global compile_for, count_params, layer_table, set_phase, SEED_DRAWS_PER_EPOCH
+    global BackupAndRestore, EpochLog, EpochSeeds, StopOnRequest, TerminateOnNaN, reading_data
+    global seed_states
+    if _ENGINE_LOADED:
+        return
+    kept = {name: value for name, value in globals().items() if not name.startswith("__")}
+    import keras
+    import tensorflow as tf
+
+    from tl_keras.callbacks import (
+        SEED_DRAWS_PER_EPOCH,
+        BackupAndRestore,
+        EpochLog,
+        EpochSeeds,
+        StopOnRequest,
+        TerminateOnNaN,
+        reading_data,
+        seed_states,
+    )
+    from tl_keras.data import TrainingData, make_dataset
+    from tl_keras.model import (
+        build_base,
+        build_model,
+        compile_for,
+        count_params,
+        layer_table,
+        set_phase,
+    )
+
+    globals().update(kept)
+    _ENGINE_LOADED = True
+
+
+def __getattr__(name: str) -> Any:
+    """``tl_keras.train.EpochSeeds`` and the engine's other names, read from outside: loaded on
+    first use (:func:`load_engine`)."""
+    if not name.startswith("__") and not _ENGINE_LOADED:
+        load_engine()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 @dataclass(frozen=True)
 class RunState:
@@ -123,31 +151,6 @@ class RunState:
         for p in [*self.files()[1:], self.record.path]:
             p.unlink(missing_ok=True)
 
-
-#: TensorFlow's errors for a file that cannot be opened or decoded any more.
-_DATA_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
-                tf.errors.InvalidArgumentError)
-
-
-@contextlib.contextmanager
-def reading_data() -> Iterator[None]:
-    """Files read before training and gone or damaged since (a vanished folder, a file replaced
-    by a bad one) are one line; the backup of the last finished epoch is kept for --resume.
-
-    TensorFlow's message names the missing file, not the undecodable one (its decoder does not
-    know the path): the line quotes TensorFlow's reason."""
-    try:
-        yield
-    except _DATA_ERRORS as err:
-        lines = [line.strip() for line in str(err.message).splitlines() if line.strip()]
-        reason = next((line for line in lines if "failed to" in line or "No such file" in line
-                       or "image" in line.lower() or "Permission denied" in line), None)
-        if reason is None or (isinstance(err, tf.errors.InvalidArgumentError)
-                              and "image" not in reason.lower()):
-            raise
-        raise UserError(f"the data could not be read during training ({reason[:240]}): it "
-                        "changed after the check at the start of the run; restore it, then "
-                        "rerun with --resume to continue from the last finished epoch") from None
 
 
 def fit(model: keras.Model, train_data: TrainingData, validation: tf.data.Dataset, phase: str,
@@ -226,19 +229,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    "reference): feature extraction, then fine-tuning.")
     settings = settings_from(parse(parser, argv), "keras")
     check_output_dir_placement(settings)
-    find_devices()
     run_dir = RunDir(Path(settings.output_dir))
-    # A run that fails before writing anything removes the folder it made.
+    # The folder is locked and checked before TensorFlow loads (seconds): a refusal comes at once;
+    # a run that fails before writing anything removes the folder it made.
     with removed_if_unused(run_dir.create()), OutputLock(run_dir.path) as lock, \
             StopRequests(INTERRUPTED, on_abort=lock.release) as stop:
-        return run(settings, run_dir, stop)
+        resuming = prepare_output_dir(run_dir, RunState(run_dir.path), settings)
+        load_engine()
+        find_devices()   # TensorFlow's device search, with its one line of noise left out
+        return run(settings, run_dir, stop, resuming)
 
 
-def run(settings: Settings, run_dir: RunDir, stop: StopRequests) -> dict[str, Any]:
-    """The recipe in a locked output folder, Ctrl-C and SIGTERM handled by ``stop``."""
+def run(settings: Settings, run_dir: RunDir, stop: StopRequests, resuming: bool
+        ) -> dict[str, Any]:
+    """The recipe in a locked, checked output folder (``resuming``: there is a run to resume),
+    Ctrl-C and SIGTERM handled by ``stop``."""
     started = time.perf_counter()
     state = RunState(run_dir.path)
-    resuming = prepare_output_dir(run_dir, state, settings)
     keras.utils.set_random_seed(settings.seed)
     check_data_dir(settings)  # a mistyped --data-dir is the error to see, not a failed download
     base, weights = load_base(settings)

@@ -21,14 +21,8 @@ from tl_common.errors import UserError
 from tl_common.outputs import atomic_write_bytes, read_metrics
 from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
+from tl_torch.run_files import BASE_WEIGHTS_FILE, LAST_CHECKPOINT, MODEL_FILE  # noqa: F401
 from tl_torch.weights import base_config
-
-#: The trained model of a run (what predict and convert read).
-MODEL_FILE = "model.ckpt"
-#: The checkpoint of the last finished epoch, in ``checkpoints/`` (what --resume reads).
-LAST_CHECKPOINT = "last"
-#: The fine-tuned base as a Keras weights file.
-BASE_WEIGHTS_FILE = "base.weights.h5"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -4,7 +4,9 @@ Run ``python -m tl_torch.train --demo --output-dir runs/torch-demo`` (offline), 
 ``python -m tl_torch.train`` for cats_and_dogs_filtered with the ImageNet weights (online).
 The flags are ``tl_keras.train``'s (see ``--help``; ``--config exp.yaml`` drives either trainer)
 plus Lightning's ``--accelerator``, ``--devices``, ``--strategy`` and ``--precision``; e.g.
-``--accelerator cpu --devices 2 --strategy ddp`` trains in two processes.
+``--accelerator cpu --devices 2 --strategy ddp`` trains in two processes, and ``--num-nodes N``
+on N machines, started on each by torchrun or SLURM. ``--init-from`` starts from a trained
+``model.ckpt`` (a converted Keras model, another run: :mod:`tl_torch.init_from`).
 
 Outputs in ``--output-dir``, in the Keras reference's schema: ``metrics.json``,
 ``learning_curves.png``, ``layer_table.csv``; plus ``model.ckpt`` (the trained Lightning
@@ -30,114 +32,67 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
 from tl_common.data import check_data_dir, check_output_dir_placement
-from tl_common.errors import non_finite_loss, run_main
+from tl_common.errors import run_main
 from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
 from tl_common.interrupts import StopRequests
-from tl_common.lock import OutputLock
-from tl_common.outputs import (
-    RunDir,
-    finish_run,
-    format_counts,
-    history_entry,
-    removed_if_unused,
-)
+from tl_common.lock import OutputLock, owns_output_dir
+from tl_common.outputs import RunDir, finish_run, format_counts, removed_if_unused
 from tl_common.resume import RECORD_FILE, ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
 from tl_common.weights import weights_record
-from tl_torch.checkpoint import (  # noqa: F401  (the checkpoint names, importable from here)
-    BASE_WEIGHTS_FILE,
-    LAST_CHECKPOINT,
-    MODEL_FILE,
-    AtomicCheckpointIO,
-    read_checkpoint,
-)
-from tl_torch.console import EpochFromOneBar, InferenceModeNote, quiet_lightning
-from tl_torch.data import ImageFolderDataModule, load_images
-from tl_torch.freezing import layer_table
-from tl_torch.keras_weights import save_keras_weights
-from tl_torch.module import TransferModule, TwoPhaseFineTuning
-from tl_torch.runtime import bf16_cost_warning, keep_freed_memory
-from tl_torch.weights import build_base
+from tl_torch.run_files import BASE_WEIGHTS_FILE, LAST_CHECKPOINT, MODEL_FILE
 
 #: What the one line says after Ctrl-C or SIGTERM.
 INTERRUPTED = ("rerun with --resume to continue from the last finished epoch "
                "(checkpoints/last.ckpt)")
+_ENGINE_LOADED = False
 
 
-class KerasHistory(Callback):
-    """``History`` as Keras' ``fit`` returns it: per epoch, the training metrics averaged over
-    the epoch and the validation metrics computed after it; kept in checkpoints for --resume."""
+def load_engine() -> None:
+    """Import Lightning, torch and the port into this module. Not at its top: they take seconds
+    to load, and the command line, the paths and the output folder's lock are checked before
+    (:func:`main`), so that a refusal comes at once. Names already set here (a test's
+    replacement of one) are kept."""
+    global _ENGINE_LOADED, L, torch, ModelCheckpoint, CSVLogger, rank_zero_only
+    global SIGTERMException, AtomicCheckpointIO, KerasHistory, StopOnNonFiniteLoss
+    global StopOnRequest, read_checkpoint, ImageFolderDataModule, load_images
+    global bf16_cost_warning, keep_freed_memory, layer_table, save_keras_weights
+    global TransferModule, TwoPhaseFineTuning, build_base, start_from
+    global EpochFromOneBar, InferenceModeNote, quiet_lightning
+    if _ENGINE_LOADED:
+        return
+    kept = {name: value for name, value in globals().items() if not name.startswith("__")}
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    def __init__(self) -> None:
-        self.history: list[dict[str, Any]] = []
-        self.seconds = {"feature_extraction": 0.0, "fine_tuning": 0.0}
-        self._start = 0.0
+    from tl_torch.callbacks import KerasHistory, StopOnNonFiniteLoss, StopOnRequest
+    from tl_torch.checkpoint import AtomicCheckpointIO, read_checkpoint
+    from tl_torch.console import EpochFromOneBar, InferenceModeNote, quiet_lightning
+    from tl_torch.data import ImageFolderDataModule, load_images
+    from tl_torch.freezing import layer_table
+    from tl_torch.init_from import start_from
+    from tl_torch.keras_weights import save_keras_weights
+    from tl_torch.module import TransferModule, TwoPhaseFineTuning
+    from tl_torch.runtime import bf16_cost_warning, keep_freed_memory
+    from tl_torch.weights import build_base
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: TransferModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: TransferModule) -> None:
-        logs = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        entry = history_entry(trainer.current_epoch + 1, pl_module.phase, logs)
-        self.history = [h for h in self.history if h["epoch"] != entry["epoch"]] + [entry]
-        self.seconds[pl_module.phase] += time.perf_counter() - self._start
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "seconds": self.seconds}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history, self.seconds = state_dict["history"], state_dict["seconds"]
-
-
-class StopOnNonFiniteLoss(Callback):
-    """Keras' ``TerminateOnNaN`` for the port: the run stops with one line at the first training
-    step whose loss is NaN or infinite, before the epoch's checkpoint saves the broken weights.
-    Under DDP every process learns that one of them saw it, so all stop together."""
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            value = float(loss.detach()) if not torch.isfinite(loss.detach()).all() else "non-finite"
-            raise non_finite_loss(value, trainer.current_epoch + 1, batch_idx + 1)
+    globals().update(kept)
+    _ENGINE_LOADED = True
 
 
-class StopOnRequest(Callback):
-    """Ends training at a safe point after Ctrl-C or SIGTERM (:mod:`tl_common.interrupts`): after
-    the current training step, or validation batch, never inside a step or a checkpoint write.
-    Under DDP every process learns after each step that one of them was asked, so that all stop
-    after the same step."""
-
-    def __init__(self, stop: StopRequests) -> None:
-        self.stop = stop
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        requested = self.stop.requested
-        if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if requested:
-            raise self.stop.error(self.stop.signum or signal.SIGTERM)
-
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        # Alone only: DDP's validation shards may differ in length, a collective here could hang.
-        if trainer.world_size == 1:
-            self.stop.check()
+def __getattr__(name: str) -> Any:
+    """``tl_torch.train.TransferModule`` and the engine's other names, read from outside: loaded
+    on first use (:func:`load_engine`)."""
+    if not name.startswith("__") and not _ENGINE_LOADED:
+        load_engine()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_arg_parser():
@@ -159,63 +114,73 @@ def _devices(value: str) -> int | str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """Run the recipe; return the metrics.json document (None on DDP's other processes)."""
+    """Run the recipe; return the metrics.json document (None on DDP's other processes).
+
+    The command line, the paths, the output folder's lock and --resume's record are checked
+    before Lightning and torch load (seconds of imports): a refusal comes at once."""
     ns = parse(build_arg_parser(), argv)
     settings = settings_from(ns, "torch")
     check_output_dir_placement(settings)
-    quiet_lightning()
-    keep_freed_memory()  # large activations reuse freed memory: see tl_torch/runtime.py
-    if (warning := bf16_cost_warning(ns.precision, ns.accelerator)) and rank_zero_only.rank == 0:
-        print(warning, file=sys.stderr)
     run_dir = RunDir(Path(settings.output_dir))
     with contextlib.ExitStack() as stack:
         lock = None
-        if rank_zero_only.rank == 0:  # DDP's other processes rerun this script: rank 0 owns it
+        # The run's first process owns the folder: DDP's others (Lightning reruns this script;
+        # torchrun and SLURM start one per device) and those of other nodes leave it alone.
+        if owns_output_dir():
             # Left last: a run that fails before writing anything removes the folder it made.
             stack.enter_context(removed_if_unused(run_dir.create()))
             lock = stack.enter_context(OutputLock(run_dir.path))
+            check_output_dir(run_dir, settings, recorded(settings, ns))
         stop = stack.enter_context(StopRequests(INTERRUPTED,
                                                 on_abort=lock.release if lock else None))
+        load_engine()
+        quiet_lightning()
+        keep_freed_memory()  # large activations reuse freed memory: see tl_torch/runtime.py
+        if (warning := bf16_cost_warning(ns.precision, ns.accelerator)) and lock is not None:
+            print(warning, file=sys.stderr)
         return run(settings, ns, run_dir, stop)
+
+
+def recorded(settings: Settings, ns: Any) -> dict[str, Any]:
+    """What --resume must find unchanged (:mod:`tl_common.resume`), with Lightning's settings
+    and the checkpoint a run started from."""
+    init_from = settings.init_from and os.path.realpath(settings.init_from)
+    return recorded_settings(settings, accelerator=ns.accelerator, devices=ns.devices,
+                             strategy=ns.strategy, precision=ns.precision,
+                             num_nodes=settings.num_nodes, init_from=init_from)
+
+
+def last_checkpoint(run_dir: RunDir) -> Path:
+    return run_dir.path / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+
+
+def check_output_dir(run_dir: RunDir, settings: Settings, current: dict[str, Any]) -> None:
+    """Refuse a folder that --resume/--overwrite do not fit, or a resume with other settings;
+    clear it for --overwrite."""
+    has_state = last_checkpoint(run_dir).exists()
+    prepare_output_dir(run_dir, settings, has_state=has_state)
+    record = ResumeRecord(run_dir.path)
+    if settings.resume and has_state and not record.check("settings", current):
+        print(f"warning: {record.path} is missing: the settings of the run being resumed "
+              "cannot be compared with these", file=sys.stderr)
 
 
 def run(settings: Settings, ns: Any, run_dir: RunDir, stop: StopRequests
         ) -> dict[str, Any] | None:
-    """The recipe in a locked output folder, Ctrl-C and SIGTERM handled by ``stop``."""
-    last = run_dir.path / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
-    record = ResumeRecord(run_dir.path)
+    """The recipe in a locked, checked output folder, Ctrl-C and SIGTERM handled by ``stop``."""
+    last = last_checkpoint(run_dir)
     resuming = settings.resume and last.exists()
-    current = recorded_settings(settings, accelerator=ns.accelerator, devices=ns.devices,
-                                strategy=ns.strategy, precision=ns.precision)
-    if rank_zero_only.rank == 0:  # the checks are rank 0's
-        prepare_output_dir(run_dir, settings, has_state=last.exists())
-        if resuming:
-            if not record.check("settings", current):
-                print(f"warning: {record.path} is missing: the settings of the run being resumed "
-                      "cannot be compared with these", file=sys.stderr)
-            read_checkpoint(last)  # plain data, before any work: see AtomicCheckpointIO
+    if resuming and owns_output_dir():
+        read_checkpoint(last)  # plain data, before any work: see AtomicCheckpointIO
     started = time.perf_counter()
     L.seed_everything(settings.seed, workers=True, verbose=False)
     check_data_dir(settings)  # a mistyped --data-dir is the error to see, not a failed download
-
-    # The base first: a weights file that does not fit stops the run before the data is read.
-    with naming_flag("weights", settings.weights_source):
-        base = build_base(settings.weights_source, settings.image_size,
-                          generator=torch.Generator().manual_seed(settings.seed))
-        # Now, not after training: nothing about the weights file can fail once it is done.
-        weights = weights_record(settings.weights_source, settings.image_size)
-    data = load_data(settings, run_dir)
+    module, weights, data = start_module(settings, run_dir)
     splits = data.splits
-    if rank_zero_only.rank == 0:
-        inputs = recorded_inputs(weights, splits.summary())
+    if owns_output_dir():
+        record, inputs = ResumeRecord(run_dir.path), recorded_inputs(weights, splits.summary())
         if not (resuming and record.check("inputs", inputs)):
-            record.write(current, inputs)
-    module = TransferModule(base, learning_rate=settings.learning_rate,
-                            fine_tune_learning_rate=settings.fine_tuning_lr,
-                            fine_tune_at=settings.fine_tune_at, dropout=settings.dropout,
-                            seed=settings.seed, num_classes=len(splits.class_names),
-                            # model.ckpt then rebuilds the model alone (tl_torch.predict)
-                            class_names=splits.class_names, image_size=settings.image_size)
+            record.write(recorded(settings, ns), inputs)
     counts, table = phase_counts(module)
     rank_zero_only(print)(format_counts("feature_extraction", **counts["feature_extraction"]))
 
@@ -243,7 +208,7 @@ def run(settings: Settings, ns: Any, run_dir: RunDir, stop: StopRequests
     save_keras_weights(module.base, run_dir.path / BASE_WEIGHTS_FILE)
     doc = finish_run(
         run_dir, framework="torch", table=table,
-        curves_title=f"PyTorch port, {settings.weights_source} weights",
+        curves_title=f"PyTorch port, {weights_title(settings)}",
         versions={"torch": torch.__version__, "lightning": L.__version__},
         settings={**settings.to_dict(), "accelerator": ns.accelerator, "devices": ns.devices,
                   "strategy": ns.strategy, "precision": ns.precision},
@@ -257,12 +222,47 @@ def run(settings: Settings, ns: Any, run_dir: RunDir, stop: StopRequests
     return doc
 
 
+def weights_title(settings: Settings) -> str:
+    if settings.init_from is not None:
+        return f"from {Path(settings.init_from).name}"
+    return f"{settings.weights_source} weights"
+
+
 def prepare_output_dir(run_dir: RunDir, settings: Settings, *, has_state: bool) -> None:
     """Refuse to reuse a folder against --resume/--overwrite; clear it for --overwrite."""
     run_dir.prepare(resume=settings.resume, overwrite=settings.overwrite, has_state=has_state)
     if settings.overwrite:  # metrics.json first: see RunDir.clear_outputs
         run_dir.clear_outputs(MODEL_FILE, BASE_WEIGHTS_FILE, BAD_IMAGES_FILE, RECORD_FILE,
                               "checkpoints", "logs")
+
+
+def start_module(settings: Settings, run_dir: RunDir
+                 ) -> tuple[TransferModule, dict[str, Any], ImageFolderDataModule]:
+    """The module to train, the ``weights`` entry of metrics.json, and the data module. The
+    weights first: a file that does not fit stops the run before the data is read."""
+    if settings.init_from is not None:  # a trained model: its weights, this run's settings
+        with naming_flag("init_from", settings.init_from):
+            start = start_from(settings.init_from, settings.image_size)
+            data = load_data(settings, run_dir)
+            module = start.module(**module_settings(settings, data.splits.class_names))
+        return module, start.record(), data
+    with naming_flag("weights", settings.weights_source):
+        base = build_base(settings.weights_source, settings.image_size,
+                          generator=torch.Generator().manual_seed(settings.seed))
+        # Now, not after training: nothing about the weights file can fail once it is done.
+        weights = weights_record(settings.weights_source, settings.image_size)
+    data = load_data(settings, run_dir)
+    return TransferModule(base, **module_settings(settings, data.splits.class_names)), weights, data
+
+
+def module_settings(settings: Settings, class_names: tuple[str, ...]) -> dict[str, Any]:
+    """:class:`TransferModule`'s arguments from the settings and the data's classes; the class
+    names and image size kept in model.ckpt, which then rebuilds the model alone (predict)."""
+    return {"learning_rate": settings.learning_rate,
+            "fine_tune_learning_rate": settings.fine_tuning_lr,
+            "fine_tune_at": settings.fine_tune_at, "dropout": settings.dropout,
+            "seed": settings.seed, "num_classes": len(class_names), "class_names": class_names,
+            "image_size": settings.image_size}
 
 
 def load_data(settings: Settings, run_dir: RunDir) -> ImageFolderDataModule:
@@ -274,7 +274,7 @@ def load_data(settings: Settings, run_dir: RunDir) -> ImageFolderDataModule:
         data.prepare_data()
     data.setup()
     splits = data.splits
-    if splits.skipped and rank_zero_only.rank == 0:
+    if splits.skipped and owns_output_dir():
         print(f"warning: --skip-bad-images: left out "
               f"{describe_bad_images(splits.skipped, splits.root, run_dir.path / BAD_IMAGES_FILE)}",
               file=sys.stderr)
@@ -317,6 +317,7 @@ def build_trainer(settings: Settings, ns: Any, run_dir: RunDir, history: KerasHi
                                    every_n_epochs=1, enable_version_counter=False)],
         logger=CSVLogger(run_dir.path, name="logs", version=""),
         limit_train_batches=limit, limit_val_batches=limit, limit_test_batches=limit,
+        num_nodes=settings.num_nodes,
         num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=1,
         # The data module makes its samplers (seeded shuffling, evaluation shards that repeat no
         # image): Lightning must not replace them.
