@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,18 @@ from torch import nn
 from tl_torch import internals
 from tl_torch.padding import Conv2dSame, Pad2d
 
-if TYPE_CHECKING:
-    from tl_torch.fast import FoldedBase, Kept
+
+class FoldedBase(Protocol):
+    """What this module reads of :class:`tl_torch.fast.FoldedBase` (not imported: that module
+    imports this one)."""
+
+    stages: tuple[Any, ...]   # tl_torch.fast.Stage: .units (each with .conv, .pad, .relu), .residual
+
+    def run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+
+
+#: tl_torch.fast.Kept: a frozen pair's kept folded weight and bias (.weight, .bias).
+Kept = Any
 
 #: Graphs kept per folded base (one per input shape), and traced in its life: torch keeps each
 #: traced graph's compiled oneDNN kernels until the process ends, whatever becomes of the graph.
