@@ -27,10 +27,10 @@ from parity_tests.checks_steps import (
     ReplayedDropout,
     Setup,
     TorchTrainer,
-    _flat,
-    _same_head,
+    flat_weights,
+    same_head,
 )
-from parity_tests.checks_training import FINE_TUNE_AT, PHASES, _batches
+from parity_tests.checks_training import FINE_TUNE_AT, PHASES, demo_batches
 from parity_tests.rows import Row, measured, verdict
 from tl_common import bands
 from tl_torch import convert
@@ -88,7 +88,7 @@ def check_init_from(directory: Path) -> list[Row]:
     reference, truth = KerasTrainer(SETUP), KerasTrainer(SETUP, float64=True)
     port = ConvertedTrainer(SETUP, converted_module(keras_model_file(reference, directory),
                                                     directory))
-    _same_head(reference, truth)
+    same_head(reference, truth)
     phase, lr = PHASES[1]
     for trainer in (reference, truth):
         trainer.set_phase(phase, lr)
@@ -100,17 +100,17 @@ def check_init_from(directory: Path) -> list[Row]:
                     f"{k_start.size:,} numbers", f"{t_start.size:,} numbers", same,
                     diff=bands.max_error(k_start, t_start) if k_start.shape == t_start.shape
                     else None, tolerance="exact")]
-    [(images, labels)] = _batches(SETUP.size, 1, SETUP.batch)
+    [(images, labels)] = demo_batches(SETUP.size, 1, SETUP.batch)
     draws = reference.draw(images)
-    before = _flat(reference.state()["weights"])
-    port_before = _flat(port.weights())
+    before = flat_weights(reference.state()["weights"])
+    port_before = flat_weights(port.weights())
     k_loss = reference.step(images, labels, draws)
     e_loss = truth.step(images, labels, draws)
     t_loss = port.step(images, labels, draws)
     # The exact step, stored as float32 weights store it: the best a float32 step can do.
-    e_update = _flat(truth.state()["weights"]).astype(np.float32).astype(np.float64) - before
-    k_update = _flat(reference.state()["weights"]) - before
-    t_update = _flat(port.weights()) - port_before
+    e_update = flat_weights(truth.state()["weights"]).astype(np.float32).astype(np.float64) - before
+    k_update = flat_weights(reference.state()["weights"]) - before
+    t_update = flat_weights(port.weights()) - port_before
     rows.append(measured(GROUP, "one fine-tuning step (RMSprop): update of every trainable "
                                 "weight (rms error)",
                          bands.against_exact(e_update, k_update, t_update, norm="rms",

@@ -210,7 +210,7 @@ class KerasTrainer:
         opt.iterations.assign(state["iterations"])
 
     def all_weights(self) -> np.ndarray:
-        return _flat([w for layer in self.base.layers for w in layer.get_weights()]
+        return flat_weights([w for layer in self.base.layers for w in layer.get_weights()]
                      + self.model.get_layer("dense").get_weights())
 
 
@@ -297,7 +297,7 @@ class TorchTrainer:
             parts += [torch_to_keras(layer.type, state[name].detach().numpy())
                       for _, name in KERAS_VARIABLES.get(layer.type, ())]
         classifier = self.module.classifier
-        return _flat(parts + [classifier.weight.detach().numpy().T, classifier.bias.detach().numpy()])
+        return flat_weights(parts + [classifier.weight.detach().numpy().T, classifier.bias.detach().numpy()])
 
 
 def _to_torch(kind: str, array: np.ndarray) -> np.ndarray:
@@ -312,7 +312,7 @@ def _to_keras(kind: str, array: np.ndarray) -> np.ndarray:
     return array.T if kind == "Dense" else array
 
 
-def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+def flat_weights(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
 
 
@@ -398,7 +398,7 @@ def run(setup: Setup = RECIPE, batches: list[tuple[np.ndarray, np.ndarray]] | No
     phase; ``make_torch`` lets the planted-mistake tests break the port."""
     batches = batches or demo_batches(setup.size, 2 * setup.steps, setup.batch)
     reference, truth = KerasTrainer(setup), KerasTrainer(setup, float64=True)
-    _same_head(reference, truth)
+    same_head(reference, truth)
     # Every step's draws first: drawing consumes nothing the steps use.
     draws = [reference.draw(images) for images, _ in batches]
     if not (setup.free_running if setup.free_running is not None
@@ -413,7 +413,7 @@ def run(setup: Setup = RECIPE, batches: list[tuple[np.ndarray, np.ndarray]] | No
     free_draws = [Draws({}, {}, d.keep)
                   for d in draws[:free.steps] + draws[setup.steps:setup.steps + free.steps]]
     free_reference = KerasTrainer(free)
-    _same_head(reference, free_reference)
+    same_head(reference, free_reference)
     with tempfile.TemporaryDirectory(prefix="parity-variant-") as directory:
         variant = Variant(free, free_reference, free_batches, free_draws, Path(directory))
         rows = _step_by_step(setup, batches, draws, reference, truth, make_torch(setup, reference.model))
@@ -434,7 +434,7 @@ def run(setup: Setup = RECIPE, batches: list[tuple[np.ndarray, np.ndarray]] | No
                         losses, weights)
 
 
-def _same_head(source: KerasTrainer, target: KerasTrainer) -> None:
+def same_head(source: KerasTrainer, target: KerasTrainer) -> None:
     """The head init of ``source`` in ``target`` (in its dtype)."""
     for t, s in zip(target.model.get_layer("dense").weights, source.model.get_layer("dense").weights,
                     strict=True):
@@ -482,15 +482,15 @@ def _step_by_step(setup: Setup, batches, draws, reference: KerasTrainer, truth: 
             shared = reference.state()
             truth.load_state(shared)
             step_port.load_state(shared)
-            before = _flat(shared["weights"])
+            before = flat_weights(shared["weights"])
             k_loss = reference.step(images, labels, d)
             e_loss = truth.step(images, labels, d)
             t_loss = step_port.step(images, labels, d)
             # The exact step, stored as float32 weights store it: the best a float32 step can do.
-            e_after = _flat(truth.state()["weights"]).astype(np.float32)
+            e_after = flat_weights(truth.state()["weights"]).astype(np.float32)
             e_update = e_after.astype(np.float64) - before
-            k_update = _flat(reference.state()["weights"]) - before
-            t_update = _flat(step_port.weights()) - before
+            k_update = flat_weights(reference.state()["weights"]) - before
+            t_update = flat_weights(step_port.weights()) - before
             band = bands.against_exact(e_update, k_update, t_update, norm="rms",
                                        how="vs the float64 step, stored in float32")
             step_bands.append(band)
