@@ -151,59 +151,60 @@ def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2))
 
 
-def draw_animal(rng: np.random.Generator, *, dog: bool, cues: dict[str, bool] | None = None,
-                scale: tuple[float, float] = (0.55, 0.8)) -> Image.Image:
-    """One picture: a cartoon cat (pointed ears, stripes) or dog (floppy ears, spots).
-
-    ``cues`` says, cue by cue (:data:`CUES`), whether the dog's version is drawn; by default
-    every cue is the class's own. ``scale`` is the animal's size as a fraction of the shorter side.
-    """
-    cue = {name: dog for name in CUES} | (cues or {})
-    w, h = int(rng.integers(180, 340)), int(rng.integers(160, 300))
-    image = _background(rng, (w, h))
-    s = min(w, h) * rng.uniform(*scale)  # animal scale
-    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.45, 0.6)
-    facing = 1 if rng.random() < 0.5 else -1
-    # Palettes that differ as much as the patterns: ginger tabby cats, black-and-white dogs.
-    if cue["palette"]:
+def _palette(rng: np.random.Generator, dog_palette: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(coat, markings) colours: palettes that differ as much as the patterns, black-and-white
+    dogs and ginger tabby cats."""
+    if dog_palette:
         coat = rng.choice([[240, 238, 230], [225, 220, 205]]) + rng.integers(-10, 10, 3)
         mark = rng.choice([[20, 20, 20], [60, 40, 30]]) + rng.integers(-10, 10, 3)
     else:
         coat = rng.choice([[230, 140, 50], [215, 120, 40], [240, 165, 80]]) + rng.integers(-15, 15, 3)
         mark = (np.asarray(coat) * rng.uniform(0.35, 0.5)).astype(int)
-    coat_c = tuple(int(v) for v in np.clip(coat, 0, 255))
-    mark_c = tuple(int(v) for v in np.clip(mark, 0, 255))
+    return (tuple(int(v) for v in np.clip(coat, 0, 255)),
+            tuple(int(v) for v in np.clip(mark, 0, 255)))
 
-    # Body, head and ears on a mask, coat pattern through the mask.
-    mask = Image.new("L", (w, h), 0)
+
+def _silhouette(size: tuple[int, int], cx: float, cy: float, s: float, facing: int,
+                dog_tail: bool) -> Image.Image:
+    """Body, head, legs and tail as a mask, the coat's pattern is pasted through."""
+    mask = Image.new("L", size, 0)
     m = ImageDraw.Draw(mask)
-    body = (cx - 0.45 * s, cy - 0.2 * s, cx + 0.45 * s, cy + 0.25 * s)
     hx, hy, hr = cx + facing * 0.42 * s, cy - 0.25 * s, 0.2 * s
-    m.ellipse(body, fill=255)
+    m.ellipse((cx - 0.45 * s, cy - 0.2 * s, cx + 0.45 * s, cy + 0.25 * s), fill=255)
     m.ellipse((hx - hr, hy - hr, hx + hr, hy + hr), fill=255)
-    legs = [cx + k * 0.3 * s for k in (-1, -0.4, 0.4, 1)]
-    for lx in legs:
+    for lx in [cx + k * 0.3 * s for k in (-1, -0.4, 0.4, 1)]:
         m.rectangle((lx - 0.05 * s, cy + 0.1 * s, lx + 0.05 * s, cy + 0.45 * s), fill=255)
     tail_x = cx - facing * 0.45 * s
-    m.line((tail_x, cy - 0.05 * s, tail_x - facing * 0.2 * s, cy - (0.15 if cue["tail"] else 0.35) * s),
+    m.line((tail_x, cy - 0.05 * s, tail_x - facing * 0.2 * s, cy - (0.15 if dog_tail else 0.35) * s),
            fill=255, width=max(2, int(0.06 * s)))
+    return mask
 
-    pattern = Image.new("RGB", (w, h), coat_c)
+
+def _coat(rng: np.random.Generator, size: tuple[int, int], cx: float, cy: float, s: float,
+          colours: tuple[tuple[int, ...], tuple[int, ...]], spots: bool) -> Image.Image:
+    """The coat: spots (dogs) or stripes across the body (cats) in the markings' colour."""
+    coat_c, mark_c = colours
+    pattern = Image.new("RGB", size, coat_c)
     p = ImageDraw.Draw(pattern)
-    if cue["pattern"]:  # spots
+    if spots:
         for _ in range(int(rng.integers(25, 45))):
             r = s * rng.uniform(0.025, 0.06)
             x, y = rng.uniform(cx - 0.7 * s, cx + 0.7 * s), rng.uniform(cy - 0.5 * s, cy + 0.5 * s)
             p.ellipse((x - r, y - r, x + r, y + r), fill=mark_c)
-    else:  # stripes across the body
+    else:
         step = s * rng.uniform(0.07, 0.1)
         x = cx - 0.8 * s
         while x < cx + 0.8 * s:
             p.line((x, cy - 0.6 * s, x + 0.15 * s, cy + 0.6 * s), fill=mark_c,
                    width=max(2, int(step * 0.4)))
             x += step
-    image.paste(pattern, (0, 0), mask)
+    return pattern
 
+
+def _head(image: Image.Image, hx: float, hy: float, s: float, facing: int, cue: dict[str, bool],
+          colours: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+    """Ears (floppy or pointed), nose or whiskers, and eyes, drawn on ``image``."""
+    coat_c, mark_c = colours
     d = ImageDraw.Draw(image)
     if cue["ears"]:  # floppy ears hanging beside the head
         for side in (-1, 1):
@@ -226,6 +227,27 @@ def draw_animal(rng: np.random.Generator, *, dog: bool, cues: dict[str, bool] | 
     for side in (-1, 1):  # eyes
         ex = hx + facing * 0.06 * s + side * 0.06 * s
         d.ellipse((ex - 0.025 * s, hy - 0.06 * s, ex + 0.025 * s, hy - 0.01 * s), fill=(10, 10, 10))
+
+
+def draw_animal(rng: np.random.Generator, *, dog: bool, cues: dict[str, bool] | None = None,
+                scale: tuple[float, float] = (0.55, 0.8)) -> Image.Image:
+    """One picture: a cartoon cat (pointed ears, stripes) or dog (floppy ears, spots).
+
+    ``cues`` says, cue by cue (:data:`CUES`), whether the dog's version is drawn; by default
+    every cue is the class's own. ``scale`` is the animal's size as a fraction of the shorter side.
+    The random draws come in a fixed order (size, background, placement, palette, coat, angle),
+    so that a seed gives the same picture.
+    """
+    cue = {name: dog for name in CUES} | (cues or {})
+    w, h = int(rng.integers(180, 340)), int(rng.integers(160, 300))
+    image = _background(rng, (w, h))
+    s = min(w, h) * rng.uniform(*scale)  # animal scale
+    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.45, 0.6)
+    facing = 1 if rng.random() < 0.5 else -1
+    colours = _palette(rng, cue["palette"])
+    mask = _silhouette((w, h), cx, cy, s, facing, cue["tail"])
+    image.paste(_coat(rng, (w, h), cx, cy, s, colours, cue["pattern"]), (0, 0), mask)
+    _head(image, cx + facing * 0.42 * s, cy - 0.25 * s, s, facing, cue, colours)
     angle = rng.uniform(-15, 15)
     return image.rotate(angle, resample=Image.BILINEAR, fillcolor=tuple(int(v) for v in
                         np.asarray(image).reshape(-1, 3).mean(axis=0)))
