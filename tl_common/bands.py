@@ -34,8 +34,8 @@ import numpy as np
 EPS32 = float(np.finfo(np.float32).eps)
 #: The port may be up to this many times less accurate than the reference. Two equally correct
 #: float32 computations that sum in different orders differ in their largest error by a factor of
-#: about two, sometimes three (the largest of many rounding errors is itself a random quantity;
-#: measured port/Keras ratios across the 154 layers lie between 0.5 and 2); 4 leaves room for that
+#: about two, sometimes three (the largest of many rounding errors is itself a random quantity,
+#: and the parity report shows the port/Keras ratio of every layer); 4 leaves room for that
 #: on any machine, while a wrong port (a shifted padding, another epsilon, a misplaced square root)
 #: misses by orders of magnitude more.
 RATIO = 4.0

@@ -154,7 +154,7 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
         if "Premature end of JPEG file" in str(err):
             raise UnreadableImage(TRUNCATED_JPEG) from None
         if _is_progressive(data):
-            # Measured: libjpeg-turbo's versions in TensorFlow and simplejpeg smooth the missing
+            # libjpeg-turbo's versions in TensorFlow and simplejpeg smooth the missing
             # coefficients of a damaged progressive JPEG differently (pixels 1 apart).
             raise UnreadableImage(f"damaged progressive JPEG ({_message(err)}), which TensorFlow "
                                   "decodes slightly differently") from None

@@ -133,8 +133,8 @@ class ImageBatches:
     for, in the calling thread.
 
     Why not torch's DataLoader: its workers are processes, and each batch they make is copied into
-    shared memory and mapped again by the training process; measured on a 2-core AMD EPYC, that
-    hand-over cost about 0.36 ms per 160 px image, as much as decoding the JPEG. The decoder
+    shared memory and mapped again by the training process, a hand-over that costs about as much
+    as decoding the JPEG (docs/performance.md). The decoder
     (libjpeg-turbo), the resize (OpenCV) and the copy into the batch all release the GIL, so
     threads use the cores without it. A failure in a thread (:class:`ImageReadError`) is raised
     here when its batch is reached; the batches still being decoded are then dropped.
@@ -171,8 +171,7 @@ class ImageBatches:
         try:
             for indices in self.batch_sampler:
                 images, labels = self._batch(indices)
-                # One job per thread and batch, not per image: fewer hand-overs of the GIL
-                # (on 2 cores, 3,800-4,700 images/s against 3,100-3,600 with a job per image).
+                # One job per thread and batch, not per image: fewer hand-overs of the GIL.
                 per_job = math.ceil(len(indices) / self.threads)
                 out = images.numpy()
                 jobs = [pool.submit(self._read, indices[j:j + per_job], out[j:j + per_job])
