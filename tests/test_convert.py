@@ -17,6 +17,7 @@ import torch
 
 from tl_common.errors import UserError, run_main
 from tl_torch import convert, predict
+from tl_torch.data import load_images
 from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
 from tl_torch.weights import base_config
@@ -81,7 +82,7 @@ def test_from_keras_then_predict(keras_models, tmp_path, capsys):
     (line,) = capsys.readouterr().out.strip().splitlines()
     _, name, prob = line.split("\t")
     with torch.no_grad():
-        logit = float(module.eval()(predict.load_images([str(image)], SIZE))[0])
+        logit = float(module.eval()(load_images([str(image)], SIZE))[0])
     assert name == ("dogs" if logit > 0 else "cats")
     assert float(prob) == pytest.approx(1 / (1 + np.exp(-abs(logit))), abs=5e-5)
 

@@ -548,7 +548,7 @@ def test_a_shape_that_fails_to_trace_runs_through_the_units(random_base, monkeyp
             assert torch.equal(folded(x[:3]), got)
             graph_within_rounding(folded, base, x)
     info = folded.cache_info()
-    assert info.fallbacks == {(3, 3, SIZE, SIZE): "RuntimeError: no kernel for this shape"}
+    assert info.fallbacks == {(19, (3, 3, SIZE, SIZE)): "RuntimeError: no kernel for this shape"}
     assert [g.input_shape for g in info.graphs] == [tuple(x.shape)] and info.traces == 1
 
 
@@ -692,3 +692,30 @@ def test_bf16_autocast_runs_the_frozen_pairs_in_bf16_kernels(random_base, monkey
         with torch.autocast("cpu", dtype=torch.bfloat16):
             folded(x).float().square().sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+
+
+@needs_graph
+def test_fine_tuning_gets_its_graph_where_the_whole_base_could_not(random_base, monkeypatch):
+    """A shape whose whole-base graph failed (feature extraction) still gets fine-tuning's graph
+    of the lower stages, as a process that starts in fine-tuning (a resumed run) does: the
+    numbers must not depend on which phase ran first in the process."""
+    real_trace = torch.jit.trace
+
+    def whole_base_fails(module, example, **kwargs):
+        if module.stages == 19:
+            raise RuntimeError("no kernel for the whole base")
+        return real_trace(module, example, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", whole_base_fails)
+    base = random_base(0).to(memory_format=torch.channels_last)
+    x = images(torch.float32, channels_last=True, size=SIZE)
+    folded = fold(base)
+    freeze(base, 154)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no kernel for the whole base"):
+        folded(x)
+    freeze(base, 100)
+    with torch.no_grad():
+        after_feature_extraction = folded(x)
+        fresh = fold(base)(x)   # a process that starts in fine-tuning
+    assert torch.equal(after_feature_extraction, fresh)
+    assert [g.stages for g in folded.cache_info().graphs] == [12]

@@ -16,6 +16,7 @@ are withdrawn first, so a file that needs them fails here as it would anywhere e
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import tempfile
 import zipfile
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project", action="store_true",
                         help="keep this project's Keras layers registered")
     args = parser.parse_args(argv)
-    if not args.project:
+    if args.project:
+        # tl_keras loads its modules on first use: the one that registers the layers, now.
+        importlib.import_module(f"{PROJECT_PACKAGE}.model")
+    else:
         withdraw_project_layers()
     np.save(args.out, outputs(args.model, np.load(args.images), float64=args.float64,
                               inputs_scaled=args.inputs_scaled))

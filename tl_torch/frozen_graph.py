@@ -78,7 +78,10 @@ class FrozenGraphs:
 
     def __init__(self) -> None:
         self.graphs: dict[tuple, _Graph] = {}
-        self.fallbacks: dict[tuple[int, ...], str] = {}   # input shape -> why no graph
+        # (stages, input shape) -> why no graph: per number of stages too, since fine-tuning's
+        # graph of the lower stages can build where feature extraction's of the whole base
+        # cannot, and must not depend on which phase came first in this process.
+        self.fallbacks: dict[tuple[int, tuple[int, ...]], str] = {}
         self.traces = 0
         self._warned = False
 
@@ -113,17 +116,18 @@ class FrozenGraphs:
     def _new(self, folded: FoldedBase, x: torch.Tensor, stages: int, kept: list[Kept],
              constants: bool) -> _Graph | None:
         shape = tuple(x.shape)
-        if self.traces >= GRAPH_TRACES or shape in self.fallbacks:
+        if self.traces >= GRAPH_TRACES or (stages, shape) in self.fallbacks:
             return None
         try:
             run, flipped = _trace(folded, x, stages, kept, constants)
         except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
-            self.fallbacks[shape] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            reason = self.fallbacks[stages, shape] = \
+                f"{type(error).__name__}: {str(error).splitlines()[0]}"
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"tl_torch.fast: inputs of shape {shape} run through the folded "
                               f"units (the same numbers, unfused): oneDNN Graph could not build "
-                              f"them here ({self.fallbacks[shape]})", RuntimeWarning, stacklevel=4)
+                              f"them here ({reason})", RuntimeWarning, stacklevel=4)
             return None
         self.traces += 1
         if len(self.graphs) >= GRAPH_SHAPES:
