@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tl_common import recipe
 from tl_common.errors import UserError
 from tl_torch.backbones.efficientnet import EfficientNetB0Base
 from tl_torch.backbones.mobilenet_v3 import MobileNetV3LargeBase
@@ -25,7 +26,7 @@ from tl_torch.backbones.resnet import ResNet50Base
 from tl_torch.model import MobileNetV2Base
 
 #: The recipe's fine-tune point and MobileNetV2's layer count: the share the defaults follow.
-RECIPE_FINE_TUNE_AT = 100
+RECIPE_FINE_TUNE_AT = recipe.FINE_TUNE_AT
 RECIPE_LAYERS = 154
 
 
