@@ -73,7 +73,7 @@ BASES: dict[str, BaseFacts] = {b.name: b for b in (
               # Not under tensorflow/: EfficientNet's files live in Keras' older bucket.
               "https://storage.googleapis.com/keras-applications/", "efficientnetb0_notop.h5",
               imagenet_extra_layers=1),
-    BaseFacts("resnet50", "ResNet50", "resnet", 175, 2048,
+    BaseFacts("resnet50", "ResNet50", "resnet50", 175, 2048,
               "conv4_block4_1_conv", 113,
               "conv4 block 4 starts at 113 of 175 layers: 65 % frozen, the block start nearest "
               "the recipe's 100 / 154 = 65 %",

@@ -24,8 +24,8 @@ import torch
 from tl_common.download import sha256_of
 from tl_common.errors import UserError
 from tl_torch.checkpoint import read_checkpoint
-from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
+from tl_torch.weights import make_base
 
 #: What a folder given to --init-from must hold (the name tl_torch.train and convert write).
 MODEL_FILE = "model.ckpt"
@@ -59,7 +59,7 @@ class Start:
         if saved is None and self.hparams.get("num_classes", 2) != len(names):
             raise UserError(f"{self.path} has a head for {self.hparams.get('num_classes', 2)} "
                             f"classes, the data has {len(names)}: {names}")
-        base = MobileNetV2Base(**(self.hparams.get("base_config") or {}))
+        base = make_base(self.hparams.get("base_config"))
         module = TransferModule(base, weights=str(self.path), **settings)
         load_trained_weights(module, self.state_dict, self.path)
         return module
