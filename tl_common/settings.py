@@ -22,9 +22,9 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from tl_common import recipe
+from tl_common.bases import BASES, DEFAULT_BASE, MIN_IMAGE_SIZE, MOBILENET_V2_ONLY_SOURCES
 from tl_common.demo import DEMO_SETS
 from tl_common.errors import UserError
-from tl_common.bases import BASES, DEFAULT_BASE, MIN_IMAGE_SIZE, MOBILENET_V2_ONLY_SOURCES
 from tl_common.weights import TORCH_WEIGHT_SOURCES, WEIGHT_SOURCES, expand_weights
 
 

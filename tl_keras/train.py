@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tl_common.bases import BASES
 from tl_common.data import check_data_dir, check_output_dir_placement, resolve_data_root
 from tl_common.errors import run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
@@ -54,7 +55,6 @@ from tl_common.outputs import (
 )
 from tl_common.resume import ResumeRecord, recorded_inputs, recorded_settings
 from tl_common.settings import Settings, build_parser, naming_flag, parse, settings_from
-from tl_common.bases import BASES
 from tl_common.weights import weights_record
 from tl_keras.console import find_devices
 

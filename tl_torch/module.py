@@ -35,9 +35,9 @@ from tl_common import recipe
 from tl_common.head import head_units
 from tl_common.outputs import PHASES, format_counts, show_layer_table
 from tl_torch.augment import RandomFlipRotation
+from tl_torch.backbones import backbone_of
 from tl_torch.fast import fold
 from tl_torch.freezing import count_params, freeze, layer_table
-from tl_torch.backbones import backbone_of
 from tl_torch.model import MobileNetV2Base
 from tl_torch.optim import KerasAdam, KerasRMSprop
 from tl_torch.weights import config_of, make_base

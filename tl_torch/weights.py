@@ -30,8 +30,8 @@ from tl_common.bases import DEFAULT_BASE, MOBILENET_V2_ONLY_SOURCES
 from tl_common.download import IMAGENET_WAY_OUT
 from tl_common.errors import UserError
 from tl_common.mobilenet_v2 import MIN_IMAGE_SIZE
-from tl_torch.backbones import backbone_of, get_backbone
 from tl_common.weights import TORCH_WEIGHT_SOURCES, WEIGHT_SOURCES, imagenet_weights_path
+from tl_torch.backbones import backbone_of, get_backbone
 from tl_torch.keras_weights import load_keras_weights
 from tl_torch.model import KERAS_BN_EPS, TORCHVISION_BN_EPS, MobileNetV2Base
 
