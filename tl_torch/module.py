@@ -130,7 +130,7 @@ class TransferModule(L.LightningModule):
         folds = isinstance(self.base, MobileNetV2Base)
         self.fast = fast and folds
         self.folded_base = fold(self.base) if folds else None
-        if fast:  # oneDNN's convolutions are fastest on channels-last tensors
+        if self.fast:  # oneDNN's convolutions are fastest on channels-last tensors
             self.base.to(memory_format=torch.channels_last)
 
     # ---- phases ------------------------------------------------------------------------------
