@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tl_common import recipe
 from tl_common.download import IMAGENET_BASE_URL, imagenet_weights_name
 from tl_common.errors import UserError
+from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS, LAST_FILTERS, MIN_IMAGE_SIZE
 
 #: The recipe's base, and what ``--base`` is when not given.
 DEFAULT_BASE = "mobilenet_v2"
 #: Weight sources that exist for MobileNetV2 only: the demo's pretrained file is a MobileNetV2,
 #: and torchvision's ImageNet weights are copied into the port's MobileNetV2 only.
 MOBILENET_V2_ONLY_SOURCES = ("demo", "torchvision")
-#: The smallest square input every base takes (five stride-2 stages leave 1 x 1 at 32).
-MIN_IMAGE_SIZE = 32
+#: MIN_IMAGE_SIZE, the smallest square input, is MobileNetV2's and every other base's: five
+#: stride-2 stages leave 1 x 1 at 32.
+__all__ = ["BASES", "DEFAULT_BASE", "MIN_IMAGE_SIZE", "MOBILENET_V2_ONLY_SOURCES", "BaseFacts",
+           "base_facts"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,8 @@ class BaseFacts:
 _KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 BASES: dict[str, BaseFacts] = {b.name: b for b in (
-    BaseFacts("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 154, 1280,
-              "block_11_expand_relu", 100,
+    BaseFacts("mobilenet_v2", "MobileNetV2", "mobilenet_v2", KERAS_BASE_LAYERS, LAST_FILTERS,
+              recipe.FINE_TUNE_LAYER, recipe.FINE_TUNE_AT,
               "the recipe's fine_tune_at = 100 (layers[100] is block_11_expand_relu)",
               IMAGENET_BASE_URL, ""),
     BaseFacts("mobilenet_v3_large", "MobileNetV3Large", "mobilenet_v3", 187, 960,

@@ -234,10 +234,10 @@ def _copy_from_model(base: keras.Model, path: Path) -> None:
         raise UserError(f"Keras could not load the model in {path}: {message}") from None
     found = _find_base_layers(model, _signature(base.layers))
     if found is None:
-        first, last = base.layers[1].name, base.layers[-1].name
+        first, second, last = (base.layers[i].name for i in (1, 2, -1))
         raise UserError(f"{path} holds a Keras model without a {facts_of(base).keras_application} "
                         f"base in it: expected a model or nested model whose layers are those "
-                        f"of {expected_base(base)} (InputLayer, {first}, ... {last})")
+                        f"of {expected_base(base)} (InputLayer, {first}, {second}, ... {last})")
     _check_shapes(path, _shapes(base.layers), _shapes(found), expected_base(base))
     for target, source in zip(base.layers, found, strict=True):
         target.set_weights(source.get_weights())
