@@ -8,9 +8,13 @@ are :mod:`tl_common.bases`'; :mod:`tl_keras.model` builds the base and the model
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import importlib
+from collections.abc import Iterator
 
 import keras
+from keras.src.backend.common import global_state
 
 from tl_common.bases import BASES, BaseFacts, base_facts
 
@@ -21,9 +25,26 @@ def keras_application(name: str, image_size: int, weights: str | None) -> keras.
     s = image_size
     build = getattr(keras.applications, base_facts(name).keras_application)
     # The input named, because Keras numbers unnamed inputs per session (input_layer_1, _2 ...)
-    # and the layer list must not depend on how many models were built before.
-    return build(input_shape=(s, s, 3), include_top=False, weights=weights,
-                 input_tensor=keras.Input((s, s, 3), name="input_layer"))
+    # and the layer list must not depend on how many models were built before; the same for
+    # the layers these applications leave unnamed (EfficientNet's rescaling, normalization).
+    with fresh_layer_names():
+        return build(input_shape=(s, s, 3), include_top=False, weights=weights,
+                     input_tensor=keras.Input((s, s, 3), name="input_layer"))
+
+
+@contextlib.contextmanager
+def fresh_layer_names() -> Iterator[None]:
+    """Unnamed layers built inside are numbered from zero, as in a fresh session (the names in
+    Keras' own files: ``rescaling``, not ``rescaling_3``); the session's count is given back
+    afterwards. Keras has no public call for this: its process-wide count lives in
+    ``global_state`` under ``object_name_uids`` (Keras 3.15)."""
+    saved = global_state.get_global_attribute("object_name_uids")
+    global_state.set_global_attribute("object_name_uids", collections.defaultdict(int))
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute(
+            "object_name_uids", saved if saved is not None else collections.defaultdict(int))
 
 
 def facts_of(base: keras.Model) -> BaseFacts:
