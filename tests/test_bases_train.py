@@ -20,6 +20,7 @@ import tl_torch.train as torch_train
 from tl_common.bases import BASES, DEFAULT_BASE
 from tl_common.errors import USER_ERROR_EXIT, UserError, run_main
 from tl_common.outputs import read_layer_table
+from tl_common.resume import recorded_settings
 from tl_common.settings import build_parser, parse, settings_from
 from tl_keras.model import build_base as keras_build_base
 from tl_torch.checkpoint import load_run, save_module
@@ -115,6 +116,13 @@ def test_imagenet_offline_is_one_line_naming_keras_url(framework: str, name: str
     assert "\n" not in message
 
 
+def test_resume_record_holds_a_base_other_than_the_recipes() -> None:
+    assert recorded_settings(settings("torch", "--base", "resnet50", "--weights", "none")
+                             )["base"] == "resnet50"
+    # MobileNetV2's record is as before --base existed, so those runs still resume.
+    assert "base" not in recorded_settings(settings("torch"))
+
+
 # ---- the port's module over each base ----------------------------------------------------------
 
 @pytest.mark.parametrize("name", NEW_BASES)
@@ -189,3 +197,14 @@ def test_both_trainers_run_each_base_with_keras_counts(name: str, tmp_path: Path
                                                               facts.fine_tune_from)
     assert read_layer_table(tmp_path / "keras" / "layer_table.csv") == \
         read_layer_table(tmp_path / "torch" / "layer_table.csv")
+
+
+def test_init_from_another_base_is_one_line(tmp_path: Path, capsys) -> None:
+    module = TransferModule(build_base("none", SIZE, base="resnet50"), seed=0,
+                            class_names=["cats", "dogs"], image_size=SIZE)
+    checkpoint = save_module(module, tmp_path / MODEL_FILE)
+    line = one_error_line("torch", [*TINY[:1], "--image-size", str(SIZE), "--init-from",
+                                    str(checkpoint), "--output-dir", str(tmp_path / "out")],
+                          capsys)
+    assert line.endswith(f"{checkpoint} holds a resnet50 model, the run has "
+                         "--base=mobilenet_v2: pass --base resnet50")

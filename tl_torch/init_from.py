@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tl_common.bases import DEFAULT_BASE
 from tl_common.download import sha256_of
 from tl_common.errors import UserError
 from tl_torch.checkpoint import read_checkpoint
@@ -43,6 +44,18 @@ class Start:
     path: Path
     hparams: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
+
+    @property
+    def base(self) -> str:
+        """The ``--base`` of the model saved (checkpoints from before other bases: MobileNetV2)."""
+        return str((self.hparams.get("base_config") or {}).get("base", DEFAULT_BASE))
+
+    def check_base(self, base: str) -> None:
+        """Refuse a run whose ``--base`` is not the saved model's: its fine-tune point and layer
+        indices are the other network's."""
+        if base != self.base:
+            raise UserError(f"{self.path} holds a {self.base} model, the run has --base={base}: "
+                            f"pass --base {self.base}")
 
     def record(self) -> dict[str, str | None]:
         """The ``weights`` entry of metrics.json (as :func:`tl_common.weights.weights_record`)."""

@@ -247,6 +247,7 @@ def start_module(settings: Settings, run_dir: RunDir
     if settings.init_from is not None:  # a trained model: its weights, this run's settings
         with naming_flag("init_from", settings.init_from):
             start = start_from(settings.init_from, settings.image_size)
+            start.check_base(settings.base)
             data = load_data(settings, run_dir)
             module = start.module(**module_settings(settings, data.splits.class_names))
         return module, start.record(), data
