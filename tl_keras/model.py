@@ -37,13 +37,13 @@ RECIPE_FINE_TUNE_LAYER = recipe.FINE_TUNE_LAYER
 #: What a weights or model file must hold to fill the base.
 EXPECTED_BASE = "a MobileNetV2 with alpha=1.0 and include_top=False (any input size)"
 
+Shapes = list[tuple[int, ...]]
+
 
 def expected_base(base: keras.Model) -> str:
     """What a weights or model file must hold to fill ``base``, for messages."""
     app = facts_of(base).keras_application
     return EXPECTED_BASE if app == "MobileNetV2" else f"a {app} with include_top=False"
-
-Shapes = list[tuple[int, ...]]
 
 
 # ---- the base --------------------------------------------------------------------------------
@@ -72,16 +72,16 @@ def build_base(weights: str | Path | None = "imagenet", image_size: int = 160,
     """
     if base != DEFAULT_BASE:
         return _other_base(base, weights, image_size)
-    base = _imagenet_base(image_size) if weights == "imagenet" else keras_mobilenet_v2(image_size, None)
-    if len(base.layers) != KERAS_BASE_LAYERS or \
-            base.layers[RECIPE_FINE_TUNE_AT].name != RECIPE_FINE_TUNE_LAYER:
-        raise RuntimeError(f"this Keras builds a MobileNetV2 of {len(base.layers)} layers with "
-                           f"{base.layers[RECIPE_FINE_TUNE_AT].name!r} at {RECIPE_FINE_TUNE_AT}; "
+    model = _imagenet_base(image_size) if weights == "imagenet" else keras_mobilenet_v2(image_size, None)
+    if len(model.layers) != KERAS_BASE_LAYERS or \
+            model.layers[RECIPE_FINE_TUNE_AT].name != RECIPE_FINE_TUNE_LAYER:
+        raise RuntimeError(f"this Keras builds a MobileNetV2 of {len(model.layers)} layers with "
+                           f"{model.layers[RECIPE_FINE_TUNE_AT].name!r} at {RECIPE_FINE_TUNE_AT}; "
                            f"the recipe's layer indices need {KERAS_BASE_LAYERS} and "
                            f"{RECIPE_FINE_TUNE_LAYER!r}")
     if weights not in (None, "none", "imagenet"):
-        load_weights_file(base, weights_file(weights, image_size))
-    return base
+        load_weights_file(model, weights_file(weights, image_size))
+    return model
 
 
 def _other_base(name: str, weights: str | Path | None, image_size: int) -> keras.Model:

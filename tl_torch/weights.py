@@ -135,30 +135,31 @@ def build_base(weights: str | os.PathLike[str] | None = "imagenet", image_size: 
     :func:`build_other_base`.
     """
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"image_size={image_size!r} is not accepted: MobileNetV2 needs an integer "
+        raise UserError(f"image_size={image_size!r} is not accepted: "
+                        f"{get_backbone(base).keras_application} needs an integer "
                         f">= {MIN_IMAGE_SIZE}")
     source = "none" if weights is None else str(weights)
     if base != DEFAULT_BASE:
         return build_other_base(base, source, image_size, generator)
-    base = MobileNetV2Base(**base_config(source))
+    model = MobileNetV2Base(**base_config(source))
     if source == "torchvision":
-        _load_torchvision(base)
+        _load_torchvision(model)
     else:
         if source == "none":
-            keras_init_(base, generator)
+            keras_init_(model, generator)
         elif source == "imagenet":
-            load_keras_weights(base, imagenet_weights_path(image_size))
+            load_keras_weights(model, imagenet_weights_path(image_size))
         elif source == "demo":
             from tl_common.demo import demo_weights_path
 
-            load_keras_weights(base, demo_weights_path())
+            load_keras_weights(model, demo_weights_path())
         elif Path(source).expanduser().is_file():
-            load_keras_weights(base, Path(source).expanduser())
+            load_keras_weights(model, Path(source).expanduser())
         else:
             raise UserError(f"weights={source!r} is neither a weight source "
                             f"({', '.join(WEIGHT_SOURCES + TORCH_WEIGHT_SOURCES)}) nor an existing file")
-    base.weights_source = source
-    return base.eval()
+    model.weights_source = source
+    return model.eval()
 
 
 def build_other_base(name: str, source: str, image_size: int,
