@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tl_common.bases import DEFAULT_BASE
 from tl_common.errors import UserError
 from tl_common.outputs import write_json
 from tl_common.settings import Settings, flag
@@ -53,6 +54,10 @@ def recorded_settings(settings: Settings, **framework: object) -> dict[str, Any]
     values["weights"] = source if is_named_source(source) else os.path.realpath(source)
     values["fine_tune_learning_rate"] = settings.fine_tuning_lr
     values["data_dir"] = data_source(settings)
+    if settings.base != DEFAULT_BASE:
+        # Recorded only when it is not the recipe's: records written before --base existed
+        # (all MobileNetV2) still resume.
+        values["base"] = settings.base
     values.update(framework)
     return values
 

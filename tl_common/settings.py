@@ -22,9 +22,9 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from tl_common import recipe
+from tl_common.bases import BASES, DEFAULT_BASE, MIN_IMAGE_SIZE, MOBILENET_V2_ONLY_SOURCES
 from tl_common.demo import DEMO_SETS
 from tl_common.errors import UserError
-from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS, MIN_IMAGE_SIZE
 from tl_common.weights import TORCH_WEIGHT_SOURCES, WEIGHT_SOURCES, expand_weights
 
 
@@ -47,6 +47,9 @@ class Settings:
         "fine-tuning epoch) or hard (the classes' "
         "cues mixed and partly hidden: about 0.75-0.9 validation accuracy after feature "
         "extraction, higher after fine-tuning)"))
+    base: str = field(default=DEFAULT_BASE, metadata=_help(
+        f"the pretrained network under the head, as keras.applications builds it with "
+        f"include_top=False: {', '.join(BASES)}"))
     weights: str | None = field(default=None, metadata=_help(
         "imagenet, demo, none, torchvision (the PyTorch port only), or a Keras "
         ".h5/.keras/.weights.h5 file (default: demo with --demo, else imagenet)"))
@@ -61,9 +64,10 @@ class Settings:
         "epochs of feature extraction (base frozen)"))
     fine_tune_epochs: int = field(default=10, metadata=_help(
         "epochs of fine-tuning, numbered on from feature extraction"))
-    fine_tune_at: int = field(default=recipe.FINE_TUNE_AT, metadata=_help(
-        f"Keras layer index from which the base is unfrozen for fine-tuning "
-        f"(0..{KERAS_BASE_LAYERS})"))
+    fine_tune_at: int | None = field(default=None, metadata=_help(
+        f"Keras layer index from which the base is unfrozen for fine-tuning (0..the base's "
+        f"layer count; default: the base's own point, {recipe.FINE_TUNE_AT} for {DEFAULT_BASE}, "
+        f"see docs/bases.md)"))
     learning_rate: float = field(default=recipe.LEARNING_RATE, metadata=_help(
         "Adam learning rate, feature extraction"))
     fine_tune_learning_rate: float | None = field(default=None, metadata=_help(
@@ -89,6 +93,13 @@ class Settings:
     print_layers: bool = field(default=False, metadata=_help(
         "print the full layer table (index, type, name, trainable) when fine-tuning starts; "
         "it is always written to layer_table.csv"))
+
+    def __post_init__(self) -> None:
+        # No --fine-tune-at: the base's own point, where its index is known (an unknown base is
+        # refused by validate); the field then holds a number, as metrics.json records it.
+        if self.fine_tune_at is None and self.base in BASES:
+            object.__setattr__(self, "fine_tune_at",
+                               BASES[self.base].default_fine_tune_at(self.weights_source))
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -138,6 +149,9 @@ def validate(settings: Settings, framework: str = "keras") -> Settings:
     def bad(name: str, accepted: str) -> UserError:
         return UserError(f"{flag(name)}={getattr(s, name)!r} is not accepted: {accepted}")
 
+    if s.base not in BASES:
+        raise bad("base", f"expected one of {', '.join(BASES)}")
+    facts = BASES[s.base]
     for name in ("batch_size", "fine_tune_epochs", "num_nodes"):
         if getattr(s, name) < 1:
             raise bad(name, "expected a positive integer")
@@ -145,9 +159,11 @@ def validate(settings: Settings, framework: str = "keras") -> Settings:
         raise bad("initial_epochs", "expected a positive integer (0 only with --init-from, "
                                     "whose head is trained already)")
     if s.image_size < MIN_IMAGE_SIZE:
-        raise bad("image_size", f"MobileNetV2 needs at least {MIN_IMAGE_SIZE} pixels")
-    if not 0 <= s.fine_tune_at <= KERAS_BASE_LAYERS:
-        raise bad("fine_tune_at", f"expected a Keras layer index in 0..{KERAS_BASE_LAYERS}")
+        raise bad("image_size", f"{facts.keras_application} needs at least {MIN_IMAGE_SIZE} "
+                                "pixels")
+    layers = facts.layer_count(s.weights_source)
+    if not 0 <= s.fine_tune_at <= layers:
+        raise bad("fine_tune_at", f"expected a Keras layer index in 0..{layers}")
     if not s.learning_rate > 0:
         raise bad("learning_rate", "expected a positive number")
     if s.fine_tune_learning_rate is not None and not s.fine_tune_learning_rate > 0:
@@ -174,6 +190,11 @@ def validate(settings: Settings, framework: str = "keras") -> Settings:
     if w is not None and w not in sources and not _looks_like_path(w):
         raise bad("weights", f"expected one of {', '.join(sources)}, or a Keras weights "
                              "or model file (.h5, .keras)")
+    if s.base != DEFAULT_BASE and s.weights_source in MOBILENET_V2_ONLY_SOURCES:
+        raise UserError(f"--weights={s.weights_source} is not accepted with --base={s.base}: "
+                        f"{s.weights_source} weights exist for {DEFAULT_BASE} only; pass "
+                        "--weights imagenet, none or a Keras weights file of the base"
+                        + (" (--demo alone means --weights demo)" if s.weights is None else ""))
     return s
 
 
@@ -259,4 +280,9 @@ def parse(parser: ArgumentParser, argv: list[str] | None) -> Namespace:
         message = re.sub(r'Parser key "(\w+)":', lambda m: flag(m.group(1)) + ":", message)
         message = message.replace("a <class 'int'>", "an integer").replace(
             "a <class 'float'>", "a number")
+        # An optional number (--fine-tune-at, --limit-batches) lists each Union member's
+        # complaint; the one about the number is the one that helps.
+        message = re.sub(r"Does not validate against any of the Union subtypes .*?Errors: - "
+                         r"(Expected [^-]*?) - Expected a <class 'NoneType'>.*Given value: (.*)$",
+                         r"\1. Got value: \2", message)
         raise UserError(message) from None

@@ -10,14 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tl_common.download import (
-    IMAGENET_BASE_URL,
-    IMAGENET_WAY_OUT,
-    download,
-    imagenet_weights_name,
-    keras_home,
-    sha256_of,
-)
+from tl_common.bases import DEFAULT_BASE, base_facts
+from tl_common.download import IMAGENET_WAY_OUT, download, keras_home, sha256_of
 
 #: Named weight sources both frameworks read; anything else given to ``--weights`` is a file path.
 WEIGHT_SOURCES = ("imagenet", "demo", "none")
@@ -39,24 +33,27 @@ def expand_weights(value: str | None) -> str | None:
     return os.path.expanduser(value)
 
 
-def imagenet_weights_path(image_size: int, *, download_if_missing: bool = True) -> Path:
-    """Keras' ImageNet no-top file for this size in ``~/.keras/models``, where Keras keeps it;
-    downloaded from Keras' URL when absent (unless ``download_if_missing`` is False)."""
-    name = imagenet_weights_name(image_size)
+def imagenet_weights_path(image_size: int, *, download_if_missing: bool = True,
+                          base: str = DEFAULT_BASE) -> Path:
+    """Keras' ImageNet no-top file of ``base`` for this size in ``~/.keras/models``, where Keras
+    keeps it; downloaded from Keras' URL when absent (unless ``download_if_missing`` is False)."""
+    facts = base_facts(base)
+    name = facts.imagenet_weights_name(image_size)
     path = keras_home() / "models" / name
     if download_if_missing and not path.exists():
-        download(IMAGENET_BASE_URL + name, path, what="the ImageNet weights",
+        download(facts.imagenet_url + name, path, what="the ImageNet weights",
                  way_out=IMAGENET_WAY_OUT)
     return path
 
 
-def weights_file(source: str | os.PathLike[str] | None, image_size: int) -> Path | None:
+def weights_file(source: str | os.PathLike[str] | None, image_size: int,
+                 base: str = DEFAULT_BASE) -> Path | None:
     """The file a weight source reads: Keras' cached ImageNet file, the demo file, the given
     path (``~`` expanded), or None (``none``, ``torchvision``: torchvision keeps its own)."""
     if source is None or str(source) in ("none", *TORCH_WEIGHT_SOURCES):
         return None
     if source == "imagenet":
-        return imagenet_weights_path(image_size, download_if_missing=False)
+        return imagenet_weights_path(image_size, download_if_missing=False, base=base)
     if source == "demo":
         from tl_common.demo import demo_weights_path
 
@@ -64,12 +61,13 @@ def weights_file(source: str | os.PathLike[str] | None, image_size: int) -> Path
     return Path(source).expanduser().absolute()
 
 
-def weights_record(source: str, image_size: int) -> dict[str, str | None]:
+def weights_record(source: str, image_size: int, base: str = DEFAULT_BASE
+                   ) -> dict[str, str | None]:
     """The ``weights`` entry of ``metrics.json``: ``source`` (a named source, or ``file``),
     ``path`` and ``sha256`` of the file read (None where there is none, or where Keras kept its
     download elsewhere because ``~/.keras`` was not writable). Call it once the weights are
     loaded: the file then exists."""
-    path = weights_file(source, image_size)
+    path = weights_file(source, image_size, base)
     if path is not None and not path.is_file():
         path = None
     return {"source": source if is_named_source(source) else FILE_SOURCE,

@@ -21,17 +21,14 @@ from keras import layers
 from keras.src.utils.naming import to_snake_case
 
 from tl_common import keras_files, recipe
-from tl_common.download import (
-    DOWNLOAD_TIMEOUT_S,
-    IMAGENET_BASE_URL,
-    IMAGENET_WAY_OUT,
-    imagenet_weights_name,
-)
+from tl_common.bases import DEFAULT_BASE, base_facts
+from tl_common.download import DOWNLOAD_TIMEOUT_S, IMAGENET_WAY_OUT
 from tl_common.errors import UserError
 from tl_common.head import head_units
 from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS
 from tl_common.outputs import PHASES
 from tl_common.weights import weights_file
+from tl_keras.bases import facts_of, keras_application, preprocess_input
 
 #: The recipe's fine_tune_at layer, a check that Keras still builds the base the recipe knows.
 RECIPE_FINE_TUNE_AT = recipe.FINE_TUNE_AT
@@ -41,6 +38,12 @@ RECIPE_FINE_TUNE_LAYER = recipe.FINE_TUNE_LAYER
 EXPECTED_BASE = "a MobileNetV2 with alpha=1.0 and include_top=False (any input size)"
 
 Shapes = list[tuple[int, ...]]
+
+
+def expected_base(base: keras.Model) -> str:
+    """What a weights or model file must hold to fill ``base``, for messages."""
+    app = facts_of(base).keras_application
+    return EXPECTED_BASE if app == "MobileNetV2" else f"a {app} with include_top=False"
 
 
 # ---- the base --------------------------------------------------------------------------------
@@ -56,34 +59,59 @@ def keras_mobilenet_v2(image_size: int, weights: str | None, alpha: float = 1.0)
         input_tensor=keras.Input((s, s, 3), name="input_layer"))
 
 
-def build_base(weights: str | Path | None = "imagenet", image_size: int = 160) -> keras.Model:
-    """``MobileNetV2(include_top=False, alpha=1.0)`` for ``image_size`` inputs, 154 layers.
+def build_base(weights: str | Path | None = "imagenet", image_size: int = 160,
+               base: str = DEFAULT_BASE) -> keras.Model:
+    """``MobileNetV2(include_top=False, alpha=1.0)`` for ``image_size`` inputs, 154 layers; or
+    the application ``base`` names (:mod:`tl_keras.bases`), with the same ``weights``, except
+    ``demo`` (a MobileNetV2 file).
 
     ``weights``: ``"imagenet"`` (Keras downloads them; sizes other than 96/128/160/192/224 get the
     224 file, as in Keras), ``"demo"`` (the offline demo's pretrained file, made for 160 but valid
     at any size: every layer is a convolution), ``"none"``/``None`` (random init), or a path to a
     Keras weights file of the base or a whole model file that contains one.
     """
-    base = _imagenet_base(image_size) if weights == "imagenet" else keras_mobilenet_v2(image_size, None)
-    if len(base.layers) != KERAS_BASE_LAYERS or \
-            base.layers[RECIPE_FINE_TUNE_AT].name != RECIPE_FINE_TUNE_LAYER:
-        raise RuntimeError(f"this Keras builds a MobileNetV2 of {len(base.layers)} layers with "
-                           f"{base.layers[RECIPE_FINE_TUNE_AT].name!r} at {RECIPE_FINE_TUNE_AT}; "
+    if base != DEFAULT_BASE:
+        return _other_base(base, weights, image_size)
+    model = _imagenet_base(image_size) if weights == "imagenet" else keras_mobilenet_v2(image_size, None)
+    if len(model.layers) != KERAS_BASE_LAYERS or \
+            model.layers[RECIPE_FINE_TUNE_AT].name != RECIPE_FINE_TUNE_LAYER:
+        raise RuntimeError(f"this Keras builds a MobileNetV2 of {len(model.layers)} layers with "
+                           f"{model.layers[RECIPE_FINE_TUNE_AT].name!r} at {RECIPE_FINE_TUNE_AT}; "
                            f"the recipe's layer indices need {KERAS_BASE_LAYERS} and "
                            f"{RECIPE_FINE_TUNE_LAYER!r}")
     if weights not in (None, "none", "imagenet"):
-        load_weights_file(base, weights_file(weights, image_size))
+        load_weights_file(model, weights_file(weights, image_size))
+    return model
+
+
+def _other_base(name: str, weights: str | Path | None, image_size: int) -> keras.Model:
+    """A base other than the recipe's, checked against the layer count its facts give."""
+    facts = base_facts(name)
+    source = "none" if weights is None else str(weights)
+    if source == "demo":
+        raise UserError(f"demo weights are a MobileNetV2's: --base={name} takes imagenet, none "
+                        "or a Keras weights file of the base")
+    base = (_imagenet_base(image_size, name) if source == "imagenet"
+            else keras_application(name, image_size, None))
+    if len(base.layers) != facts.layer_count(source):
+        raise RuntimeError(f"this Keras builds a {facts.keras_application} of {len(base.layers)} "
+                           f"layers; the layer indices here need {facts.layer_count(source)}")
+    if source not in ("none", "imagenet"):
+        load_weights_file(base, weights_file(weights, image_size, name))
     return base
 
 
-def _imagenet_base(image_size: int) -> keras.Model:
-    url = IMAGENET_BASE_URL + imagenet_weights_name(image_size)
+def _imagenet_base(image_size: int, name: str = DEFAULT_BASE) -> keras.Model:
+    facts = base_facts(name)
+    url = facts.imagenet_url + facts.imagenet_weights_name(image_size)
     # Keras downloads with urlretrieve, which has no timeout: on a network that drops packets
     # it would hang instead of failing.
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return keras_mobilenet_v2(image_size, "imagenet")
+        if name == DEFAULT_BASE:
+            return keras_mobilenet_v2(image_size, "imagenet")
+        return keras_application(name, image_size, "imagenet")
     except Exception as err:  # keras.utils.get_file raises a bare Exception
         if "URL fetch failure" not in str(err):
             raise
@@ -113,9 +141,10 @@ def load_weights_file(base: keras.Model, path: Path) -> None:
         top = kfile.top
         if kind == "legacy_weights":  # loaded by order, layer by layer, weightless layers skipped
             _check_shapes(path, _shapes(layer for layer in base.layers if layer.weights),
-                          [(name, top.shapes(name)) for name in top.layers])
+                          [(name, top.shapes(name)) for name in top.layers], expected_base(base))
         else:
-            _check_shapes(path, _shapes(base.layers), _weights_h5_shapes(top, base))
+            _check_shapes(path, _shapes(base.layers), _weights_h5_shapes(top, base),
+                          expected_base(base))
     base.load_weights(path)
 
 
@@ -161,20 +190,20 @@ def _weights_h5_shapes(top: keras_files.Container, base: keras.Model
 
 
 def _check_shapes(path: Path, expected: list[tuple[str, Shapes]],
-                  found: list[tuple[str, Shapes]]) -> None:
+                  found: list[tuple[str, Shapes]], what: str = EXPECTED_BASE) -> None:
     """Name the first layer whose weights do not fit, before Keras assigns anything."""
     for (name, want), (_, got) in zip(expected, found, strict=False):
         if got != want:
             held = f"weights of shape {got}" if got else "no weights"
             raise UserError(f"{path} does not fit the base: it has {held} for layer {name!r}, "
-                            f"the base needs {want}; expected {EXPECTED_BASE}")
+                            f"the base needs {want}; expected {what}")
     if len(found) > len(expected):
         raise UserError(f"{path} has weights for layers the base lacks, from "
                         f"{found[len(expected)][0]!r} on (include_top=True?); "
-                        f"expected {EXPECTED_BASE}")
+                        f"expected {what}")
     if len(found) < len(expected):
         raise UserError(f"{path} has no weights for layer {expected[len(found)][0]!r} and the "
-                        f"layers after it; expected {EXPECTED_BASE}")
+                        f"layers after it; expected {what}")
 
 
 def _signature(layer_list: Sequence[keras.Layer]) -> list[tuple[str, str]]:
@@ -205,10 +234,11 @@ def _copy_from_model(base: keras.Model, path: Path) -> None:
         raise UserError(f"Keras could not load the model in {path}: {message}") from None
     found = _find_base_layers(model, _signature(base.layers))
     if found is None:
-        raise UserError(f"{path} holds a Keras model without a MobileNetV2 base in it: expected "
-                        f"a model or nested model whose layers are those of {EXPECTED_BASE} "
-                        f"(InputLayer, Conv1, bn_Conv1, ... out_relu)")
-    _check_shapes(path, _shapes(base.layers), _shapes(found))
+        first, second, last = (base.layers[i].name for i in (1, 2, -1))
+        raise UserError(f"{path} holds a Keras model without a {facts_of(base).keras_application} "
+                        f"base in it: expected a model or nested model whose layers are those "
+                        f"of {expected_base(base)} (InputLayer, {first}, {second}, ... {last})")
+    _check_shapes(path, _shapes(base.layers), _shapes(found), expected_base(base))
     for target, source in zip(base.layers, found, strict=True):
         target.set_weights(source.get_weights())
 
@@ -260,7 +290,8 @@ def data_augmentation(seed: int) -> keras.Sequential:
 
 def build_model(base: keras.Model, *, dropout: float = recipe.DROPOUT, seed: int,
                 augment: bool = True, num_classes: int = 2) -> keras.Model:
-    """augmentation → ``x / 127.5 − 1`` → base (inference mode) → pooling → dropout → logits.
+    """augmentation → ``x / 127.5 − 1`` (the base's ``preprocess_input``) → base (inference
+    mode) → pooling → dropout → logits.
 
     Two classes: one logit, positive for class 1 (dogs), as in the recipe; N > 2 classes:
     ``Dense(N)``, one logit per class. ``base`` is called with ``training=False`` in both
@@ -271,9 +302,9 @@ def build_model(base: keras.Model, *, dropout: float = recipe.DROPOUT, seed: int
     size = base.input_shape[1]
     inputs = keras.Input((size, size, 3))
     x = data_augmentation(seed)(inputs) if augment else inputs
-    x = keras.applications.mobilenet_v2.preprocess_input(x)
-    x = InferenceMode(base, name="base_inference_mode")(x)          # (N, s/32, s/32, 1280)
-    x = layers.GlobalAveragePooling2D(name="global_average_pooling2d")(x)   # (N, 1280)
+    x = preprocess_input(base, x)   # MobileNetV2's: x / 127.5 - 1 (tl_keras.bases)
+    x = InferenceMode(base, name="base_inference_mode")(x)          # (N, s/32, s/32, C)
+    x = layers.GlobalAveragePooling2D(name="global_average_pooling2d")(x)   # (N, C)
     x = layers.Dropout(dropout, seed=seed + recipe.DROPOUT_SEED_OFFSET, name="dropout")(x)
     outputs = layers.Dense(head_units(num_classes),
                            kernel_initializer=keras.initializers.GlorotUniform(

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tl_common.bases import BASES
 from tl_common.data import check_data_dir, check_output_dir_placement, resolve_data_root
 from tl_common.errors import run_main
 from tl_common.files import BAD_IMAGES_FILE, SPLITS, DataSplits, describe_bad_images, load_splits
@@ -281,7 +282,8 @@ def run(settings: Settings, run_dir: RunDir, stop: StopRequests, resuming: bool
     phases.timings["total_s"] = time.perf_counter() - started
     document = finish_run(
         run_dir, framework="keras", table=table,
-        curves_title=f"Keras {keras.__version__}: MobileNetV2 {settings.image_size}px, "
+        curves_title=f"Keras {keras.__version__}: {BASES[settings.base].keras_application} "
+                     f"{settings.image_size}px, "
                      f"{settings.weights_source} weights",
         versions={"tensorflow": tf.__version__, "keras": keras.__version__},
         settings=settings.to_dict(), data=splits.summary(), weights=weights,
@@ -319,9 +321,9 @@ def prepare_output_dir(run_dir: RunDir, state: RunState, settings: Settings) -> 
 def load_base(settings: Settings) -> tuple[keras.Model, dict[str, Any]]:
     """The base first: a weights file that does not fit stops the run before the data is read."""
     with naming_flag("weights", settings.weights_source):
-        base = build_base(settings.weights_source, settings.image_size)
+        base = build_base(settings.weights_source, settings.image_size, settings.base)
         # Now, not after training: nothing about the weights file can fail once it is done.
-        weights = weights_record(settings.weights_source, settings.image_size)
+        weights = weights_record(settings.weights_source, settings.image_size, settings.base)
     return base, weights
 
 

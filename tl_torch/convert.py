@@ -56,6 +56,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from tl_common.bases import DEFAULT_BASE
 from tl_common.errors import UserError, run_main
 from tl_common.keras_config import (  # noqa: F401  (importable from here, as before)
     KerasClassifier,
@@ -129,6 +130,10 @@ def to_keras(run_dir: str | Path, out: str | Path, *, images: list[str] | None =
     """Port run -> Keras ``.keras`` (+ ``OUT.keras.parity.json``)."""
     run_dir, out = Path(run_dir), Path(out)
     module, _, size = load_run(run_dir)
+    base = module.hparams.base_config.get("base", DEFAULT_BASE)
+    if base != DEFAULT_BASE:  # the Keras model is written from MobileNetV2's layer settings
+        raise UserError(f"{run_dir / MODEL_FILE} holds a {base} model: to-keras writes "
+                        f"{DEFAULT_BASE} models only so far")
     write_keras_model(module, size, out)
     print(f"wrote {out}")
     x = comparison_images(images, size)

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from tl_common.bases import DEFAULT_BASE
 from tl_common.download import sha256_of
 from tl_common.errors import UserError
 from tl_torch.checkpoint import read_checkpoint
-from tl_torch.model import MobileNetV2Base
 from tl_torch.module import TransferModule
+from tl_torch.weights import make_base
 
 #: What a folder given to --init-from must hold (the name tl_torch.train and convert write).
 MODEL_FILE = "model.ckpt"
@@ -44,6 +45,18 @@ class Start:
     hparams: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
 
+    @property
+    def base(self) -> str:
+        """The ``--base`` of the model saved (checkpoints from before other bases: MobileNetV2)."""
+        return str((self.hparams.get("base_config") or {}).get("base", DEFAULT_BASE))
+
+    def check_base(self, base: str) -> None:
+        """Refuse a run whose ``--base`` is not the saved model's: its fine-tune point and layer
+        indices are the other network's."""
+        if base != self.base:
+            raise UserError(f"{self.path} holds a {self.base} model, the run has --base={base}: "
+                            f"pass --base {self.base}")
+
     def record(self) -> dict[str, str | None]:
         """The ``weights`` entry of metrics.json (as :func:`tl_common.weights.weights_record`)."""
         return {"source": SOURCE, "path": str(self.path.absolute()),
@@ -59,7 +72,7 @@ class Start:
         if saved is None and self.hparams.get("num_classes", 2) != len(names):
             raise UserError(f"{self.path} has a head for {self.hparams.get('num_classes', 2)} "
                             f"classes, the data has {len(names)}: {names}")
-        base = MobileNetV2Base(**(self.hparams.get("base_config") or {}))
+        base = make_base(self.hparams.get("base_config"))
         module = TransferModule(base, weights=str(self.path), **settings)
         load_trained_weights(module, self.state_dict, self.path)
         return module

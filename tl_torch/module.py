@@ -1,7 +1,8 @@
 """The recipe's classifier as a LightningModule, and the callback that switches phases.
 
-Model: augmentation (training steps only) -> ``x / 127.5 - 1`` -> base (BatchNorm in inference
-mode, always) -> global average pooling -> Dropout(0.2) -> Linear(1280, 1), a logit (class 1 is
+Model: augmentation (training steps only) -> ``x / 127.5 - 1`` (the base's preprocessing) -> base
+(BatchNorm in inference mode, always) -> global average pooling -> Dropout(0.2) -> Linear(1280, 1)
+(the base's feature width: 960 for MobileNetV3Large, 2048 for ResNet50), a logit (class 1 is
 positive), initialised like Keras' ``Dense``: Glorot-uniform kernel, zero bias. With N > 2
 classes the head is Linear(1280, N), trained with cross-entropy, as the Keras reference's
 ``Dense(N)`` with sparse categorical cross-entropy from logits.
@@ -34,10 +35,12 @@ from tl_common import recipe
 from tl_common.head import head_units
 from tl_common.outputs import PHASES, format_counts, show_layer_table
 from tl_torch.augment import RandomFlipRotation
+from tl_torch.backbones import backbone_of
 from tl_torch.fast import fold
 from tl_torch.freezing import count_params, freeze, layer_table
-from tl_torch.model import LAST_FILTERS, MobileNetV2Base
+from tl_torch.model import MobileNetV2Base
 from tl_torch.optim import KerasAdam, KerasRMSprop
+from tl_torch.weights import config_of, make_base
 
 
 def keras_dense_init_(linear: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
@@ -64,23 +67,25 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
 class TransferModule(L.LightningModule):
     """Base + head, trained in two phases; logs Keras' history keys."""
 
-    def __init__(self, base: MobileNetV2Base | None = None, *,
+    def __init__(self, base: nn.Module | None = None, *,
                  learning_rate: float = recipe.LEARNING_RATE,
                  fine_tune_learning_rate: float = recipe.FINE_TUNE_LEARNING_RATE,
-                 fine_tune_at: int = recipe.FINE_TUNE_AT, dropout: float = recipe.DROPOUT,
+                 fine_tune_at: int | None = None, dropout: float = recipe.DROPOUT,
                  seed: int = 42, augment: bool = True,
                  fast: bool = True, num_classes: int = 2,
                  class_names: Sequence[str] | None = None, image_size: int | None = None,
                  base_config: dict[str, Any] | None = None, weights: str | None = None) -> None:
         """``base``: a built base (:func:`tl_torch.build_base`); without one, an empty base is
-        made from ``base_config`` (the keyword arguments of :class:`MobileNetV2Base`; absent in
-        checkpoints from before they were saved: Keras' settings, the only ones then), for
-        ``load_from_checkpoint`` to fill. ``class_names``, ``image_size`` and ``weights`` (the
-        weight source) are the run's, kept in the checkpoint so that it alone serves predictions.
+        made from ``base_config`` (:func:`tl_torch.weights.config_of`: MobileNetV2's keyword
+        arguments, or another base's name; absent in checkpoints from before they were saved:
+        Keras' MobileNetV2, the only one then), for ``load_from_checkpoint`` to fill.
+        ``fine_tune_at``: by default the base's own point (``tl_common.bases``).
+        ``class_names``, ``image_size`` and ``weights`` (the weight source) are the run's, kept in
+        the checkpoint so that it alone serves predictions.
         """
         super().__init__()
         if base is None:
-            base = MobileNetV2Base(**(base_config or {}))
+            base = make_base(base_config)
         if class_names is not None:
             class_names = [str(name) for name in class_names]
             if len(class_names) != num_classes:
@@ -89,15 +94,18 @@ class TransferModule(L.LightningModule):
         self.save_hyperparameters(ignore=["base"])
         # What rebuilds this base, read from the base itself; plain data, so that checkpoints
         # load with torch.load(weights_only=True).
-        self.hparams.base_config = {"pad_type": str(base.pad_type), "bn_eps": float(base.bn_eps),
-                                    "preprocessing": str(base.preprocessing)}
+        self.hparams.base_config = config_of(base)
+        backbone = backbone_of(base)
+        if fine_tune_at is None:
+            self.hparams.fine_tune_at = backbone.default_fine_tune_at(base)
         self.hparams.class_names = class_names
         self.hparams.weights = weights if weights is not None else getattr(base, "weights_source",
                                                                            None)
         self.base = base
         self.augment = RandomFlipRotation(recipe.ROTATION_FACTOR) if augment else None
         self.dropout = nn.Dropout(dropout)
-        self.classifier = keras_dense_init_(nn.Linear(LAST_FILTERS, head_units(num_classes)),
+        self.classifier = keras_dense_init_(nn.Linear(backbone.facts.features,
+                                                      head_units(num_classes)),
                                             torch.Generator().manual_seed(seed))
         self.binary = num_classes == 2
         self.loss_fn = nn.BCEWithLogitsLoss() if self.binary else nn.CrossEntropyLoss()
@@ -117,9 +125,12 @@ class TransferModule(L.LightningModule):
         # What features() runs: the base folded (tl_torch.fast.fold: the same function, faster;
         # it reads the base's weights and freezing at each call, so it is built once), or the
         # base's own modules with fast=False. An attribute, so a comparison can run both.
-        self.fast = fast
-        self.folded_base = fold(self.base)
-        if fast:  # oneDNN's convolutions are fastest on channels-last tensors
+        # The fold is MobileNetV2's alone: the other bases always run their own modules, as
+        # fast=False does (their numbers are then Keras-faithful by tests/test_backbones.py).
+        folds = isinstance(self.base, MobileNetV2Base)
+        self.fast = fast and folds
+        self.folded_base = fold(self.base) if folds else None
+        if self.fast:  # oneDNN's convolutions are fastest on channels-last tensors
             self.base.to(memory_format=torch.channels_last)
 
     # ---- phases ------------------------------------------------------------------------------
@@ -150,12 +161,13 @@ class TransferModule(L.LightningModule):
 
     # ---- forward -----------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 255] images -> pooled base features (N, 1280)."""
-        if self.fast:
+        """[0, 255] images -> pooled base features (N, C), C = 1280 for MobileNetV2."""
+        fast = self.fast and self.folded_base is not None
+        if fast:
             images = images.contiguous(memory_format=torch.channels_last)
-        backbone = self.folded_base if self.fast else self.base
-        x = backbone(self.base.preprocess(images))             # (N, 1280, H/32, W/32)
-        return x.mean(dim=(2, 3))                               # (N, 1280)
+        backbone = self.folded_base if fast else self.base
+        x = backbone(self.base.preprocess(images))             # (N, C, H/32, W/32)
+        return x.mean(dim=(2, 3))                               # (N, C)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 255] images (N, 3, H, W) -> logits: (N,) for two classes, (N, classes) beyond."""

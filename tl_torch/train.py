@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tl_common.bases import BASES, DEFAULT_BASE
 from tl_common.data import check_data_dir, check_output_dir_placement
 from tl_common.errors import run_main
 from tl_common.files import BAD_IMAGES_FILE, describe_bad_images
@@ -223,9 +224,12 @@ def run(settings: Settings, ns: Any, run_dir: RunDir, stop: StopRequests
 
 
 def weights_title(settings: Settings) -> str:
-    if settings.init_from is not None:
-        return f"from {Path(settings.init_from).name}"
-    return f"{settings.weights_source} weights"
+    """The curves' title after "PyTorch port, ": the base when not the recipe's, the weights."""
+    weights = (f"from {Path(settings.init_from).name}" if settings.init_from is not None
+               else f"{settings.weights_source} weights")
+    if settings.base == DEFAULT_BASE:
+        return weights
+    return f"{BASES[settings.base].keras_application}, {weights}"
 
 
 def prepare_output_dir(run_dir: RunDir, settings: Settings, *, has_state: bool) -> None:
@@ -243,14 +247,16 @@ def start_module(settings: Settings, run_dir: RunDir
     if settings.init_from is not None:  # a trained model: its weights, this run's settings
         with naming_flag("init_from", settings.init_from):
             start = start_from(settings.init_from, settings.image_size)
+            start.check_base(settings.base)
             data = load_data(settings, run_dir)
             module = start.module(**module_settings(settings, data.splits.class_names))
         return module, start.record(), data
     with naming_flag("weights", settings.weights_source):
         base = build_base(settings.weights_source, settings.image_size,
-                          generator=torch.Generator().manual_seed(settings.seed))
+                          generator=torch.Generator().manual_seed(settings.seed),
+                          base=settings.base)
         # Now, not after training: nothing about the weights file can fail once it is done.
-        weights = weights_record(settings.weights_source, settings.image_size)
+        weights = weights_record(settings.weights_source, settings.image_size, settings.base)
     data = load_data(settings, run_dir)
     return TransferModule(base, **module_settings(settings, data.splits.class_names)), weights, data
 

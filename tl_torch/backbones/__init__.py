@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tl_common import recipe
+from tl_common.bases import BASES, BaseFacts
 from tl_common.errors import UserError
 from tl_torch.backbones.efficientnet import EfficientNetB0Base
 from tl_torch.backbones.mobilenet_v3 import MobileNetV3LargeBase
@@ -26,19 +26,35 @@ from tl_torch.backbones.resnet import ResNet50Base
 from tl_torch.model import MobileNetV2Base
 
 #: The recipe's fine-tune point and MobileNetV2's layer count: the share the defaults follow.
-RECIPE_FINE_TUNE_AT = recipe.FINE_TUNE_AT
-RECIPE_LAYERS = 154
+RECIPE_FINE_TUNE_AT = BASES["mobilenet_v2"].fine_tune_at
+RECIPE_LAYERS = BASES["mobilenet_v2"].layers
 
 
 @dataclass(frozen=True)
 class Backbone:
-    """One member: its builder, Keras' application, and where fine-tuning starts by default."""
+    """One member: its builder, and Keras' facts about it (:mod:`tl_common.bases`: the
+    application, where fine-tuning starts by default and why, the features' width)."""
 
-    name: str
-    keras_application: str        # keras.applications.<this>
+    facts: BaseFacts
     factory: Callable[..., nn.Module]
-    fine_tune_from: str           # the Keras layer where the default fine-tuning starts
-    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+    @property
+    def keras_application(self) -> str:
+        """keras.applications.<this>."""
+        return self.facts.keras_application
+
+    @property
+    def fine_tune_from(self) -> str:
+        """The Keras layer where the default fine-tuning starts."""
+        return self.facts.fine_tune_from
+
+    @property
+    def reason(self) -> str:
+        return self.facts.reason
 
     def build(self, **kwargs: object) -> nn.Module:
         """The base with Keras' initial numbers laid out (weights are loaded separately)."""
@@ -50,19 +66,11 @@ class Backbone:
         return base.keras_layer(self.fine_tune_from).index
 
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("mobilenet_v2", "MobileNetV2", MobileNetV2Base, "block_11_expand_relu",
-             "the recipe's fine_tune_at = 100 (layers[100] is block_11_expand_relu)"),
-    Backbone("mobilenet_v3_large", "MobileNetV3Large", MobileNetV3LargeBase, "expanded_conv_11_expand",
-             "block 11 starts at 124 of 187 layers: 66 % frozen, the block start nearest the "
-             "recipe's 100 / 154 = 65 %"),
-    Backbone("efficientnet_b0", "EfficientNetB0", EfficientNetB0Base, "block5c_expand_conv",
-             "block 5c starts at 147 of 237 layers (148 of 238 with imagenet_rescaling): 62 % "
-             "frozen, the block start nearest the recipe's 100 / 154 = 65 %"),
-    Backbone("resnet50", "ResNet50", ResNet50Base, "conv4_block4_1_conv",
-             "conv4 block 4 starts at 113 of 175 layers: 65 % frozen, the block start nearest "
-             "the recipe's 100 / 154 = 65 %"),
-)}
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "mobilenet_v2": MobileNetV2Base, "mobilenet_v3_large": MobileNetV3LargeBase,
+    "efficientnet_b0": EfficientNetB0Base, "resnet50": ResNet50Base}
+BACKBONES: dict[str, Backbone] = {name: Backbone(facts, _FACTORIES[name])
+                                  for name, facts in BASES.items()}
 
 
 def get_backbone(name: str) -> Backbone:
@@ -72,5 +80,14 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]
 
 
+def backbone_of(base: nn.Module) -> Backbone:
+    """The member ``base`` was built as (by its Keras application name)."""
+    application = getattr(base, "KERAS_NAME", "") or "MobileNetV2"
+    for backbone in BACKBONES.values():
+        if backbone.keras_application == application:
+            return backbone
+    raise ValueError(f"{type(base).__name__} is none of the bases: {', '.join(BACKBONES)}")
+
+
 __all__ = ["BACKBONES", "Backbone", "EfficientNetB0Base", "MobileNetV3LargeBase", "ResNet50Base",
-           "get_backbone"]
+           "backbone_of", "get_backbone"]
