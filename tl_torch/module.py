@@ -110,13 +110,7 @@ class TransferModule(L.LightningModule):
         self.binary = num_classes == 2
         self.loss_fn = nn.BCEWithLogitsLoss() if self.binary else nn.CrossEntropyLoss()
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-
-        def accuracy() -> Metric:
-            # Keras' BinaryAccuracy(threshold=0) / SparseCategoricalAccuracy: a share of images.
-            return (BinaryAccuracy() if self.binary
-                    else MulticlassAccuracy(num_classes=num_classes, average="micro"))
-
-        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
+        self.train_acc, self.val_acc, self.test_acc = (self._accuracy() for _ in range(3))
         self.phase = "feature_extraction"
         self.set_phase("feature_extraction")
         # The augmentation's random draws: seeded per epoch (on_train_epoch_start); public, so
@@ -132,6 +126,11 @@ class TransferModule(L.LightningModule):
         self.folded_base = fold(self.base) if folds else None
         if self.fast:  # oneDNN's convolutions are fastest on channels-last tensors
             self.base.to(memory_format=torch.channels_last)
+
+    def _accuracy(self) -> Metric:
+        """Keras' BinaryAccuracy(threshold=0) / SparseCategoricalAccuracy: a share of images."""
+        return (BinaryAccuracy() if self.binary
+                else MulticlassAccuracy(num_classes=self.hparams.num_classes, average="micro"))
 
     # ---- phases ------------------------------------------------------------------------------
     def set_phase(self, phase: str) -> None:
