@@ -31,8 +31,8 @@ from parity_tests import pairs
 from parity_tests.rows import Row, equal, verdict
 from tl_common import bands
 from tl_common.keras_config import float64_config, inspect_keras_model
+from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS
 from tl_common.outputs import SCHEMA_VERSION
-from tl_common.settings import KERAS_BASE_LAYERS
 from tl_keras import model as kmodel
 from tl_torch import conversion_parity as cp
 from tl_torch import keras_interchange, onnx_export

@@ -14,7 +14,7 @@ from scipy import stats
 from parity_tests import pairs
 from parity_tests.rows import Row, close, equal, measured, summary, verdict
 from tl_common import bands, recipe
-from tl_common.settings import KERAS_BASE_LAYERS
+from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS
 from tl_keras import model as kmodel
 from tl_torch import count_params, freeze, layer_table
 from tl_torch.module import TransferModule
