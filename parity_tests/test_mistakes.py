@@ -209,7 +209,7 @@ def test_phase_switch_one_epoch_late(monkeypatch, tmp_path) -> None:
     # Lightning's 0-based epochs): fine-tuning starts one epoch late.
     switch = tl_torch.train.TwoPhaseFineTuning
     monkeypatch.setattr(tl_torch.train, "TwoPhaseFineTuning",
-                        lambda initial_epochs: switch(initial_epochs + 1))
+                        lambda initial_epochs, **kwargs: switch(initial_epochs + 1, **kwargs))
     assert_caught(torch_wiring(tmp_path), where="history: (epoch, phase)")
 
 
