@@ -81,13 +81,51 @@ class Block:
     add: str | None          # the Add layer closing the block, if it has a residual
 
 
-class MobileNetV2Base(nn.Module):
+class KerasLayerIndex:
+    """Keras' view of a base whose modules are Keras' layers: ``base.layers`` as
+    :class:`KerasLayer` entries, InputLayer first, and lookup by index or name. The base keeps
+    ``input_layer_name``, ``_order`` (layer names in Keras' order), ``_types`` (name -> Keras
+    type), ``_blocks`` and ``KERAS_NAME`` (the application's name, for messages)."""
+
+    KERAS_NAME = ""
+
+    @property
+    def keras_layers(self) -> list[KerasLayer]:
+        """Keras' ``base.layers``, InputLayer first, in Keras' order."""
+        layers = [KerasLayer(0, self.input_layer_name, "InputLayer", None)]
+        for i, name in enumerate(self._order, start=1):
+            layers.append(KerasLayer(i, name, self._types[name], getattr(self, name)))
+        return layers
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """The network's repeated blocks, in order: their Keras layers and the Add closing each."""
+        return tuple(self._blocks)
+
+    def keras_layer(self, key: int | str) -> KerasLayer:
+        """A layer by Keras index or name."""
+        layers = self.keras_layers
+        if isinstance(key, bool):
+            raise TypeError(f"a Keras layer is named by index or name, not {key!r}")
+        if isinstance(key, int):
+            if not 0 <= key < len(layers):
+                raise IndexError(f"Keras layer index {key} out of range 0..{len(layers) - 1}")
+            return layers[key]
+        for layer in layers:
+            if layer.name == key:
+                return layer
+        raise KeyError(f"no Keras layer named {key!r} in {self.KERAS_NAME}")
+
+
+class MobileNetV2Base(KerasLayerIndex, nn.Module):
     """MobileNetV2 without its classifier; ``(N, 3, H, W)`` in the weights' input range ->
     ``(N, 1280, ceil(H/32), ceil(W/32))``.
 
     Build it with :func:`tl_torch.build_base`, which also loads weights and picks the padding,
     BatchNorm epsilon and preprocessing that the weights were trained with.
     """
+
+    KERAS_NAME = "MobileNetV2"
 
     def __init__(self, *, pad_type: str = "same", bn_eps: float = KERAS_BN_EPS,
                  preprocessing: str = "keras") -> None:
@@ -149,34 +187,6 @@ class MobileNetV2Base(nn.Module):
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.eval()
-
-    # ---- Keras' view ---------------------------------------------------------------------
-    @property
-    def keras_layers(self) -> list[KerasLayer]:
-        """The 154 layers of Keras' ``base.layers``, InputLayer first, in Keras' order."""
-        layers = [KerasLayer(0, self.input_layer_name, "InputLayer", None)]
-        for i, name in enumerate(self._order, start=1):
-            layers.append(KerasLayer(i, name, self._types[name], getattr(self, name)))
-        return layers
-
-    @property
-    def blocks(self) -> tuple[Block, ...]:
-        """The 17 inverted residual blocks, in order (``expanded_conv``, ``block_1`` ...)."""
-        return tuple(self._blocks)
-
-    def keras_layer(self, key: int | str) -> KerasLayer:
-        """A layer by Keras index or name."""
-        layers = self.keras_layers
-        if isinstance(key, bool):
-            raise TypeError(f"a Keras layer is named by index or name, not {key!r}")
-        if isinstance(key, int):
-            if not 0 <= key < len(layers):
-                raise IndexError(f"Keras layer index {key} out of range 0..{len(layers) - 1}")
-            return layers[key]
-        for layer in layers:
-            if layer.name == key:
-                return layer
-        raise KeyError(f"no Keras layer named {key!r} in MobileNetV2")
 
     # ---- forward -------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

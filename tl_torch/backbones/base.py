@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from tl_torch.model import Block, KerasLayer
+from tl_torch.model import Block, KerasLayerIndex
 
 
-class KerasBase(nn.Module):
+class KerasBase(KerasLayerIndex, nn.Module):
     """A base whose modules are Keras' layers, named and ordered as Keras has them."""
 
     #: Keras' application name, for messages (``MobileNetV3Large``...).
@@ -44,34 +44,6 @@ class KerasBase(nn.Module):
 
     def layer(self, name: str) -> nn.Module:
         return getattr(self, name)
-
-    # ---- Keras' view ---------------------------------------------------------------------
-    @property
-    def keras_layers(self) -> list[KerasLayer]:
-        """Keras' ``base.layers``, InputLayer first, in Keras' order."""
-        layers = [KerasLayer(0, self.input_layer_name, "InputLayer", None)]
-        for i, name in enumerate(self._order, start=1):
-            layers.append(KerasLayer(i, name, self._types[name], getattr(self, name)))
-        return layers
-
-    @property
-    def blocks(self) -> tuple[Block, ...]:
-        """The network's repeated blocks, in order: their Keras layers and the Add closing each."""
-        return tuple(self._blocks)
-
-    def keras_layer(self, key: int | str) -> KerasLayer:
-        """A layer by Keras index or name."""
-        layers = self.keras_layers
-        if isinstance(key, bool):
-            raise TypeError(f"a Keras layer is named by index or name, not {key!r}")
-        if isinstance(key, int):
-            if not 0 <= key < len(layers):
-                raise IndexError(f"Keras layer index {key} out of range 0..{len(layers) - 1}")
-            return layers[key]
-        for layer in layers:
-            if layer.name == key:
-                return layer
-        raise KeyError(f"no Keras layer named {key!r} in {self.KERAS_NAME}")
 
     # ---- BatchNorm (and Dropout) always in inference mode ----------------------------------
     def train(self, mode: bool = True) -> KerasBase:
