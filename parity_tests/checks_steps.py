@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from parity_tests import exact, pairs
-from parity_tests.checks_training import FINE_TUNE_AT, PHASES, demo_batches, torch_phase
+from parity_tests.checks_training import PHASES, demo_batches, torch_phase
 from parity_tests.rows import Row, measured, verdict
 from tl_common import bands, recipe
+from tl_common.bases import DEFAULT_BASE, base_facts
 from tl_common.demo import demo_weights_path
-from tl_common.mobilenet_v2 import LAST_FILTERS
 from tl_keras import model as kmodel
 from tl_torch.keras_weights import KERAS_VARIABLES, keras_to_torch, torch_to_keras
 from tl_torch.module import TransferModule
@@ -73,6 +73,22 @@ class Setup:
     group: str = GROUP
     # Also the free-running comparison (and the variant process); None: as FREE_RUNNING_ENV says.
     free_running: bool | None = None
+    # Another base (tl_common.bases) and a Keras weights file of it; None: the demo's MobileNetV2.
+    base: str = DEFAULT_BASE
+    weights: Path | None = None
+
+    @property
+    def fine_tune_at(self) -> int:
+        """The base's default fine-tune point (the recipe's 100 for MobileNetV2)."""
+        return base_facts(self.base).fine_tune_at
+
+    @property
+    def features(self) -> int:
+        """The width of the base's pooled features: what the head and its Dropout see."""
+        return base_facts(self.base).features
+
+    def weights_file(self) -> Path:
+        return self.weights if self.weights is not None else demo_weights_path()
 
 
 RECIPE = Setup()
@@ -123,7 +139,8 @@ class KerasTrainer:
     def __init__(self, setup: Setup, float64: bool = False) -> None:
         self.setup, self.float64 = setup, float64
         self.dtype = "float64" if float64 else "float32"
-        self.base = pairs.keras_base(demo_weights_path(), setup.size, float64=float64)
+        self.base = pairs.keras_base(setup.weights_file(), setup.size, float64=float64,
+                                     base=setup.base)
         with pairs.float64_policy() if float64 else contextlib.nullcontext():
             self.model = kmodel.build_model(self.base, dropout=setup.dropout, seed=0,
                                             augment=setup.augment, num_classes=setup.num_classes)
@@ -135,7 +152,7 @@ class KerasTrainer:
         self.optimizer = None
 
     def set_phase(self, phase: str, lr: float) -> None:
-        kmodel.set_phase(self.base, phase, FINE_TUNE_AT)
+        kmodel.set_phase(self.base, phase, self.setup.fine_tune_at)
         kmodel.compile_for(self.model, phase, lr)
         self.optimizer = self.model.optimizer
         self.optimizer.build(self.variables())
@@ -156,7 +173,7 @@ class KerasTrainer:
             flip, rotation = self.model.get_layer("data_augmentation").layers
             t_flip = flip.get_random_transformation(images, training=True)
             t_rotation = rotation.get_random_transformation(images, training=True)
-        ones = keras.ops.ones((len(images), LAST_FILTERS))
+        ones = keras.ops.ones((len(images), self.setup.features))
         keep = keras.ops.convert_to_numpy(self.model.get_layer("dropout")(ones, training=True)) != 0
         return Draws(t_flip, t_rotation, keep)
 
@@ -172,12 +189,13 @@ class KerasTrainer:
     def step(self, images: np.ndarray, labels: np.ndarray, draws: Draws) -> float:
         """One training step of the recipe's model with these draws; returns the loss."""
         x = keras.ops.cast(self.augment(images, draws), self.dtype)
+        preprocess = getattr(keras.applications, base_facts(self.setup.base).keras_module)
         keep = keras.ops.cast(draws.keep, self.dtype)
         variables = self.variables()
         with tf.GradientTape() as tape:
             features = self.model.get_layer("global_average_pooling2d")(
                 self.model.get_layer("base_inference_mode")(
-                    keras.applications.mobilenet_v2.preprocess_input(x)))       # (N, 1280)
+                    preprocess.preprocess_input(x)))       # (N, features): 1280 for MobileNetV2
             # Keras' Dropout (tf.nn.experimental.stateless_dropout): x * 1/(1-rate) * keep.
             features = features * keras.ops.cast(1.0 / (1.0 - self.setup.dropout), self.dtype) * keep
             logits = self.model.get_layer("dense")(features)                 # (N, 1) or (N, classes)
@@ -232,8 +250,9 @@ class TorchTrainer:
     reference's flips, angles and dropout masks."""
 
     def __init__(self, setup: Setup, keras_model) -> None:
-        self.module = TransferModule(pairs.torch_base(demo_weights_path(), setup.size),
-                                     fine_tune_at=FINE_TUNE_AT, learning_rate=PHASES[0][1],
+        self.module = TransferModule(pairs.torch_base(setup.weights_file(), setup.size,
+                                                      base=setup.base),
+                                     fine_tune_at=setup.fine_tune_at, learning_rate=PHASES[0][1],
                                      fine_tune_learning_rate=PHASES[1][1], dropout=setup.dropout,
                                      augment=setup.augment, num_classes=setup.num_classes).train()
         kernel, bias = keras_model.get_layer("dense").get_weights()

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import torch
 
+from tl_common.bases import DEFAULT_BASE, base_facts  # noqa: E402
 from tl_common.demo import demo_data_root, demo_weights_path  # noqa: E402
 from tl_common.files import load_splits  # noqa: E402
 from tl_keras import model as kmodel  # noqa: E402
@@ -63,15 +64,18 @@ def demo_labels(n: int = 8) -> np.ndarray:
     return np.array([0] * (n // 2) + [1] * (n - n // 2), dtype=np.int32)
 
 
-def preprocess(images: np.ndarray) -> np.ndarray:
-    """The recipe's ``preprocess_input`` (Keras'), on numpy: both frameworks get these inputs."""
-    return keras.ops.convert_to_numpy(keras.applications.mobilenet_v2.preprocess_input(
-        keras.ops.convert_to_tensor(images)))
+def preprocess(images: np.ndarray, base: str = DEFAULT_BASE) -> np.ndarray:
+    """The recipe's ``preprocess_input`` (Keras', of ``base``'s application), on numpy: both
+    frameworks get these inputs."""
+    module = getattr(keras.applications, base_facts(base).keras_module)
+    return keras.ops.convert_to_numpy(module.preprocess_input(
+        keras.ops.convert_to_tensor(images.copy())))
 
 
 # ---- weights --------------------------------------------------------------------------------
 
-def calibrated_random_weights(directory: Path, *, seed: int = 0, size: int = 96) -> Path:
+def calibrated_random_weights(directory: Path, *, seed: int = 0, size: int = 96,
+                              base: str = DEFAULT_BASE) -> Path:
     """A Keras ``.weights.h5`` of a base with random, non-degenerate weights.
 
     Keras' random init with inference-mode BatchNorm (mean 0, variance 1) shrinks activations to
@@ -79,23 +83,40 @@ def calibrated_random_weights(directory: Path, *, seed: int = 0, size: int = 96)
     moving statistics are set, in Keras, to the batch statistics of its input on demo images
     (one forward pass in training mode with momentum 0), so activations are of order 1 at every
     layer and mean/variance are distinct numbers (a swapped mean and variance shows).
+    EfficientNet's Normalization gets a mean and variance away from 0 and 1 (a variance left
+    unrooted shows).
     """
-    path = directory / f"calibrated-{seed}.weights.h5"
+    name = "" if base == DEFAULT_BASE else f"{base}-{size}-"
+    path = directory / f"calibrated-{name}{seed}.weights.h5"
     if path.exists():
         return path
     keras.utils.set_random_seed(seed)
-    base = kmodel.build_base("none", size)
+    model = kmodel.build_base("none", size, base=base)
     rng = np.random.default_rng(seed)
-    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Normalization):
+            mean, variance, count = layer.get_weights()
+            layer.set_weights([rng.uniform(0.3, 0.6, mean.shape).astype(np.float32),
+                               rng.uniform(0.04, 0.09, variance.shape).astype(np.float32), count])
+            layer.finalize_state()  # Normalization computes with copies made here, not its weights
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in bns:
         gamma, beta, mean, var = layer.get_weights()
         layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
                            rng.uniform(-0.3, 0.3, beta.shape).astype(np.float32), mean, var])
         layer.momentum = 0.0
-    base(preprocess(demo_images(size)), training=True)  # moving stats := this batch's
+    # Moving statistics := this batch's, as the base computes in inference mode: EfficientNet's
+    # stochastic-depth Dropout would drop whole residual branches in this training-mode pass.
+    dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    rates = [layer.rate for layer in dropouts]
+    for layer in dropouts:
+        layer.rate = 0.0
+    model(preprocess(demo_images(size), base), training=True)
+    for layer, rate in zip(dropouts, rates, strict=True):
+        layer.rate = rate
     for layer in bns:
         layer.momentum = 0.999
-    base.save_weights(path)
+    model.save_weights(path)
     return path
 
 
@@ -123,16 +144,16 @@ def float64_policy() -> Iterator[None]:
         keras.config.set_floatx(floatx)
 
 
-def keras_base(weights: str | Path, size: int, *, float64: bool = False):
+def keras_base(weights: str | Path, size: int, *, float64: bool = False,
+               base: str = DEFAULT_BASE):
     """``tl_keras.build_base``, in float32 or float64."""
-    if not float64:
-        return kmodel.build_base(str(weights), size)
-    with float64_policy():
-        return kmodel.build_base(str(weights), size)
+    with float64_policy() if float64 else contextlib.nullcontext():
+        return kmodel.build_base(str(weights), size, base=base)
 
 
-def torch_base(weights: str | Path, size: int, *, float64: bool = False):
-    base = torch_build_base(str(weights), size)
+def torch_base(weights: str | Path, size: int, *, float64: bool = False,
+               base: str = DEFAULT_BASE):
+    base = torch_build_base(str(weights), size, base=base)
     return base.double() if float64 else base
 
 
