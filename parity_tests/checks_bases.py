@@ -147,24 +147,6 @@ def check_preprocessing(name: str, directory: Path) -> list[Row]:
 
 # ---- numerics: every layer in float64 and float32 -------------------------------------------
 
-def torch_layer_outputs(base, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Every Keras layer's output (NHWC), read with forward hooks (the bases' forwards hold
-    operations that are not layers, so they are not traced layer by layer)."""
-    seen = {base.input_layer_name: x}
-    hooks = [layer.module.register_forward_hook(
-                 lambda m, args, out, n=layer.name: seen.__setitem__(n, pairs.nhwc(out)
-                                                                      if out.ndim == 4 else
-                                                                      out.detach().numpy()))
-             for layer in base.keras_layers if layer.module is not None]
-    try:
-        with torch.no_grad():
-            base(pairs.nchw(x).to(next(base.parameters()).dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 @functools.cache
 def _keras_numerics(name: str, path: Path) -> tuple[dict, dict]:
     """Keras' every layer in float64 and float32 (computed once: a planted mistake changes the
@@ -182,8 +164,8 @@ def check_numerics(name: str, directory: Path) -> list[Row]:
     x = pairs.demo_images(SIZE, IMAGES)
     x32, x64 = pairs.preprocess(x, name), pairs.preprocess(x.astype(np.float64), name)
     k64, k32 = _keras_numerics(name, path)
-    t64 = torch_layer_outputs(pairs.torch_base(path, SIZE, float64=True, base=name), x64)
-    t32 = torch_layer_outputs(pairs.torch_base(path, SIZE, base=name), x32)
+    t64 = pairs.torch_layer_outputs(pairs.torch_base(path, SIZE, float64=True, base=name), x64)
+    t32 = pairs.torch_layer_outputs(pairs.torch_base(path, SIZE, base=name), x32)
     missing = sorted(set(k64) - set(t64))
     worst64 = max(((bands.max_error(k, t64[n]) / max(1.0, bands.magnitude(k)), n)
                    for n, k in k64.items() if n in t64), default=(np.inf, "none"))

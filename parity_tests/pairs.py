@@ -173,4 +173,5 @@ def torch_layer_outputs(base, x: np.ndarray) -> dict[str, np.ndarray]:
     t = nchw(x).to(next(base.parameters()).dtype)
     with torch.no_grad():
         outs = all_layer_outputs(base, t)
-    return {name: nhwc(v) for name, v in outs.items()}
+    # (N, C) outputs (a squeeze-and-excitation's pooling) have no channels axis to move.
+    return {name: nhwc(v) if v.ndim == 4 else v.numpy() for name, v in outs.items()}

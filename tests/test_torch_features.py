@@ -131,3 +131,28 @@ def test_extractor_stops_after_last_requested_layer(base, x) -> None:
             h.remove()
     assert list(out) == ["block_6_expand"]
     assert calls == ["block_6_expand"]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0", "resnet50"])
+def test_every_base_gives_every_layer_by_name_and_index(name: str, calibrate_bn) -> None:
+    """The other bases: every Keras layer in Keras' order, the last one the base's output, and a
+    layer asked for by index is the one of that name."""
+    from tl_torch.backbones import get_backbone
+
+    generator = torch.Generator().manual_seed(13)
+    base = get_backbone(name).build()
+    images = torch.rand(2, 3, SIZE, SIZE, generator=generator) * 255
+    x = base.preprocess(images)
+    calibrate_bn(base, x, generator)
+    with torch.no_grad():
+        outputs = all_layer_outputs(base, x)
+        whole = base(x)
+        picked = feature_extractor(base, [3, base.keras_layers[-1].name])(x)
+    assert list(outputs) == [layer.name for layer in base.keras_layers]
+    assert max_diff(outputs[base.keras_layers[-1].name], whole) <= EXACT
+    assert whole.std().item() > ORDER_ONE_STD
+    third = base.keras_layers[3].name
+    assert list(picked) == [third, base.keras_layers[-1].name]
+    assert max_diff(picked[third], outputs[third]) <= EXACT
+    # EfficientNet pools its squeeze-and-excitation to (N, C) before a Reshape; the others keep 4-D.
+    assert any(v.ndim == 2 for v in outputs.values()) == (name == "efficientnet_b0")

@@ -4,7 +4,9 @@ Built on ``torchvision.models.feature_extraction.create_feature_extractor``: the
 and cut after the last requested layer, so asking for ``block_6_expand`` does not run the blocks
 above it. The traced graph has one node per Keras layer, in Keras' order (the modules are named
 after the layers); torchvision rewrites some node names (``Conv_1`` becomes ``Conv``, taken for a
-second call of ``Conv``), so nodes are matched to layers by position, not by name.
+second call of ``Conv``), so nodes are matched to layers by position, not by name. The other bases
+(:mod:`tl_torch.backbones`) compute operations that are not layers, so their outputs are read
+with forward hooks on the layers' modules, over a whole forward pass.
 """
 
 from __future__ import annotations
@@ -36,6 +38,28 @@ class _WithInput(nn.Module):
         return out
 
 
+class _HookedOutputs(nn.Module):
+    """The layers' outputs read with forward hooks on their modules, over a whole forward pass:
+    for bases whose forward holds operations that are not Keras layers (MobileNetV3's ``x + 3``,
+    EfficientNet's squeeze-and-excitation reshapes), so that no traced node is one layer."""
+
+    def __init__(self, base: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.base, self.names = base, list(names)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {self.base.input_layer_name: x}
+        hooks = [self.base.keras_layer(name).module.register_forward_hook(
+                     lambda m, args, out, n=name: seen.__setitem__(n, out))
+                 for name in self.names if name != self.base.input_layer_name]
+        try:
+            self.base(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {name: seen[name] for name in self.names}
+
+
 def feature_extractor(base: MobileNetV2Base, layers: Sequence[int | str]) -> nn.Module:
     """A module returning ``{keras_name: output}`` for the given Keras layer names or indices."""
     names = [base.keras_layer(key).name for key in layers]
@@ -43,8 +67,8 @@ def feature_extractor(base: MobileNetV2Base, layers: Sequence[int | str]) -> nn.
     tracer_kwargs = {"leaf_modules": LEAF_MODULES}
     _, graph_nodes = get_graph_node_names(base, tracer_kwargs=tracer_kwargs)
     keras_names = [layer.name for layer in base.keras_layers]
-    if len(graph_nodes) != len(keras_names):  # guards the one-node-per-layer premise
-        raise RuntimeError(f"traced {len(graph_nodes)} nodes for {len(keras_names)} Keras layers")
+    if len(graph_nodes) != len(keras_names):  # not one node per layer: read the modules' outputs
+        return _HookedOutputs(base, names).eval()
     node_of = dict(zip(keras_names, graph_nodes, strict=True))
     nodes = {node_of[n]: n for n in names if n != base.input_layer_name}
     extractor = None
