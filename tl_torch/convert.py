@@ -56,7 +56,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from tl_common.bases import DEFAULT_BASE
 from tl_common.errors import UserError, run_main
 from tl_common.keras_config import (  # noqa: F401  (importable from here, as before)
     KerasClassifier,
@@ -78,16 +77,15 @@ from tl_torch.conversion_parity import (  # noqa: F401
     unfolded_copy,
     write_summary,
 )
+from tl_torch.keras_export import keras_model_config, write_keras_model  # noqa: F401
 from tl_torch.keras_interchange import (  # noqa: F401
     class_names_for,
     dense_bias,
     dense_kernel_to_torch,
     keras_available,
-    keras_model_config,
     module_from_keras,
     run_keras,
     torch_to_dense_kernel,
-    write_keras_model,
 )
 from tl_torch.onnx_export import ONNX_OPSET, check_onnx, onnx_outputs, write_onnx  # noqa: F401
 
@@ -114,7 +112,7 @@ def from_keras(model_path: str | Path, out_dir: str | Path, *, class_names: list
                                      len(x), "Keras is not installed here")
     else:
         project = "tl_keras>" in json.dumps(read_model_config(model_path))
-        run = {"inputs_scaled": inputs_scaled, "project": project}
+        run = {"inputs_scaled": inputs_scaled, "project": project, "base": found.base}
         source32 = probabilities(run_keras(model_path, nhwc(x), **run), found.activation)
         exact = probabilities(run_keras(model_path, nhwc(x), float64=True, **run),
                               found.activation)
@@ -130,10 +128,6 @@ def to_keras(run_dir: str | Path, out: str | Path, *, images: list[str] | None =
     """Port run -> Keras ``.keras`` (+ ``OUT.keras.parity.json``)."""
     run_dir, out = Path(run_dir), Path(out)
     module, _, size = load_run(run_dir)
-    base = module.hparams.base_config.get("base", DEFAULT_BASE)
-    if base != DEFAULT_BASE:  # the Keras model is written from MobileNetV2's layer settings
-        raise UserError(f"{run_dir / MODEL_FILE} holds a {base} model: to-keras writes "
-                        f"{DEFAULT_BASE} models only so far")
     write_keras_model(module, size, out)
     print(f"wrote {out}")
     x = comparison_images(images, size)
