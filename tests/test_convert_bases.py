@@ -302,15 +302,21 @@ def test_cli_from_keras_to_keras_to_onnx(name, models, tmp_path):
 @pytest.mark.parametrize("name", NEW)
 def test_port_trained_run_to_onnx_and_keras(name, tmp_path, calibrate_bn):
     """A run of the port itself (as tl_torch.train --base writes model.ckpt) exports to ONNX and
-    Keras within the measured band."""
+    Keras within the measured band. BatchNorm is calibrated on the images the converter compares
+    on (its default demo images), and the head spreads their logits, as for the Keras models."""
     from tl_torch.module import TransferModule
 
     generator = torch.Generator().manual_seed(9)
+    x = cp.comparison_images(None, SIZE)
     base = build_base("none", SIZE, generator=generator, base=name)
-    calibrate_bn(base, base.preprocess(images()), generator)
+    calibrate_bn(base, base.preprocess(x), generator)
     module = TransferModule(base, num_classes=3, class_names=list(CLASSES), image_size=SIZE)
     with torch.no_grad():
-        module.classifier.weight.normal_(0.0, 0.5, generator=generator)
+        features = base(base.preprocess(x)).mean(dim=(2, 3))
+        weight = torch.randn(3, features.shape[1], generator=generator)
+        weight *= LOGIT_SPREAD / (features @ weight.T).std()
+        module.classifier.weight.copy_(weight)
+        module.classifier.bias.copy_(-(features @ weight.T).mean(dim=0))
     save_module(module, tmp_path / "run" / "model.ckpt")
     onnx = convert.main(["to-onnx", str(tmp_path / "run"), str(tmp_path / "m.onnx")])
     assert onnx.passed, onnx.line()
