@@ -87,6 +87,11 @@ def write_onnx(module: TransferModule, image_size: int, path: Path) -> Path:
         # batch is dynamic): the tracer is right to keep it as a constant.
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean",
                                 torch.jit.TracerWarning)
+        # The constant pads (fixed_padding) reach ONNX as a Pad whose amounts the exporter reorders
+        # with a step -1 Slice of a constant, which it does not fold: a few bytes computed at
+        # load time, the same numbers.
+        warnings.filterwarnings("ignore", "Constant folding - Only steps=1 can be constant folded",
+                                UserWarning)
         torch.onnx.export(InferenceGraph(fixed_padding(module, image_size)), (example,), str(tmp),
                           dynamo=False,
                           opset_version=ONNX_OPSET, input_names=["images"],
