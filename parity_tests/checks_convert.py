@@ -182,7 +182,9 @@ def _to_keras(module: TransferModule, directory: Path, base_name: str = DEFAULT_
     with zipfile.ZipFile(path) as zf:
         config_text = zf.read("config.json").decode()
     model = keras.models.load_model(path, compile=False)
-    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    # The nested base: the model's one Functional (the augmentation is a Sequential).
+    base = next(layer for layer in model.layers
+                if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential))
     reference = kmodel.build_base("none", size, base=base_name)
     if getattr(module.base, "imagenet_rescaling", False):
         reference = with_imagenet_rescaling(reference)
@@ -273,20 +275,21 @@ def _calibrated_keras_base(name: str, seed: int) -> keras.Model:
 
 @functools.cache
 def base_model(name: str, directory: Path) -> Path:
-    """The reference's model around ``name`` as ``tl_keras.train --base`` saves it (augmentation,
-    preprocess_input, the base in its InferenceMode wrapper, GAP, Dropout, Dense(1)), the base's
-    weights calibrated, a metrics.json beside it naming the classes."""
+    """The reference's model around ``name`` as ``tl_keras.train --base`` saves it for three
+    classes (augmentation, preprocess_input, the base in its InferenceMode wrapper, GAP, Dropout,
+    Dense(3): a kernel whose transpose differs from its reshape), the base's weights calibrated,
+    a metrics.json beside it naming the classes."""
     from tl_keras.train import save_model
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "model.keras"
     base = _calibrated_keras_base(name, seed=len(name))
-    model = kmodel.build_model(base, seed=0)
+    model = kmodel.build_model(base, seed=0, num_classes=len(OTHER_CLASSES))
     _head(model, "dense", 0, BASE_SIZE)
     kmodel.set_phase(base, "fine_tuning", BASES[name].fine_tune_at)
     save_model(model, path)
     (directory / "metrics.json").write_text(json.dumps(
-        {"schema_version": SCHEMA_VERSION, "data": {"class_names": list(RECIPE_CLASSES)}}))
+        {"schema_version": SCHEMA_VERSION, "data": {"class_names": list(OTHER_CLASSES)}}))
     return path
 
 
@@ -297,7 +300,7 @@ def check_base_conversions(name: str, directory: Path,
     around it, then to-onnx and to-keras of the converted run; ``parts`` picks some."""
     directory = Path(directory) / name
     path = base_model(name, directory / "keras")
-    rows, module = _from_keras(path, f"{name}", RECIPE_CLASSES, None, BASE_SIZE)
+    rows, module = _from_keras(path, f"{name}", OTHER_CLASSES, None, BASE_SIZE)
     found = inspect_keras_model(path)
     rows.insert(0, equal(GROUP, f"from-keras, {name}: the base found, its features' width",
                          (name, BASES[name].features),
