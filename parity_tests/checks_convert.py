@@ -30,12 +30,13 @@ import torch
 from parity_tests import pairs
 from parity_tests.rows import Row, equal, verdict
 from tl_common import bands
+from tl_common.bases import BASES, DEFAULT_BASE
 from tl_common.keras_config import float64_config, inspect_keras_model
-from tl_common.mobilenet_v2 import KERAS_BASE_LAYERS
 from tl_common.outputs import SCHEMA_VERSION
 from tl_keras import model as kmodel
+from tl_keras.export_config import with_imagenet_rescaling
 from tl_torch import conversion_parity as cp
-from tl_torch import keras_interchange, onnx_export
+from tl_torch import keras_export, keras_interchange, onnx_export
 from tl_torch.module import TransferModule
 
 GROUP = "13 whole models across frameworks"
@@ -62,7 +63,7 @@ def keras_float64(model: keras.Model) -> keras.Model:
     return model64
 
 
-def _head(model: keras.Model, name: str, seed: int) -> None:
+def _head(model: keras.Model, name: str, seed: int, size: int = SIZE) -> None:
     """A Glorot-uniform kernel scaled by HEAD_SCALE, and a bias that centres its logits on the
     demo images, plus noise: probabilities spread over (0, 1), none saturated at 0 or 1, and a
     dropped bias shows."""
@@ -73,7 +74,7 @@ def _head(model: keras.Model, name: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
     bound = np.sqrt(6.0 / sum(kernel.shape))
     kernel = (rng.uniform(-bound, bound, kernel.shape) * HEAD_SCALE).astype(np.float32)
-    features = keras.Model(model.inputs, dense.input)(pairs.demo_images(SIZE), training=False)
+    features = keras.Model(model.inputs, dense.input)(pairs.demo_images(size), training=False)
     logits = keras.ops.convert_to_numpy(features) @ kernel
     bias = -logits.mean(axis=0) + rng.normal(0.0, 0.5, kernel.shape[1])
     dense.set_weights([kernel, bias.astype(np.float32)])
@@ -119,8 +120,8 @@ def other_model(directory: Path) -> Path:
     return path
 
 
-def _images() -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(pairs.demo_images(SIZE))).permute(0, 3, 1, 2)
+def _images(size: int = SIZE) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(pairs.demo_images(size))).permute(0, 3, 1, 2)
 
 
 def _port(module: TransferModule, images: torch.Tensor, float64: bool = False) -> np.ndarray:
@@ -139,23 +140,23 @@ def _band_row(check: str, parity: cp.Parity, note: str = "") -> Row:
 
 
 @functools.cache
-def _keras_outputs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _keras_outputs(path: Path, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     """The Keras model's outputs on the demo images, float32 and float64: once per file in a
     run (nothing here depends on the port, so the planted mistakes share them)."""
     model = keras.models.load_model(path, compile=False)
-    x = pairs.nhwc(_images())
+    x = pairs.nhwc(_images(size))
     return (keras.ops.convert_to_numpy(model(x, training=False)),
             keras.ops.convert_to_numpy(keras_float64(model)(x.astype(np.float64),
                                                             training=False)))
 
 
 def _from_keras(path: Path, label: str, class_names: tuple[str, ...],
-                given: list[str] | None) -> tuple[list[Row], TransferModule]:
+                given: list[str] | None, size: int = SIZE) -> tuple[list[Row], TransferModule]:
     found = inspect_keras_model(path)
     module, _ = keras_interchange.module_from_keras(path, class_names=given)
-    images = _images()
+    images = _images(size)
     x = pairs.nhwc(images)
-    outputs32, outputs64 = _keras_outputs(path)
+    outputs32, outputs64 = _keras_outputs(path, size)
     source32 = cp.probabilities(outputs32, found.activation)
     exact = cp.probabilities(outputs64, found.activation)
     result32 = _port(module, images)
@@ -164,7 +165,7 @@ def _from_keras(path: Path, label: str, class_names: tuple[str, ...],
     port_names = [module.hparams.class_names[i] for i in cp.predicted_classes(result32)]
     rows = [
         equal(GROUP, f"from-keras, {label}: classes, image size",
-              (len(class_names), SIZE), (module.hparams.num_classes, module.hparams.image_size)),
+              (len(class_names), size), (module.hparams.num_classes, module.hparams.image_size)),
         _band_row(f"from-keras, {label}: probabilities against Keras in float64", parity,
                   note=f"{len(x)} demo images, max |keras - port| "
                        f"{parity.max_abs_probability_difference:.3g}"),
@@ -174,14 +175,20 @@ def _from_keras(path: Path, label: str, class_names: tuple[str, ...],
     return rows, module
 
 
-def _to_keras(module: TransferModule, directory: Path) -> list[Row]:
-    path = keras_interchange.write_keras_model(module, SIZE, directory / "exported.keras")
+def _to_keras(module: TransferModule, directory: Path, base_name: str = DEFAULT_BASE,
+              size: int = SIZE) -> list[Row]:
+    label = "to-keras" if base_name == DEFAULT_BASE else f"to-keras, {base_name}"
+    path = keras_export.write_keras_model(module, size, directory / "exported.keras")
     with zipfile.ZipFile(path) as zf:
         config_text = zf.read("config.json").decode()
     model = keras.models.load_model(path, compile=False)
-    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-    reference = kmodel.build_base("none", SIZE)
-    images = _images()
+    # The nested base: the model's one Functional (the augmentation is a Sequential).
+    base = next(layer for layer in model.layers
+                if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential))
+    reference = kmodel.build_base("none", size, base=base_name)
+    if getattr(module.base, "imagenet_rescaling", False):
+        reference = with_imagenet_rescaling(reference)
+    images = _images(size)
     source32, exact = _port(module, images), _port(module, images, float64=True)
     result32 = cp.probabilities(keras.ops.convert_to_numpy(
         model(pairs.nhwc(images), training=False)))
@@ -190,28 +197,32 @@ def _to_keras(module: TransferModule, directory: Path) -> list[Row]:
     back, _ = keras_interchange.module_from_keras(path, class_names=list(module.hparams.class_names))
     same = {k: torch.equal(v, back.state_dict()[k]) for k, v in module.state_dict().items()}
     return [
-        verdict(GROUP, "to-keras: keras.models.load_model opens it; no layer of this project",
+        verdict(GROUP, f"{label}: keras.models.load_model opens it; no layer of this project",
                 "tl_keras-free", "tl_keras" not in config_text and "tl_torch" not in config_text,
                 "tl_keras" not in config_text and "tl_torch" not in config_text,
                 tolerance="exact"),
-        equal(GROUP, f"to-keras: the base's {KERAS_BASE_LAYERS} layers (type, name)",
+        equal(GROUP, f"{label}: the base's {len(reference.layers)} layers (type, name)",
               str([(type(x).__name__, x.name) for x in reference.layers[1:]]),
               str([(type(x).__name__, x.name) for x in base.layers[1:]])),
-        _band_row("to-keras: Keras' probabilities against the port's in float64", parity),
-        equal(GROUP, "to-keras: class predicted", str(cp.predicted_classes(source32)),
+        _band_row(f"{label}: Keras' probabilities against the port's in float64", parity),
+        equal(GROUP, f"{label}: class predicted", str(cp.predicted_classes(source32)),
               str(cp.predicted_classes(result32))),
-        verdict(GROUP, "port -> Keras file -> port: every tensor bit for bit",
+        verdict(GROUP, f"{label}: port -> Keras file -> port, every tensor bit for bit"
+                if base_name != DEFAULT_BASE else
+                "port -> Keras file -> port: every tensor bit for bit",
                 f"{len(same)} tensors", f"{sum(same.values())} equal", all(same.values()),
                 tolerance="exact"),
     ]
 
 
-def _to_onnx(module: TransferModule, directory: Path) -> list[Row]:
-    path = onnx_export.write_onnx(module, SIZE, directory / "exported.onnx")
-    parity = onnx_export.check_onnx(module.eval(), path, _images())
+def _to_onnx(module: TransferModule, directory: Path, base_name: str = DEFAULT_BASE,
+             size: int = SIZE) -> list[Row]:
+    label = "to-onnx" if base_name == DEFAULT_BASE else f"to-onnx, {base_name}"
+    path = onnx_export.write_onnx(module, size, directory / "exported.onnx")
+    parity = onnx_export.check_onnx(module.eval(), path, _images(size))
     if parity.passed is None:
-        return [verdict(GROUP, "to-onnx: onnxruntime", "-", "not installed", False)]
-    return [_band_row(f"to-onnx (opset {onnx_export.ONNX_OPSET}): onnxruntime's probabilities "
+        return [verdict(GROUP, f"{label}: onnxruntime", "-", "not installed", False)]
+    return [_band_row(f"{label} (opset {onnx_export.ONNX_OPSET}): onnxruntime's probabilities "
                       "against the port's in float64", parity)]
 
 
@@ -232,4 +243,71 @@ def check_convert(directory: Path, parts: tuple[str, ...] = ("recipe", "other", 
             rows += _to_keras(module, directory)
         if "to-onnx" in parts:
             rows += _to_onnx(module, directory)
+    return rows
+
+
+# ---- the other bases ------------------------------------------------------------------------------
+
+#: The other bases' models: small (float64 runs of three networks), every stride-2 input even.
+BASE_SIZE = 64
+
+
+def _calibrated_keras_base(name: str, seed: int) -> keras.Model:
+    """``keras.applications.<App>(weights=None)`` with random gamma/beta and every BatchNorm's
+    moving statistics set, in Keras, to its input's batch statistics on the demo images (one
+    pass in training mode with momentum 0): activations of order 1 at every layer."""
+    keras.utils.set_random_seed(seed)
+    base = kmodel.build_base("none", BASE_SIZE, base=name)
+    rng = np.random.default_rng(seed)
+    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in bns]
+    for layer in bns:
+        gamma, beta, mean, var = layer.get_weights()
+        layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                           rng.uniform(-0.3, 0.3, beta.shape).astype(np.float32), mean, var])
+        layer.momentum = 0.0
+    x = kmodel.preprocess_input(base, keras.ops.convert_to_tensor(pairs.demo_images(BASE_SIZE)))
+    base(x, training=True)  # moving stats := this batch's
+    for layer, momentum in zip(bns, momenta, strict=True):
+        layer.momentum = momentum
+    return base
+
+
+@functools.cache
+def base_model(name: str, directory: Path) -> Path:
+    """The reference's model around ``name`` as ``tl_keras.train --base`` saves it for three
+    classes (augmentation, preprocess_input, the base in its InferenceMode wrapper, GAP, Dropout,
+    Dense(3): a kernel whose transpose differs from its reshape), the base's weights calibrated,
+    a metrics.json beside it naming the classes."""
+    from tl_keras.train import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.keras"
+    base = _calibrated_keras_base(name, seed=len(name))
+    model = kmodel.build_model(base, seed=0, num_classes=len(OTHER_CLASSES))
+    _head(model, "dense", 0, BASE_SIZE)
+    kmodel.set_phase(base, "fine_tuning", BASES[name].fine_tune_at)
+    save_model(model, path)
+    (directory / "metrics.json").write_text(json.dumps(
+        {"schema_version": SCHEMA_VERSION, "data": {"class_names": list(OTHER_CLASSES)}}))
+    return path
+
+
+def check_base_conversions(name: str, directory: Path,
+                           parts: tuple[str, ...] = ("from-keras", "to-onnx", "to-keras")
+                           ) -> list[Row]:
+    """Rows of check 13 for another base (``--base name``): from-keras of the reference's model
+    around it, then to-onnx and to-keras of the converted run; ``parts`` picks some."""
+    directory = Path(directory) / name
+    path = base_model(name, directory / "keras")
+    rows, module = _from_keras(path, f"{name}", OTHER_CLASSES, None, BASE_SIZE)
+    found = inspect_keras_model(path)
+    rows.insert(0, equal(GROUP, f"from-keras, {name}: the base found, its features' width",
+                         (name, BASES[name].features),
+                         (found.base, module.classifier.in_features)))
+    rows = rows if "from-keras" in parts else []
+    if "to-onnx" in parts:
+        rows += _to_onnx(module, directory, name, BASE_SIZE)
+    if "to-keras" in parts:
+        rows += _to_keras(module, directory, name, BASE_SIZE)
     return rows

@@ -66,7 +66,7 @@ def test_from_keras_then_predict(keras_models, tmp_path, capsys):
     assert (found.image_size, found.units, found.activation, found.dropout) == (SIZE, 1, "linear",
                                                                                 0.2)
     assert found.augmentation == ["RandomFlip", "RandomRotation"]
-    assert found.scaling == "x / 127.5 - 1"
+    assert found.scaling == "mobilenet_v2.preprocess_input"
     out = tmp_path / "run"
     convert.save_module(module, out / "model.ckpt")
     # A run folder of its own: plain data, the model's settings inside.

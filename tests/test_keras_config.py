@@ -50,7 +50,7 @@ def test_written_classifier_reads_back(tmp_path):
     assert (found.image_size, found.units, found.activation, found.dense, found.dropout) == (
         SIZE, 1, "linear", "dense", recipe.DROPOUT)
     assert found.augmentation == ["RandomFlip", "RandomRotation"]
-    assert found.scaling == "x / 127.5 - 1"
+    assert found.scaling == "mobilenet_v2.preprocess_input"
     layers = {layer["name"]: layer for layer in kc.read_model_config(path)["config"]["layers"]}
     rotation = layers["data_augmentation"]["config"]["layers"][2]["config"]
     assert rotation["factor"] == [-recipe.ROTATION_FACTOR, recipe.ROTATION_FACTOR]

@@ -1,6 +1,8 @@
 """Keras model configurations as JSON, framework-free: reading the recipe's classifier out of a
-whole Keras model's ``config.json`` (or a ``.h5``'s ``model_config``), and the pieces that write
-one (layers, their inbound tensors, the reference's classifier around a base).
+whole Keras model's ``config.json`` (or a ``.h5``'s ``model_config``): which of the bases it holds
+(:data:`tl_common.keras_inputs.BASE_MARKERS`), the preprocessing before it
+(:mod:`tl_common.keras_inputs`) and the head after it. :mod:`tl_common.keras_writer` writes them
+(its names are importable from here too).
 
 Used by ``tl_torch.convert`` (from-keras reads, to-keras writes) and by ``tl_keras.runner``.
 No TensorFlow, no torch: json, zipfile, h5py and numpy only.
@@ -15,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 
+from tl_common.bases import BASES
 from tl_common.errors import UserError
-from tl_common.mobilenet_v2 import LAST_FILTERS
-from tl_common.recipe import PIXEL_OFFSET, PIXEL_SCALE
+from tl_common.keras_inputs import BASE_MARKERS, application, base_of_layers, read_input
+from tl_common.keras_writer import (  # noqa: F401  (importable from here, as before)
+    HeadSpec,
+    classifier_config,
+    functional,
+    input_layer,
+    keras_layer,
+    keras_tensor,
+)
 
 #: What from-keras accepts after the base, in the recipe's words.
 RECIPE_HEAD = "GlobalAveragePooling2D -> [Dropout] -> Dense(1 or N)"
@@ -96,22 +105,45 @@ def layer_name(layer: dict[str, Any]) -> str:
     return layer.get("name") or layer["config"]["name"]
 
 
-def is_base(layer: dict[str, Any]) -> bool:
-    """A MobileNetV2 base (nested or wrapped): a model with its first conv and last ReLU."""
+def base_name(layer: dict[str, Any]) -> str | None:
+    """Which of the bases a layer is (a nested model, or one wrapped by the reference's
+    InferenceMode layer), by the layers only that base holds; None for any other layer."""
     inner = inner_model(layer)
-    return inner is not None and {"Conv1", "out_relu"} <= {
-        x.get("config", {}).get("name", x.get("name")) for x in inner["config"].get("layers", [])}
+    if inner is None:
+        return None
+    return base_of_layers({layer_name(x) for x in inner["config"].get("layers", [])})
 
 
-def chain(config: dict[str, Any], path: Path) -> tuple[list[dict], dict, list[dict]]:
-    """(layers from the input to the base, the base, layers from the base to the output)."""
+def is_base(layer: dict[str, Any]) -> bool:
+    return base_name(layer) is not None
+
+
+def _accepted_bases() -> str:
+    return ", ".join(f"{BASES[b].keras_application}(include_top=False)" for b in BASE_MARKERS)
+
+
+def _ancestors(by_name: dict[str, dict], start: list[str]) -> set[str]:
+    """The layers a tensor depends on (``start`` included)."""
+    seen, todo = set(), list(start)
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in by_name:
+            seen.add(name)
+            todo += inbound_names(by_name[name])
+    return seen
+
+
+def chain(config: dict[str, Any], path: Path) -> tuple[list[dict], dict, list[dict], str]:
+    """(layers from the input to the base, in the model's order; the base; layers from the base
+    to the output; the name of the tensor the base takes)."""
     layers = config["config"]["layers"]
     if config["class_name"] == "Sequential":
         found = [i for i, layer in enumerate(layers) if is_base(layer)]
         if not found:
-            raise UserError(f"{path}: no MobileNetV2 base (alpha 1.0, no top) in the model")
+            raise UserError(f"{path}: none of the bases in the model: expected one of "
+                            f"{_accepted_bases()}")
         i = found[0]
-        return layers[:i], layers[i], layers[i + 1:]
+        return layers[:i], layers[i], layers[i + 1:], layer_name(layers[i - 1]) if i else ""
     by_name = {layer_name(layer): layer for layer in layers}
     outputs = config["config"]["output_layers"]
     output = outputs[0] if isinstance(outputs[0], list) else outputs
@@ -123,33 +155,16 @@ def chain(config: dict[str, Any], path: Path) -> tuple[list[dict], dict, list[di
         inbound = inbound_names(layer)
         if len(inbound) != 1:
             raise UserError(f"{path}: layer {layer_name(layer)!r} ({layer['class_name']}) does not "
-                            f"fit the recipe's head {RECIPE_HEAD} (no MobileNetV2 base before it)")
+                            f"fit the recipe's head {RECIPE_HEAD} (none of the bases before it: "
+                            f"expected one of {_accepted_bases()})")
         head.insert(0, layer)
         layer = by_name[inbound[0]]
     base = layer
-    # An inline base (its layers in the outer model) starts at its first conv.
+    # An inline MobileNetV2 (its layers in the outer model) starts at its first conv.
     start = by_name["Conv1"] if layer_name(layer) == "out_relu" else layer
-    before: list[dict] = []
-    layer = by_name[inbound_names(start)[0]]
-    while inbound_names(layer):
-        inbound = inbound_names(layer)
-        if len(inbound) != 1:
-            raise UserError(f"{path}: layer {layer_name(layer)!r} ({layer['class_name']}) before "
-                            "the base takes several inputs; expected augmentation and "
-                            "preprocessing")
-        before.insert(0, layer)
-        layer = by_name[inbound[0]]
-    return [layer, *before], base, head
-
-
-def operation_constant(layer: dict[str, Any]) -> float | None:
-    """The number a TrueDivide/Subtract operation layer applies (its second argument)."""
-    for node in layer.get("inbound_nodes", []):
-        args = node.get("args", []) if isinstance(node, dict) else []
-        numbers = [a for a in args if isinstance(a, int | float)]
-        if numbers:
-            return float(numbers[0])
-    return None
+    base_input = inbound_names(start)[0]
+    ancestors = _ancestors(by_name, [base_input])
+    return [x for x in layers if layer_name(x) in ancestors], base, head, base_input
 
 
 @dataclass
@@ -163,6 +178,10 @@ class KerasClassifier:
     dropout: float
     augmentation: list[str] = field(default_factory=list)
     scaling: str | None = None
+    base: str = "mobilenet_v2"
+    # The base's layout where Keras builds it in more than one (EfficientNet's extra Rescaling
+    # of weights="imagenet"): keyword arguments of the port's base.
+    base_layout: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,21 +192,21 @@ class _Head:
     dropout: float
 
 
-def _misfit(path: Path, layer: dict[str, Any], expected: str) -> UserError:
+def _misfit(path: Path, layer: dict[str, Any], expected: str, app: str) -> UserError:
     return UserError(f"{path}: layer {layer_name(layer)!r} ({layer['class_name']}) after the "
-                     f"MobileNetV2 base does not fit the recipe's head {RECIPE_HEAD}: "
+                     f"{app} base does not fit the recipe's head {RECIPE_HEAD}: "
                      f"expected {expected}")
 
 
-def _read_head(head: list[dict], path: Path) -> _Head:
+def _read_head(head: list[dict], path: Path, app: str) -> _Head:
     """Pooling -> [Dropout] -> Dense [-> Activation], or a one-line error naming the misfit."""
     rest = list(head)
     if not rest:
-        raise UserError(f"{path}: the model ends with the MobileNetV2 base; expected the "
+        raise UserError(f"{path}: the model ends with the {app} base; expected the "
                         f"recipe's head {RECIPE_HEAD} after it")
     if rest[0]["class_name"] != "GlobalAveragePooling2D" or \
             rest[0]["config"].get("keepdims", False):
-        raise _misfit(path, rest[0], "GlobalAveragePooling2D")
+        raise _misfit(path, rest[0], "GlobalAveragePooling2D", app)
     rest.pop(0)
     dropout = 0.0
     if rest and rest[0]["class_name"] == "Dropout":
@@ -195,7 +214,7 @@ def _read_head(head: list[dict], path: Path) -> _Head:
     if not rest:
         raise UserError(f"{path}: no Dense layer after the pooling; expected {RECIPE_HEAD}")
     if rest[0]["class_name"] != "Dense":
-        raise _misfit(path, rest[0], "Dropout or Dense")
+        raise _misfit(path, rest[0], "Dropout or Dense", app)
     dense = rest.pop(0)
     units = int(dense["config"]["units"])
     activation = dense["config"].get("activation", "linear")
@@ -203,53 +222,22 @@ def _read_head(head: list[dict], path: Path) -> _Head:
         activation = rest.pop(0)["config"]["activation"]
     if rest:
         raise _misfit(path, rest[0],
-                      "nothing after the Dense layer (or one softmax/sigmoid Activation)")
+                      "nothing after the Dense layer (or one softmax/sigmoid Activation)", app)
     if activation not in HEAD_ACTIVATIONS or (activation == "sigmoid" and units != 1) or (
             activation == "softmax" and units == 1):
         raise _misfit(path, dense, f"a Dense of 1 unit (linear or sigmoid) or N units (linear "
-                                   f"or softmax), not {units} units with {activation!r}")
+                                   f"or softmax), not {units} units with {activation!r}", app)
     return _Head(units, activation, layer_name(dense), dropout)
 
 
-def _is_rescaling_to_unit_range(layer: dict[str, Any]) -> bool:
-    return layer["class_name"] == "Rescaling" and np.isclose(
-        float(layer["config"]["scale"]), 1 / PIXEL_SCALE, rtol=1e-6, atol=0) and \
-        float(layer["config"]["offset"]) == -PIXEL_OFFSET
-
-
-def _read_input(before: list[dict], path: Path, inputs_scaled: bool
-                ) -> tuple[int, list[str], str | None]:
-    """(image size, augmentation layers, the scaling found) between the input and the base."""
-    size = None
-    augmentation, scaling, pending = [], None, None
-    for layer in before:
-        kind, name = layer["class_name"], layer_name(layer)
-        inner = [x for x in layer.get("config", {}).get("layers", [])
-                 if x["class_name"] != "InputLayer"] if kind == "Sequential" else [layer]
-        if kind == "InputLayer":
-            shape = layer["config"].get("batch_shape") or layer["config"].get("batch_input_shape")
-            if shape and shape[1] is not None and shape[1] == shape[2]:
-                size = int(shape[1])
-        elif all(x["class_name"].startswith("Random") for x in inner) and inner:
-            augmentation += [x["class_name"] for x in inner]
-        elif _is_rescaling_to_unit_range(layer) and scaling is None:
-            scaling = "Rescaling(1/127.5, offset=-1)"
-        elif kind == "TrueDivide" and operation_constant(layer) == PIXEL_SCALE and scaling is None:
-            pending = "x / 127.5"
-        elif kind == "Subtract" and pending and operation_constant(layer) == PIXEL_OFFSET:
-            scaling, pending = "x / 127.5 - 1", None
-        else:
-            raise UserError(f"{path}: layer {name!r} ({kind}) before the MobileNetV2 base is "
-                            "neither augmentation (Random*) nor the [0, 255] -> [-1, 1] scaling "
-                            "(x / 127.5 - 1, Rescaling(1/127.5, offset=-1))")
-    if pending or (scaling is None and not inputs_scaled):
-        raise UserError(f"{path}: the model does not scale [0, 255] pixels to [-1, 1] before its "
-                        "base; if it expects inputs scaled already (mobilenet_v2."
-                        "preprocess_input), pass --inputs-scaled")
-    if size is None:
-        raise UserError(f"{path}: the model's input is not square with a fixed size; expected "
-                        "Input((size, size, 3))")
-    return size, augmentation, scaling
+def base_layout(name: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The layout of the base's own layers that the port must build to match: EfficientNet's
+    Rescaling after its Normalization, present when Keras built it for ImageNet weights."""
+    if name != "efficientnet_b0":
+        return {}
+    inner = inner_model(base) or base
+    kinds = [x["class_name"] for x in inner["config"]["layers"]]
+    return {"imagenet_rescaling": kinds.count("Rescaling") > 1}
 
 
 def inspect_keras_model(path: Path, *, inputs_scaled: bool = False) -> KerasClassifier:
@@ -258,106 +246,9 @@ def inspect_keras_model(path: Path, *, inputs_scaled: bool = False) -> KerasClas
     config = read_model_config(path)
     if config.get("class_name") not in MODEL_CLASSES:
         raise UserError(f"{path} holds a {config.get('class_name')}, expected a Keras model")
-    before, _, head = chain(config, path)
-    found = _read_head(head, path)
-    size, augmentation, scaling = _read_input(before, path, inputs_scaled)
+    before, base, head, base_input = chain(config, path)
+    name = base_name(base) or "mobilenet_v2"  # no name: an inline MobileNetV2
+    found = _read_head(head, path, application(name))
+    size, augmentation, scaling = read_input(before, base_input, name, path, inputs_scaled)
     return KerasClassifier(size, found.units, found.activation, found.dense, found.dropout,
-                           augmentation, scaling)
-
-
-# ---- writing ---------------------------------------------------------------------------------
-
-def keras_tensor(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    """The output of layer ``name`` as another layer's inbound argument (batch dimension free)."""
-    return {"class_name": "__keras_tensor__",
-            "config": {"shape": [None, *shape], "dtype": "float32", "keras_history": [name, 0, 0]}}
-
-
-def keras_layer(class_name: str, name: str, config: dict[str, Any], args: list[Any] | None,
-                kwargs: dict[str, Any] | None = None, module: str = "keras.layers",
-                registered_name: str | None = None) -> dict[str, Any]:
-    """One layer of a functional model's configuration, called on ``args`` (None: an input)."""
-    layer = {"module": module, "class_name": class_name, "config": {"name": name, **config},
-             "registered_name": registered_name, "name": name}
-    layer["inbound_nodes"] = [] if args is None else [{"args": args, "kwargs": kwargs or {}}]
-    return layer
-
-
-def input_layer(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    return keras_layer("InputLayer", name, {"batch_shape": [None, *shape], "dtype": "float32",
-                                            "sparse": False}, None)
-
-
-def functional(name: str, layers: list[dict[str, Any]], inputs: str, output: str
-               ) -> dict[str, Any]:
-    """A functional model's configuration from its layers."""
-    return {"module": "keras.src.models.functional", "class_name": "Functional",
-            "registered_name": "Functional",
-            "config": {"name": name, "trainable": True, "layers": layers,
-                       "input_layers": [[inputs, 0, 0]], "output_layers": [[output, 0, 0]]}}
-
-
-@dataclass
-class HeadSpec:
-    """The reference classifier's settings around its base (``tl_keras.model.build_model``)."""
-
-    image_size: int
-    units: int
-    dropout: float
-    augment: bool
-    flip_seed: int
-    rotation_seed: int
-    dropout_seed: int
-    rotation_factor: float
-
-
-def _augmentation(spec: HeadSpec, previous: str) -> dict[str, Any]:
-    image = (spec.image_size, spec.image_size, 3)
-    factor = spec.rotation_factor
-    inner = [{"module": "keras.layers", "class_name": "InputLayer", "registered_name": None,
-              "config": {"name": "input_layer_1", "batch_shape": [None, *image],
-                         "dtype": "float32", "sparse": False}},
-             {"module": "keras.layers", "class_name": "RandomFlip", "registered_name": None,
-              "config": {"name": "random_flip", "mode": "horizontal", "seed": spec.flip_seed}},
-             {"module": "keras.layers", "class_name": "RandomRotation", "registered_name": None,
-              "config": {"name": "random_rotation", "factor": [-factor, factor],
-                         "fill_mode": "reflect", "interpolation": "bilinear",
-                         "seed": spec.rotation_seed}}]
-    return keras_layer("Sequential", "data_augmentation",
-                       {"layers": inner, "build_input_shape": [None, *image]},
-                       [keras_tensor(previous, image)], module="keras")
-
-
-def classifier_config(spec: HeadSpec, base: dict[str, Any]) -> dict[str, Any]:
-    """The reference's model (augmentation, ``x / 127.5 - 1``, the base as a nested model called
-    with ``training=False``, pooling, dropout, dense) around a base's configuration, without the
-    reference's own InferenceMode layer."""
-    image = (spec.image_size, spec.image_size, 3)
-    layers, previous = [input_layer("input_layer", image)], "input_layer"
-    if spec.augment:  # the recipe's augmentation, active in training only
-        layers.append(_augmentation(spec, previous))
-        previous = "data_augmentation"
-    layers.append(keras_layer("TrueDivide", "true_divide", {},
-                              [keras_tensor(previous, image), PIXEL_SCALE],
-                              module="keras.src.ops.numpy", registered_name="TrueDivide"))
-    layers.append(keras_layer("Subtract", "subtract", {},
-                              [keras_tensor("true_divide", image), PIXEL_OFFSET],
-                              module="keras.src.ops.numpy", registered_name="Subtract"))
-    base_name = base["config"]["name"]
-    base = {**base, "name": base_name, "inbound_nodes": [
-        {"args": [keras_tensor("subtract", image)], "kwargs": {"training": False}}]}
-    layers.append(base)
-    last = base["config"]["layers"][-1]["inbound_nodes"][0]["args"][0]["config"]["shape"]
-    features = (*last[1:3], LAST_FILTERS)
-    layers += [
-        keras_layer("GlobalAveragePooling2D", "global_average_pooling2d",
-                    {"data_format": "channels_last", "keepdims": False},
-                    [keras_tensor(base_name, features)]),
-        keras_layer("Dropout", "dropout", {"rate": float(spec.dropout), "seed": spec.dropout_seed},
-                    [keras_tensor("global_average_pooling2d", (LAST_FILTERS,))]),
-        keras_layer("Dense", "dense", {"units": spec.units, "activation": "linear",
-                                       "use_bias": True},
-                    [keras_tensor("dropout", (LAST_FILTERS,))]),
-    ]
-    return {**functional("functional", layers, "input_layer", "dense"),
-            "build_config": {"input_shape": None}}
+                           augmentation, scaling, name, base_layout(name, base))

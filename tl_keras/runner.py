@@ -5,10 +5,12 @@ the port's processes import no TensorFlow.
 Run::
 
     python -m tl_keras.runner MODEL.keras|MODEL.h5 IMAGES.npy OUT.npy [--float64]
-        [--inputs-scaled] [--project]
+        [--inputs-scaled] [--base BASE] [--project]
 
 ``IMAGES.npy``: NHWC float32 pixels in [0, 255]; ``OUT.npy``: the model's outputs, float64.
-``--inputs-scaled``: the model takes ``x / 127.5 - 1`` (it has no scaling layer of its own).
+``--inputs-scaled``: the model takes its base's ``preprocess_input`` applied already (it has no
+preprocessing of its own): ``x / 127.5 - 1`` for MobileNetV2 (the default ``--base``), "caffe"
+for ``--base resnet50`` (:data:`tl_common.keras_inputs.PREPROCESS_INPUT`).
 Without ``--project`` the model must load with Keras alone: this project's registered layers
 are withdrawn first, so a file that needs them fails here as it would anywhere else.
 """
@@ -27,9 +29,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from tl_common.bases import BASES, DEFAULT_BASE
 from tl_common.errors import run_main
 from tl_common.keras_config import float64_config, read_model_config
-from tl_common.recipe import scale_pixels
+from tl_common.keras_inputs import PREPROCESS_INPUT
 
 #: The package name this project's Keras layers are registered under.
 PROJECT_PACKAGE = "tl_keras"
@@ -62,15 +65,16 @@ def load_float64(path: Path) -> keras.Model:
 
 
 def outputs(path: Path, images: np.ndarray, *, float64: bool = False,
-            inputs_scaled: bool = False) -> np.ndarray:
-    """The model's outputs on NHWC [0, 255] images, as float64 numbers."""
+            inputs_scaled: bool = False, base: str = DEFAULT_BASE) -> np.ndarray:
+    """The model's outputs on NHWC [0, 255] images, as float64 numbers (``inputs_scaled``:
+    ``base``'s ``preprocess_input`` applied to them first)."""
     if float64:
         model = load_float64(path)
     else:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     x = images.astype("float64" if float64 else "float32")
     if inputs_scaled:
-        x = scale_pixels(x)
+        x = PREPROCESS_INPUT[base](x)
     return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), np.float64)
 
 
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="where the outputs go (.npy, float64)")
     parser.add_argument("--float64", action="store_true", help="rebuild the model in float64")
     parser.add_argument("--inputs-scaled", action="store_true",
-                        help="scale the images to [-1, 1] first (the model does not)")
+                        help="apply the base's preprocess_input first (the model does not)")
+    parser.add_argument("--base", choices=list(BASES), default=DEFAULT_BASE,
+                        help="whose preprocess_input --inputs-scaled applies")
     parser.add_argument("--project", action="store_true",
                         help="keep this project's Keras layers registered")
     args = parser.parse_args(argv)
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         withdraw_project_layers()
     np.save(args.out, outputs(args.model, np.load(args.images), float64=args.float64,
-                              inputs_scaled=args.inputs_scaled))
+                              inputs_scaled=args.inputs_scaled, base=args.base))
 
 
 if __name__ == "__main__":

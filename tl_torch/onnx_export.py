@@ -4,7 +4,9 @@ The inference graph: input ``images``, float32 NCHW RGB pixels in [0, 255] of th
 size, any batch size; outputs ``logits`` and ``probabilities`` (two classes: the probability of
 class 1, (N,); N classes: softmax, (N, classes)). Exported with ``torch.onnx.export``'s
 TorchScript exporter at opset :data:`ONNX_OPSET`; onnxruntime, where installed, runs the file for
-the check.
+the check. Every base exports: hard-swish, swish and sigmoid as ONNX ops, the squeeze-and-excite
+multiplies, EfficientNet's Normalization (its mean and variance as constants), and the TF-"same"
+zero paddings as constant pads (:func:`fixed_padding`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tl_common.errors import UserError
 from tl_common.outputs import replaced_atomically
 from tl_torch.conversion_parity import Parity, compare, port_answers, probabilities, unfolded_copy
 from tl_torch.module import TransferModule
+from tl_torch.padding import Pad2d
 
 #: The ONNX opset of to-onnx (the TorchScript exporter's well-tested range).
 ONNX_OPSET = 17
@@ -37,6 +40,31 @@ class InferenceGraph(nn.Module):
         logits = self.module(images)
         probs = torch.sigmoid(logits) if self.module.binary else torch.softmax(logits, dim=-1)
         return logits, probs
+
+
+def fixed_padding(module: TransferModule, image_size: int) -> TransferModule:
+    """The module's unfolded copy with every TF-"same" padding (:class:`Pad2d`: MobileNetV3's
+    and EfficientNet's ``ZeroPadding2D(correct_pad)``) made a constant ``ZeroPad2d`` for the
+    size it meets at ``image_size``. The file fixes the image size, so the amounts are constants
+    anyway; and Pad2d's fast path (a copy into an uninitialised tensor, then its borders zeroed
+    in place) is traced by the TorchScript exporter into a graph that pads one side only
+    (measured: a 3x3 input padded by 2 on each side came out 5x5, not 7x7)."""
+    plain = unfolded_copy(module)
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_pre_hook(
+                 lambda m, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-2:])))
+             for name, m in plain.named_modules() if isinstance(m, Pad2d)]
+    try:
+        with torch.no_grad():
+            plain(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, (height, width) in sizes.items():
+        parent, _, child = name.rpartition(".")
+        pad = plain.get_submodule(name)
+        setattr(plain.get_submodule(parent), child, nn.ZeroPad2d(pad.amounts(height, width)))
+    return plain
 
 
 def write_onnx(module: TransferModule, image_size: int, path: Path) -> Path:
@@ -59,7 +87,12 @@ def write_onnx(module: TransferModule, image_size: int, path: Path) -> Path:
         # batch is dynamic): the tracer is right to keep it as a constant.
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean",
                                 torch.jit.TracerWarning)
-        torch.onnx.export(InferenceGraph(unfolded_copy(module)), (example,), str(tmp),
+        # The constant pads (fixed_padding) reach ONNX as a Pad whose amounts the exporter reorders
+        # with a step -1 Slice of a constant, which it does not fold: a few bytes computed at
+        # load time, the same numbers.
+        warnings.filterwarnings("ignore", "Constant folding - Only steps=1 can be constant folded",
+                                UserWarning)
+        torch.onnx.export(InferenceGraph(fixed_padding(module, image_size)), (example,), str(tmp),
                           dynamo=False,
                           opset_version=ONNX_OPSET, input_names=["images"],
                           output_names=["logits", "probabilities"],
