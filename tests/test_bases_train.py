@@ -209,14 +209,3 @@ def test_init_from_another_base_is_one_line(tmp_path: Path, capsys) -> None:
     assert line.endswith(f"{checkpoint} holds a resnet50 model, the run has "
                          "--base=mobilenet_v2: pass --base resnet50")
 
-
-def test_to_keras_refuses_other_bases_in_one_line(tmp_path: Path) -> None:
-    from tl_torch.convert import to_keras
-
-    module = TransferModule(build_base("none", SIZE, base="mobilenet_v3_large"), seed=0,
-                            class_names=["cats", "dogs"], image_size=SIZE)
-    save_module(module, tmp_path / MODEL_FILE)
-    with pytest.raises(UserError, match="holds a mobilenet_v3_large model: to-keras writes "
-                                        "mobilenet_v2 models only"):
-        to_keras(tmp_path, tmp_path / "model.keras")
-    assert not (tmp_path / "model.keras").exists()
