@@ -15,8 +15,6 @@ Run: ``PYTHONPATH=$PWD python -m pytest -p no:cacheprovider tests/test_convert_b
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -25,6 +23,7 @@ import pytest
 import torch
 
 import tl_torch.keras_interchange as ki
+from parity_tests.pairs import float64_policy
 from tl_common import keras_inputs
 from tl_common.bases import BASES
 from tl_common.errors import UserError
@@ -45,18 +44,6 @@ IMAGES = 6
 CLASSES = ("beagle", "husky", "poodle")
 #: The head's logits on the images get this spread, so probabilities cover (0, 1).
 LOGIT_SPREAD = 2.0
-
-
-@contextlib.contextmanager
-def float64_policy() -> Iterator[None]:
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(policy)
-        keras.config.set_floatx(floatx)
 
 
 def images() -> torch.Tensor:
