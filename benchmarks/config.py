@@ -157,10 +157,10 @@ def base_plan(base: str, *, quick: bool, all_keras: bool = False) -> list[Config
 
     Kept cheap, primary configurations and the Keras ones that can be the best: the port as its
     trainer runs it; Keras as tl_keras runs it (oneDNN on); TensorFlow's default here (oneDNN
-    off), which can win for bases without depthwise convolutions (ResNet50); the full run adds
-    oneDNN on with glibc's setting, MobileNetV2's best Keras in (a). XLA (10x slower than oneDNN
-    for MobileNetV2 on these CPUs, and minutes to compile each base's steps), the torch backend
-    and bf16 are left to the recipe's base; ``all_keras`` adds every float32 Keras configuration.
+    off), the best Keras in some rows (benchmarks/RESULTS.md); the full run adds oneDNN on with
+    glibc's setting, the best Keras in others. XLA (slower than oneDNN on every base measured
+    here, and slow to compile), the torch backend and bf16 are left to the recipe's base;
+    ``all_keras`` adds every float32 Keras configuration, XLA included.
     """
     if base not in BASES:
         raise ValueError(f"base={base!r}; expected one of {', '.join(BASES)}")
