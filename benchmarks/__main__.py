@@ -16,9 +16,9 @@ outside the compiled step, since Keras refuses XLA for the recipe's model); the 
 by row, is the denominator. The reference on Keras 3's torch backend is measured as the
 alternative a user might pick instead of a port (rows a-kt, b-kt, c-kt). The port is measured with
 and without that setting, and with OpenMP's passive wait policy (a suggestion). ``--quick``
-measures the two primary configurations and Keras with XLA, briefly (~3 minutes). Writes
-``DIR/benchmark.json`` and ``DIR/benchmark.md`` (default DIR: benchmarks/results), worker logs
-in ``DIR/logs``.
+measures the two primary configurations and Keras with XLA, briefly (each other base adds a
+few minutes). Writes ``DIR/benchmark.json`` and ``DIR/benchmark.md`` (default DIR:
+benchmarks/results), worker logs in ``DIR/logs``.
 
 Every base ``--base`` takes is measured (``--bases`` chooses; default all four): the recipe's,
 mobilenet_v2, on everything above; each other base (mobilenet_v3_large, efficientnet_b0,

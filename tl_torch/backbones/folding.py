@@ -46,15 +46,16 @@ class Pair:
     post_op: str             # oneDNN's name of the activation ("none" without one)
 
 
-def conv_of(base: KerasBase, bn: str) -> str:
-    """The convolution whose output BatchNormalization ``bn`` normalises, by Keras' names:
-    ``X`` -> ``X_bn`` (MobileNetV3), ``X_conv`` -> ``X_bn`` (ResNet50, EfficientNet's stem, expand,
-    project and top), ``Xdwconv`` -> ``Xbn`` (EfficientNet's depthwise)."""
+def conv_of(types: dict[str, str], bn: str) -> str:
+    """The convolution whose output BatchNormalization ``bn`` normalises, by Keras' names
+    (``types``: Keras type by layer name): ``X`` -> ``X_bn`` (MobileNetV3), ``X_conv`` -> ``X_bn``
+    (ResNet50, EfficientNet's stem, expand, project and top), ``Xdwconv`` -> ``Xbn``
+    (EfficientNet's depthwise)."""
     stem = bn.removesuffix("bn")
     for name in (stem.removesuffix("_"), stem + "conv", stem + "dwconv"):
-        if name in base._types and base._types[name] in CONVOLUTIONS:
+        if types.get(name) in CONVOLUTIONS:
             return name
-    raise ValueError(f"{base.KERAS_NAME}: no convolution found for BatchNormalization {bn!r}")
+    raise ValueError(f"no convolution found for BatchNormalization {bn!r}")
 
 
 def _post_op(module: nn.Module) -> str | None:
@@ -68,15 +69,15 @@ def _post_op(module: nn.Module) -> str | None:
 def pairs_of(base: KerasBase) -> tuple[Pair, ...]:
     """Every BatchNormalization of ``base`` with its convolution, and the activation that follows
     it in Keras' order where oneDNN can apply it."""
-    order = base._order
+    layers = base.keras_layers[1:]   # the InputLayer has no module
+    types = {layer.name: layer.type for layer in layers}
     found = []
-    for i, name in enumerate(order):
-        if base._types[name] != "BatchNormalization":
+    for layer, after in zip(layers, [*layers[1:], None], strict=True):
+        if layer.type != "BatchNormalization":
             continue
-        after = order[i + 1] if i + 1 < len(order) else None
-        post_op = _post_op(base.layer(after)) if after else None
-        found.append(Pair(conv_of(base, name), name, after if post_op else None,
-                          post_op or "none"))
+        post_op = _post_op(after.module) if after else None
+        found.append(Pair(conv_of(types, layer.name), layer.name,
+                          after.name if post_op else None, post_op or "none"))
     return tuple(found)
 
 
