@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from tl_common import recipe
+from tl_common.bases import BASES, DEFAULT_BASE
 
 BATCH_SIZE = 32           # the recipe's
 IMAGE_SIZE = 160          # the recipe's
@@ -12,6 +13,14 @@ FINE_TUNE_AT = recipe.FINE_TUNE_AT    # the recipe's phase-B freezing point (Ker
 LEARNING_RATE = recipe.LEARNING_RATE  # phase A (Adam); phase B: recipe.fine_tune_learning_rate
 SEED = 42
 WEIGHTS = "none"          # random weights: throughput does not depend on their values
+#: Every base ``--base`` takes, the recipe's first: ``python -m benchmarks --bases`` chooses.
+ALL_BASES = (DEFAULT_BASE, *(name for name in BASES if name != DEFAULT_BASE))
+
+
+def fine_tune_at(base: str) -> int:
+    """The phase-B freezing point of ``base``: its default (:mod:`tl_common.bases`), for the
+    weights measured here (for MobileNetV2 the recipe's 100)."""
+    return BASES[base].default_fine_tune_at(WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Config:
                                          # convolutions, on or off; None: the framework's default
                                          # (torch: convolutions only; TensorFlow: both)
     primary: bool = False                # the configuration the trainer itself runs
+    base: str = DEFAULT_BASE             # the base (``--base``) both frameworks build
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -135,3 +145,33 @@ def plan(*, quick: bool, bf16: bool, all_keras: bool = False,
     if bf16:
         configs += [TORCH_BF16, KERAS_BF16]
     return configs
+
+
+#: What a base other than the recipe's is measured on: (a), (b), (c) only.
+BASE_SECTIONS = (TRAIN_A, TRAIN_B, INFER)
+
+
+def base_plan(base: str, *, quick: bool, all_keras: bool = False) -> list[Config]:
+    """The worker processes of a base other than the recipe's, measured in a round of its own
+    (its own workers, alive together, their repetitions in turn), (a), (b), (c) only.
+
+    Kept cheap, primary configurations and the Keras ones that can be the best: the port as its
+    trainer runs it; Keras as tl_keras runs it (oneDNN on); TensorFlow's default here (oneDNN
+    off), the best Keras in some rows (benchmarks/RESULTS.md); the full run adds oneDNN on with
+    glibc's setting, the best Keras in others. XLA (slower than oneDNN on every base measured
+    here, and slow to compile), the torch backend and bf16 are left to the recipe's base;
+    ``all_keras`` adds every float32 Keras configuration, XLA included.
+    """
+    if base not in BASES:
+        raise ValueError(f"base={base!r}; expected one of {', '.join(BASES)}")
+    keras = [KERAS_ONEDNN, KERAS_EIGEN] + ([] if quick else [KERAS_ONEDNN_KEEP])
+    if all_keras:
+        keras = [KERAS_ONEDNN, KERAS_EIGEN, KERAS_ONEDNN_KEEP, KERAS_EIGEN_KEEP, KERAS_XLA]
+    return [replace(cfg, sections=BASE_SECTIONS, base=base) for cfg in [TORCH, *keras]]
+
+
+def base_sizes(sizes: Sizes) -> Sizes:
+    """A base other than the recipe's: fewer repetitions, one batch each, a shorter budget (its
+    steps are up to 5x MobileNetV2's), so that three more bases add minutes to a full run."""
+    return replace(sizes, repeats=min(sizes.repeats, 5), warmup=min(sizes.warmup, 2), calls=1,
+                   budget_s=min(sizes.budget_s, 12.0))

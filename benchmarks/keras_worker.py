@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     importlib.import_module("tl_keras")
     import keras
 
+    from tl_keras.bases import preprocess_input
     from tl_keras.model import build_base, build_model, compile_for, data_augmentation, set_phase
 
     if keras.backend.backend() == "torch":
@@ -93,9 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         args = {"calls": sizes.calls, "warmup": sizes.warmup, "sync": sync, **kw}
         return Bench(fn, items, **args)
 
+    base_name = cfg.get("base", C.DEFAULT_BASE)
+    info["base"] = base_name
+
     def new_model() -> tuple[keras.Model, keras.Model]:
         keras.utils.set_random_seed(C.SEED)
-        base = build_base(C.WEIGHTS, C.IMAGE_SIZE)
+        base = build_base(C.WEIGHTS, C.IMAGE_SIZE, base=base_name)
         # XLA: the model without its augmentation layers, which Keras cannot compile with XLA.
         model = build_model(base, seed=C.SEED, augment=not jit)
         model.jit_compile = jit
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def train(phase: str, learning_rate: float) -> Bench:
         base, model = new_model()
-        set_phase(base, phase, C.FINE_TUNE_AT)
+        set_phase(base, phase, C.fine_tune_at(base_name))
         compile_for(model, phase, learning_rate)
         model.jit_compile = jit   # compile() resets it
         # train_on_batch returns the logs as numpy values: each call ends synchronised.
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def base_forward() -> Bench:
         base, _ = inference_model()
-        x = keras.applications.mobilenet_v2.preprocess_input(images)
+        x = preprocess_input(base, images)   # the base's own (tl_keras.bases)
         if tf is not None:
             forward = tf.function(lambda t: base(t, training=False), jit_compile=jit)
         else:

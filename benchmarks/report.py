@@ -24,6 +24,8 @@ from benchmarks.stats import bootstrap_interval, ratio, summarize
 #: step at least this share of what the base forward and the augmentation alone reach; its
 #: decode + resize per epoch (d1) at least as fast as tf.data.
 TARGET_RATIO = 1.5
+#: The other bases' target in (a), (b), (c): the port no slower than the best Keras.
+BASE_TARGET_RATIO = 1.0
 TARGET_ROWS = ("a", "b", "c")
 #: The section each target row (a), (b), (c) compares, the same in both frameworks.
 TARGET_SECTIONS = {"a": C.TRAIN_A, "b": C.TRAIN_B, "c": C.INFER}
@@ -121,37 +123,55 @@ def paired_ratios(results: dict[str, list[dict[str, Any]]], torch_section: str,
             {"median": summarize(quiet)["median"] if quiet else None, "n": len(quiet)})
 
 
-def build_rows(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]],
-               demos: dict[str, Any]) -> list[dict[str, Any]]:
-    """The main table as data, one dict per row."""
+def make_row(results: dict[str, list[dict[str, Any]]], row: str, measure: str, t: dict | None,
+             k: dict | None, *, keras_config: str | None, unit: str = "images/s",
+             higher_is_better: bool = True, digits: int = 1,
+             pair: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One row of a table: the port's and Keras' cells, their ratios (of the medians, paired by
+    repetition over ``pair``'s sections, over quiet pairs, of the best repetitions)."""
+    ok = bool(t and k and "median" in t and "median" in k)
+    paired, quiet = (paired_ratios(results, pair[0], keras_config, pair[1]) if ok and pair
+                     else (None, {"median": None, "n": 0}))
+    return {
+        "row": row, "measure": measure, "unit": unit, "keras": k, "torch": t,
+        "keras_config": keras_config, "higher_is_better": higher_is_better, "digits": digits,
+        "ratio": ratio(t["median"], k["median"]) if ok else None,
+        "ratio_paired": paired, "ratio_quiet": quiet,
+        "ratio_best": (ratio(t["max"], k["max"]) if higher_is_better
+                       else ratio(t["min"], k["min"])) if ok else None,
+    }
+
+
+def core_rows(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]],
+              base: str = C.DEFAULT_BASE) -> list[dict[str, Any]]:
+    """Rows (a), (b), (c) of one base: the port against the fastest Keras configuration."""
     torch = summary.get(C.TORCH.name, {})
-    keras = summary.get(C.KERAS_ONEDNN.name, {})
-    rows: list[dict[str, Any]] = []
-
-    def add(row: str, measure: str, t: dict | None, k: dict | None, *, keras_config: str | None,
-            unit: str = "images/s", higher_is_better: bool = True, digits: int = 1,
-            pair: tuple[str, str] | None = None) -> None:
-        ok = bool(t and k and "median" in t and "median" in k)
-        paired, quiet = (paired_ratios(results, pair[0], keras_config, pair[1]) if ok and pair
-                         else (None, {"median": None, "n": 0}))
-        rows.append({
-            "row": row, "measure": measure, "unit": unit, "keras": k, "torch": t,
-            "keras_config": keras_config, "higher_is_better": higher_is_better, "digits": digits,
-            "ratio": ratio(t["median"], k["median"]) if ok else None,
-            "ratio_paired": paired, "ratio_quiet": quiet,
-            "ratio_best": (ratio(t["max"], k["max"]) if higher_is_better
-                           else ratio(t["min"], k["min"])) if ok else None,
-        })
-
-    primary = C.KERAS_ONEDNN.name
+    inference = ("port folded as in phase-A validation" if base == C.DEFAULT_BASE
+                 else "port as in validation")
+    rows = []
     for row, section, measure in (
             ("a", C.TRAIN_A, "phase-A training step (base frozen; augment, forward, loss, "
                              "backward, Adam)"),
-            ("b", C.TRAIN_B, "phase-B training step (fine_tune_at 100; RMSprop)"),
-            ("c", C.INFER, "inference, whole model in eval (port folded as in phase-A "
-                           "validation)")):
+            ("b", C.TRAIN_B, f"phase-B training step (fine_tune_at {C.fine_tune_at(base)}; "
+                             "RMSprop)"),
+            ("c", C.INFER, f"inference, whole model in eval ({inference})")):
         name, k = best_keras(summary, section)
-        add(row, measure, torch.get(section), k, keras_config=name, pair=(section, section))
+        rows.append(make_row(results, row, measure, torch.get(section), k, keras_config=name,
+                             pair=(section, section)))
+    return rows
+
+
+def build_rows(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]],
+               demos: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recipe's base's main table as data, one dict per row."""
+    torch = summary.get(C.TORCH.name, {})
+    keras = summary.get(C.KERAS_ONEDNN.name, {})
+    rows: list[dict[str, Any]] = core_rows(summary, results)
+
+    def add(row: str, measure: str, t: dict | None, k: dict | None, **kw: Any) -> None:
+        rows.append(make_row(results, row, measure, t, k, **kw))
+
+    primary = C.KERAS_ONEDNN.name
     name, k = best_keras(summary, C.INFER)
     add("c'", "inference, port folded as in phase-B validation (below layer 100)",
         torch.get(C.INFER_B), k, keras_config=name, pair=(C.INFER_B, C.INFER))
@@ -230,9 +250,16 @@ def step_share(summary: dict[str, Any]) -> float | None:
     return a / (1.0 / (1.0 / f + 1.0 / g))
 
 
+def target_ratio(base: str) -> float:
+    """The port's target in (a), (b), (c), times the best Keras: the recipe's base's, or
+    :data:`BASE_TARGET_RATIO` for the others."""
+    return TARGET_RATIO if base == C.DEFAULT_BASE else BASE_TARGET_RATIO
+
+
 def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
-            results: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """Whether the port reaches TARGET_RATIO x Keras in (a), (b), (c): by the ratio of medians,
+            results: dict[str, list[dict[str, Any]]] | None = None, *,
+            ratio_target: float = TARGET_RATIO) -> dict[str, Any]:
+    """Whether the port reaches ``ratio_target`` x Keras in (a), (b), (c): by the ratio of medians,
     and by the paired ratio over quiet repetitions where there are some; then the base forward's
     share of the fp32 peak, the phase-A step's share of forward + augmentation, and d1. With
     ``results``, each verdict's statistic also gets its INTERVAL_LEVEL bootstrap interval over
@@ -257,10 +284,10 @@ def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
             q = (row.get("ratio_quiet") or {}).get("median")
             section = TARGET_SECTIONS[row["row"]]
             out[row["row"]] = judged(
-                r, TARGET_RATIO,
+                r, ratio_target,
                 [samples(C.TORCH.name, section), samples(row["keras_config"], section)], truediv,
                 ratio_quiet=q, quiet_pairs=(row.get("ratio_quiet") or {}).get("n", 0),
-                met_quiet=None if q is None else q >= TARGET_RATIO)
+                met_quiet=None if q is None else q >= ratio_target)
     by_row = {row["row"]: row for row in rows}
     g1, peaks = by_row.get("g1"), fp32_peak(rows)
     if g1 and peaks and (g1.get("torch") or {}).get("median"):
@@ -284,6 +311,15 @@ def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
                            [samples(C.TORCH.name, "pipeline_decode"),
                             samples(d1["keras_config"], "pipeline_decode")], truediv)
     return out
+
+
+def base_report(base: str, summary: dict[str, Any],
+                results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One base's entry of ``benchmark.json``'s ``bases``: its fine-tuning point, rows (a), (b),
+    (c) and their verdicts against :func:`target_ratio`."""
+    rows = core_rows(summary, results, base)
+    return {"fine_tune_at": C.fine_tune_at(base), "target": target_ratio(base), "rows": rows,
+            "targets": targets(rows, summary, results, ratio_target=target_ratio(base))}
 
 
 # ---- Markdown --------------------------------------------------------------------------------
@@ -338,6 +374,18 @@ def markdown(doc: dict[str, Any]) -> str:
         "**median** [interquartile range] (min–max) over repetitions. Keras: `train_on_batch` / "
         "`predict_on_batch` on a compiled model; port: `TransferModule.shared_step` + backward + its "
         "optimizer; `module(x)` under inference_mode.",
+    ]
+    if doc["rows"]:
+        lines += _main_tables(doc)
+    lines += base_tables(doc)
+    return "\n".join(lines) + "\n"
+
+
+def _main_tables(doc: dict[str, Any]) -> list[str]:
+    """The recipe's base: every row, the targets, every configuration, demos, the profile."""
+    lines = [
+        "",
+        f"## {C.DEFAULT_BASE}: every measurement",
         "",
         "| row | measure | unit | Keras | torch (port) | torch ÷ Keras: median (paired; best) "
         "| paired, quiet repetitions only (pairs) |",
@@ -441,7 +489,57 @@ def markdown(doc: dict[str, Any]) -> str:
                       "| op | ms/step | share | calls/step |", "|---|---|---|---|"]
             lines += [f"| `{op['op']}` | {op['self_ms_per_step']:.1f} | {100 * op['share']:.1f} % | "
                       f"{op['calls_per_step']:.0f} |" for op in p["top_ops"][:12]]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _verdict(t: dict[str, Any] | None) -> str:
+    """``≥ 1: met (90% interval 1.10–1.30)``, with a word where the interval holds the target."""
+    if not t:
+        return "n/a"
+    met = "n/a" if t["met"] is None else ("met" if t["met"] else "**not met**")
+    text = f"≥ {t['target']:g}: {met}"
+    if t.get("interval"):
+        low, high = t["interval"]
+        text += (f" ({INTERVAL_LEVEL:.0%} interval {_ratio(low)}–{_ratio(high)}"
+                 + ("" if t["decided"] else ", holds the target") + ")")
+    return text
+
+
+def base_tables(doc: dict[str, Any]) -> list[str]:
+    """One table per base: (a), (b), (c), the best Keras, the port, their ratio and verdict; then
+    every configuration's medians and the round's load."""
+    bases = doc.get("bases") or {}
+    if not bases:
+        return []
+    lines = ["", "## Every base: (a), (b), (c) against the best Keras", "",
+             f"Each base other than {C.DEFAULT_BASE} in a round of its own (its workers alive "
+             "together, repetitions in turn), on its primary configurations. Phase B starts at "
+             "the base's default fine-tuning point (tl_common.bases). Target: the port at least "
+             f"{TARGET_RATIO:g}× the best Keras for {C.DEFAULT_BASE} (the project's), no slower "
+             f"(≥ {BASE_TARGET_RATIO:g}×) for the others; intervals: {INTERVAL_LEVEL:.0%} "
+             "bootstrap over the repetitions."]
+    for base, entry in bases.items():
+        summary = entry.get("summary", doc.get("summary", {}))
+        lines += ["", f"### {base} (fine_tune_at {entry['fine_tune_at']})", "",
+                  "| row | measure | best Keras | port | port ÷ Keras: median (paired; best) | "
+                  "target |", "|---|---|---|---|---|---|"]
+        for row in entry["rows"]:
+            kc = f" `{row['keras_config']}`" if row["keras_config"] else ""
+            extra = ("" if row["ratio_best"] is None or row["torch"]["n"] == 1 else
+                     f" ({_ratio(row['ratio_paired'])}; {_ratio(row['ratio_best'])})")
+            lines.append(f"| {row['row']} | {row['measure']} | {cell(row['keras'])}{kc} | "
+                         f"{cell(row['torch'])} | **{_ratio(row['ratio'])}**{extra} | "
+                         f"{_verdict(entry['targets'].get(row['row']))} |")
+        configs = [f"`{name}` " + " / ".join(_num((summary.get(name, {}).get(sec) or {})
+                                                   .get("median")) for sec in C.BASE_SECTIONS)
+                   for name in entry.get("configs", [])]
+        if configs:
+            lines += ["", "Medians (a) / (b) / (c), images/s: " + "; ".join(configs) + "."]
+        if entry.get("load_average"):
+            start, end = entry["load_average"]
+            lines += [f"Load average (1 min) {_load(start)} at the round's start, {_load(end)} at "
+                      f"its end; {entry.get('elapsed_s', 0):.0f} s."]
+    return lines
 
 
 def write(doc: dict[str, Any], folder: Path) -> tuple[Path, Path]:

@@ -190,7 +190,8 @@ def run_workers(configs: list[C.Config], *, sizes: C.Sizes, work: Path, logs: Pa
             base["error"] = f"not started: {available:.0f} MB of memory available"
             say(f"[{i}/{len(configs)}] {cfg.name}: {base['error']}")
             continue
-        say(f"[{i}/{len(configs)}] starting {cfg.name}: {cfg.label} ...")
+        base_note = "" if cfg.base == C.DEFAULT_BASE else f" [{cfg.base}]"
+        say(f"[{i}/{len(configs)}] starting {cfg.name}{base_note}: {cfg.label} ...")
         settle(wait_quiet_s, say)
         spec = {"config": cfg.to_dict(), "sizes": sizes.to_dict(), "batch_file": str(batch_file),
                 "data_root": str(data_root),

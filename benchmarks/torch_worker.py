@@ -58,11 +58,15 @@ def main(argv: list[str] | None = None) -> None:
                       "convolutions": torch.backends.cudnn.allow_tf32}
                      if device.type == "cuda" else None)}
 
+    base_name = cfg.get("base", C.DEFAULT_BASE)
+    info["base"] = base_name
+
     def new_module() -> TransferModule:
-        base = build_base(C.WEIGHTS, C.IMAGE_SIZE, generator=torch.Generator().manual_seed(C.SEED))
+        base = build_base(C.WEIGHTS, C.IMAGE_SIZE, generator=torch.Generator().manual_seed(C.SEED),
+                          base=base_name)
         return TransferModule(base, learning_rate=C.LEARNING_RATE,
                               fine_tune_learning_rate=recipe.fine_tune_learning_rate(C.LEARNING_RATE),
-                              fine_tune_at=C.FINE_TUNE_AT, seed=C.SEED).to(device)
+                              fine_tune_at=C.fine_tune_at(base_name), seed=C.SEED).to(device)
 
     images_np, labels_np = load_batch(spec["batch_file"])
     # NCHW and contiguous, as the DataLoader collates the data module's (3, H, W) images.
@@ -117,9 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             x = module.base.preprocess(images).contiguous(memory_format=torch.channels_last)
 
+        backbone = module.folded_base if module.folded_base is not None else module.base
+
         def forward() -> None:
             with torch.inference_mode():
-                module.folded_base(x)
+                backbone(x)
 
         return bench(forward)
 

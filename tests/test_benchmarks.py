@@ -290,3 +290,88 @@ def test_the_fp32_peak_is_the_faster_matmul_of_the_two_frameworks():
     *_, g1 = share({})
     assert (g1["peak"], g1["peak_from"]) == (135.0, "torch")
     assert g1["met"] is True
+
+
+def test_bases_are_all_four_by_default_and_chosen_by_name(capsys):
+    from benchmarks import __main__ as cli
+    from tl_common.bases import BASES, DEFAULT_BASE
+
+    assert cli.parse_args([]).bases == [DEFAULT_BASE, *(b for b in BASES if b != DEFAULT_BASE)]
+    assert set(cli.parse_args([]).bases) == set(BASES) and len(BASES) == 4
+    assert cli.parse_args(["--bases", "resnet50", "efficientnet_b0", "resnet50"]).bases == [
+        "resnet50", "efficientnet_b0"]
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(["--bases", "resnet18"])
+    assert exited.value.code == 2
+    assert "'resnet18'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("base", ["mobilenet_v3_large", "efficientnet_b0", "resnet50"])
+def test_another_base_is_measured_on_its_primary_configurations(base):
+    from tl_common.bases import BASES
+
+    quick, full = C.base_plan(base, quick=True), C.base_plan(base, quick=False)
+    every = C.base_plan(base, quick=True, all_keras=True)
+    for plan in (quick, full, every):
+        assert plan[0].name == C.TORCH.name and plan[0].primary and plan[0].framework == "torch"
+        assert {c.base for c in plan} == {base}
+        assert all(c.sections == (C.TRAIN_A, C.TRAIN_B, C.INFER) for c in plan)
+        assert not any(c.bf16 or c.tf32 is not None for c in plan)
+        assert C.KERAS_ONEDNN.name in {c.name for c in plan}
+    assert {c.name for c in quick} < {c.name for c in full} < {c.name for c in every}
+    assert C.KERAS_XLA.name in {c.name for c in every} - {c.name for c in full}
+    assert C.fine_tune_at(base) == BASES[base].fine_tune_at
+    sizes = C.base_sizes(C.FULL)
+    assert sizes.repeats <= C.FULL.repeats and sizes.calls == 1
+    assert sizes.budget_s <= C.FULL.budget_s
+    with pytest.raises(ValueError, match="resnet18"):
+        C.base_plan("resnet18", quick=True)
+
+
+def test_each_base_gets_a_table_of_its_own_against_its_fastest_keras(tmp_path):
+    """Rows (a), (b), (c) of a base from a fake round: the best Keras row by row, the ratio of the
+    medians, paired ratios, the interval, and a verdict against 'no slower'."""
+    base = "resnet50"
+    plan = {c.name: c for c in C.base_plan(base, quick=True)}
+    results = {
+        C.TORCH.name: [_fake_run(plan[C.TORCH.name], {C.TRAIN_A: [60.0, 62.0, 64.0],
+                                                      C.TRAIN_B: [20.0, 21.0, 22.0],
+                                                      C.INFER: [40.0, 41.0, 42.0]})],
+        C.KERAS_ONEDNN.name: [_fake_run(plan[C.KERAS_ONEDNN.name], {
+            C.TRAIN_A: [50.0] * 3, C.TRAIN_B: [30.0, 30.0, 30.0], C.INFER: [20.0] * 3})],
+        C.KERAS_EIGEN.name: [_fake_run(plan[C.KERAS_EIGEN.name], {
+            C.TRAIN_A: [40.0] * 3, C.TRAIN_B: [25.0] * 3, C.INFER: [30.0, 31.0, 29.0]})],
+    }
+    summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+    entry = report.base_report(base, summary, results)
+    rows = {r["row"]: r for r in entry["rows"]}
+    assert list(rows) == ["a", "b", "c"]
+    assert (entry["fine_tune_at"], entry["target"]) == (113, 1.0)
+    assert rows["a"]["keras_config"] == C.KERAS_ONEDNN.name
+    assert rows["a"]["ratio"] == pytest.approx(62.0 / 50.0)
+    assert rows["c"]["keras_config"] == C.KERAS_EIGEN.name
+    assert rows["c"]["ratio"] == pytest.approx(41.0 / 30.0)
+    assert rows["c"]["ratio_paired"] == pytest.approx(40.0 / 30.0)   # 40/30, 41/31, 42/29
+    assert "fine_tune_at 113" in rows["b"]["measure"]
+    verdicts = entry["targets"]
+    assert (verdicts["a"]["met"], verdicts["b"]["met"], verdicts["c"]["met"]) == (True, False, True)
+    assert verdicts["b"]["ratio"] == pytest.approx(21.0 / 30.0)
+    low, high = verdicts["a"]["interval"]
+    assert 60.0 / 50.0 <= low <= 62.0 / 50.0 <= high <= 64.0 / 50.0
+    # The recipe's base keeps the project's target.
+    assert report.base_report(C.DEFAULT_BASE, summary, results)["target"] == report.TARGET_RATIO
+
+    doc = {**_report_doc([], {}, {}), "bases": {base: {**entry, "configs": list(results),
+                                                       "summary": summary, "results": results,
+                                                       "load_average": [[1.5], [1.25]],
+                                                       "elapsed_s": 100.0}}}
+    text = report.write(doc, tmp_path)[1].read_text()
+    assert "### resnet50 (fine_tune_at 113)" in text
+    assert "| a | phase-A training step" in text
+    assert "**1.24** (1.24; 1.28) | ≥ 1: met (90% interval" in text
+    assert "| b | phase-B training step (fine_tune_at 113; RMSprop)" in text
+    assert "**0.70**" in text and "≥ 1: **not met**" in text
+    assert "`keras-no-onednn` | **41.0**" in text
+    assert "`torch` 62.0 / 21.0 / 41.0" in text
+    assert "Load average (1 min) 1.50 at the round's start, 1.25 at its end; 100 s." in text
+    assert "## mobilenet_v2: every measurement" not in text   # not measured: no main table

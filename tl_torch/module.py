@@ -36,6 +36,7 @@ from tl_common.head import head_units
 from tl_common.outputs import PHASES, format_counts, show_layer_table
 from tl_torch.augment import RandomFlipRotation
 from tl_torch.backbones import backbone_of
+from tl_torch.backbones.folding import fold_pairs
 from tl_torch.fast import fold
 from tl_torch.freezing import count_params, freeze, layer_table
 from tl_torch.model import MobileNetV2Base
@@ -119,11 +120,11 @@ class TransferModule(L.LightningModule):
         # What features() runs: the base folded (tl_torch.fast.fold: the same function, faster;
         # it reads the base's weights and freezing at each call, so it is built once), or the
         # base's own modules with fast=False. An attribute, so a comparison can run both.
-        # The fold is MobileNetV2's alone: the other bases always run their own modules, as
-        # fast=False does (their numbers are then Keras-faithful by tests/test_backbones.py).
-        folds = isinstance(self.base, MobileNetV2Base)
-        self.fast = fast and folds
-        self.folded_base = fold(self.base) if folds else None
+        # The other bases fold their gradient-free Conv + BatchNorm pairs at each call instead
+        # (tl_torch.backbones.folding; tests/test_backbones_folding.py bounds the difference).
+        self.fast = fast
+        self.folded_base = (fold(self.base) if isinstance(self.base, MobileNetV2Base)
+                            else fold_pairs(self.base))
         if self.fast:  # oneDNN's convolutions are fastest on channels-last tensors
             self.base.to(memory_format=torch.channels_last)
 
@@ -161,10 +162,9 @@ class TransferModule(L.LightningModule):
     # ---- forward -----------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 255] images -> pooled base features (N, C), C = 1280 for MobileNetV2."""
-        fast = self.fast and self.folded_base is not None
-        if fast:
+        if self.fast:
             images = images.contiguous(memory_format=torch.channels_last)
-        backbone = self.folded_base if fast else self.base
+        backbone = self.folded_base if self.fast else self.base
         x = backbone(self.base.preprocess(images))             # (N, C, H/32, W/32)
         return x.mean(dim=(2, 3))                               # (N, C)
 

@@ -12,11 +12,16 @@ modules without parameters. Operations that Keras records as graph nodes but not
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
 from tl_torch.model import Block, KerasLayerIndex
+
+#: Where a base's ``run`` takes each Keras layer from, by name (:meth:`KerasBase.layer`, or a
+#: folded view's: :func:`tl_torch.backbones.folding.fold_pairs`).
+LayerLookup = Callable[[str], Callable[..., torch.Tensor]]
 
 
 class KerasBase(KerasLayerIndex, nn.Module):

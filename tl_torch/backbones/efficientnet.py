@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tl_torch.backbones.base import KerasBase
+from tl_torch.backbones.base import KerasBase, LayerLookup
 from tl_torch.backbones.layers import (
     Activation,
     Conv2dAct,
@@ -166,20 +166,24 @@ class EfficientNetB0Base(KerasBase):
         return images
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.layer)
+
+    def run(self, x: torch.Tensor, layer: LayerLookup) -> torch.Tensor:
+        """The forward pass with each Keras layer taken from ``layer(name)``."""
         for name in self._stem:
-            x = self.layer(name)(x)
+            x = layer(name)(x)
         for unit in self._units:
             shortcut = x
             for name in unit.head:
-                x = self.layer(name)(x)
-            squeeze, reshape, reduce, expand, excite = (self.layer(n) for n in unit.se)
+                x = layer(name)(x)
+            squeeze, reshape, reduce, expand, excite = (layer(n) for n in unit.se)
             x = excite(x, expand(reduce(reshape(squeeze(x)))))
             for name in unit.tail:
-                x = self.layer(name)(x)
+                x = layer(name)(x)
             if unit.add is not None:
-                x = self.layer(unit.add)(x, shortcut)   # Keras: add([x, inputs])
+                x = layer(unit.add)(x, shortcut)   # Keras: add([x, inputs])
         for name in self._top:
-            x = self.layer(name)(x)
+            x = layer(name)(x)
         return x
 
     def extra_repr(self) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tl_torch.backbones.base import KerasBase
+from tl_torch.backbones.base import KerasBase, LayerLookup
 from tl_torch.backbones.layers import Activation, GlobalAveragePooling2D, Multiply, Rescaling
 from tl_torch.model import Add, Block
 from tl_torch.padding import Conv2dSame, Pad2d
@@ -162,16 +162,23 @@ class MobileNetV3LargeBase(KerasBase):
         return images
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer("activation")(self.conv_bn(self.conv(self.rescaling(x))))
+        return self.run(x, self.layer)
+
+    def run(self, x: torch.Tensor, layer: LayerLookup) -> torch.Tensor:
+        """The forward pass with each Keras layer taken from ``layer(name)``."""
+        for name in ("rescaling", "conv", "conv_bn", "activation"):
+            x = layer(name)(x)
         for unit in self._units:
             shortcut = x
             for name in unit.head:
-                x = self.layer(name)(x)
+                x = layer(name)(x)
             if unit.se:
-                pool, conv, relu, conv_1, relu6, mul = (self.layer(n) for n in unit.se)
+                pool, conv, relu, conv_1, relu6, mul = (layer(n) for n in unit.se)
                 x = mul(x, hard_sigmoid(relu6, conv_1(relu(conv(pool(x))))))
             for name in unit.tail:
-                x = self.layer(name)(x)
+                x = layer(name)(x)
             if unit.add is not None:
-                x = self.layer(unit.add)(shortcut, x)
-        return self.layer(self._last_activation)(self.conv_1_bn(self.conv_1(x)))
+                x = layer(unit.add)(shortcut, x)
+        for name in ("conv_1", "conv_1_bn", self._last_activation):
+            x = layer(name)(x)
+        return x

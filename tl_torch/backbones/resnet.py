@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tl_torch.backbones.base import KerasBase
+from tl_torch.backbones.base import KerasBase, LayerLookup
 from tl_torch.backbones.layers import Activation
 from tl_torch.model import Add, Block
 
@@ -104,13 +104,17 @@ class ResNet50Base(KerasBase):
         return caffe(images)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.layer)
+
+    def run(self, x: torch.Tensor, layer: LayerLookup) -> torch.Tensor:
+        """The forward pass with each Keras layer taken from ``layer(name)``."""
         for name in self._stem:
-            x = self.layer(name)(x)
+            x = layer(name)(x)
         for main, shortcut_names, add, relu in self._units:
             shortcut = x
             for name in shortcut_names:
-                shortcut = self.layer(name)(shortcut)
+                shortcut = layer(name)(shortcut)
             for name in main:
-                x = self.layer(name)(x)
-            x = self.layer(relu)(self.layer(add)(shortcut, x))
+                x = layer(name)(x)
+            x = layer(relu)(layer(add)(shortcut, x))
         return x
