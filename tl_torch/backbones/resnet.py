@@ -21,14 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tl_common.keras_inputs import CAFFE_MEAN_BGR  # BGR means subtracted after the flip
 from tl_torch.backbones.base import KerasBase, LayerLookup
 from tl_torch.backbones.layers import Activation
 from tl_torch.model import Add, Block
 
 BN_EPS = 1.001e-5
 BN_MOMENTUM = 0.99
-#: ``imagenet_utils.preprocess_input(mode="caffe")``: BGR means subtracted after the flip.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 STEM_FILTERS = 64
 #: Stacks conv2..conv5: bottleneck filters, blocks, first block's stride.
 STACKS = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
