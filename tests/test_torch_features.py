@@ -151,6 +151,9 @@ def test_every_base_gives_every_layer_by_name_and_index(name: str, calibrate_bn)
     assert list(outputs) == [layer.name for layer in base.keras_layers]
     assert max_diff(outputs[base.keras_layers[-1].name], whole) <= EXACT
     assert whole.std().item() > ORDER_ONE_STD
+    # Each output is its own layer's: a convolution's has that convolution's channels.
+    convs = [layer for layer in base.keras_layers if isinstance(layer.module, torch.nn.Conv2d)]
+    assert [outputs[c.name].shape[1] for c in convs] == [c.module.out_channels for c in convs]
     third = base.keras_layers[3].name
     assert list(picked) == [third, base.keras_layers[-1].name]
     assert max_diff(picked[third], outputs[third]) <= EXACT

@@ -5,8 +5,9 @@ and cut after the last requested layer, so asking for ``block_6_expand`` does no
 above it. The traced graph has one node per Keras layer, in Keras' order (the modules are named
 after the layers); torchvision rewrites some node names (``Conv_1`` becomes ``Conv``, taken for a
 second call of ``Conv``), so nodes are matched to layers by position, not by name. The other bases
-(:mod:`tl_torch.backbones`) compute operations that are not layers, so their outputs are read
-with forward hooks on the layers' modules, over a whole forward pass.
+(:mod:`tl_torch.backbones`) compute operations that are not layers, or run their layers in another
+order than Keras lists them (ResNet's shortcut), so their outputs are read with forward hooks on
+the layers' modules, over a whole forward pass.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class _HookedOutputs(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        return {name: seen[name] for name in self.names}
+        # A layer whose module did not run (a forward that skips it) has no output to give.
+        return {name: seen[name] for name in self.names if name in seen}
 
 
 def feature_extractor(base: MobileNetV2Base, layers: Sequence[int | str]) -> nn.Module:
@@ -67,7 +69,9 @@ def feature_extractor(base: MobileNetV2Base, layers: Sequence[int | str]) -> nn.
     tracer_kwargs = {"leaf_modules": LEAF_MODULES}
     _, graph_nodes = get_graph_node_names(base, tracer_kwargs=tracer_kwargs)
     keras_names = [layer.name for layer in base.keras_layers]
-    if len(graph_nodes) != len(keras_names):  # not one node per layer: read the modules' outputs
+    # The traced nodes are matched to layers by position: only where the forward runs exactly the
+    # layers, in Keras' order (MobileNetV2's); elsewhere the modules' outputs are read.
+    if not isinstance(base, MobileNetV2Base) or len(graph_nodes) != len(keras_names):
         return _HookedOutputs(base, names).eval()
     node_of = dict(zip(keras_names, graph_nodes, strict=True))
     nodes = {node_of[n]: n for n in names if n != base.input_layer_name}
