@@ -38,7 +38,8 @@ The parity suite: the Keras reference and the PyTorch port compared check by che
 
 Opt-in checks (environment variables; the report sets the first three to 1 unless set):
   TL_PARITY_TRAINERS=1     checks 14 and 15: both trainers' main run and recorded, and
-                           tl_torch.predict against the saved Keras model (about a minute)
+                           tl_torch.predict against the saved Keras model (about a minute);
+                           check 20's training steps and epochs per base (about 3 minutes)
   TL_PARITY_FREE_RUNNING=1 the free-running training rows (reported, not judged)
   TL_PARITY_SEEDS=1        check 17, the seed study on the hard demo (about 16 minutes on
                            2 cores); TL_PARITY_SEEDS=0 leaves it out of the report

@@ -55,13 +55,18 @@ def test_20_inference_mode(parity, name: str, bases_dir: Path) -> None:
     parity.check(checks_bases.check_inference_mode(name, bases_dir))
 
 
-@pytest.mark.slow  # steps of both phases, Keras in float32 and float64
+# Steps of both phases, Keras in float32 and float64; and two epochs in Keras and Lightning: with
+# the checks that run the trainers (TL_PARITY_TRAINERS=1: python -m parity_tests, and CI's second
+# pass), for the test command's time.
+@pytest.mark.slow
+@pytest.mark.trainers
 @pytest.mark.parametrize("name", BASES)
 def test_20_training_steps(parity, name: str, bases_dir: Path) -> None:
     parity.check(checks_bases.check_training_steps(name, bases_dir))
 
 
-@pytest.mark.slow  # two epochs in Keras and in Lightning
+@pytest.mark.slow
+@pytest.mark.trainers
 @pytest.mark.parametrize("name", BASES)
 def test_20_unbalanced_classes(parity, name: str, bases_dir: Path) -> None:
     parity.check(checks_bases.check_unbalanced_classes(name, bases_dir))
@@ -147,8 +152,14 @@ def run_check(check: str, name: str, directory: Path) -> list[Row]:
     return getattr(checks_bases, f"check_{check}")(name, directory)
 
 
+def _param(mistake: str):
+    """The mistakes that need the trainers' checks carry their marker."""
+    trainers = MISTAKES[mistake][2] in ("training_steps", "unbalanced_classes")
+    return pytest.param(mistake, marks=[pytest.mark.trainers] if trainers else [])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+@pytest.mark.parametrize("mistake", [_param(m) for m in sorted(MISTAKES)])
 def test_planted_mistake_fails_its_row(mistake: str, bases_dir: Path, monkeypatch) -> None:
     name, plant, check, where = MISTAKES[mistake]
     checks_bases.weights(name, bases_dir)  # made before the plant: Keras' file is not the port's
