@@ -63,15 +63,14 @@ def fine_tune_points(name: str) -> tuple[int, ...]:
     return (0, facts.fine_tune_at, facts.layers // 2, facts.layers)
 
 
-def _counts(kbase, tbase, fine_tune_at: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The fine-tuning phase's (trainable, non-trainable) of the whole two-class model, as
-    tl_keras.train and tl_torch.train report them."""
+def _counts(kbase, model, tbase, fine_tune_at: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The fine-tuning phase's (trainable, non-trainable) of the whole two-class model
+    (``model``, around ``kbase``), as tl_keras.train and tl_torch.train report them."""
     kmodel.set_phase(kbase, "fine_tuning", fine_tune_at)
     module = TransferModule(tbase, fine_tune_at=fine_tune_at, fast=False)
     module.set_phase("fine_tuning")
     counts = module.counts()
-    return (kmodel.count_params(kmodel.build_model(kbase, seed=0)),
-            (counts["trainable"], counts["non_trainable"]))
+    return kmodel.count_params(model), (counts["trainable"], counts["non_trainable"])
 
 
 def check_structure(name: str) -> list[Row]:
@@ -93,8 +92,9 @@ def check_structure(name: str) -> list[Row]:
             t = tbase(torch.zeros(1, 3, size, size))
         rows.append(equal(g, f"output shape at {size} x {size} (NHWC)", tuple(k.output.shape[1:]),
                           tuple(t.permute(0, 2, 3, 1).shape[1:])))
+    model = kmodel.build_model(kbase, seed=0)
     for k in fine_tune_points(name):
-        kc, tc = _counts(kbase, tbase, k)
+        kc, tc = _counts(kbase, model, tbase, k)
         rows.append(equal(g, f"fine_tune_at={k}: (trainable, non-trainable) of the model",
                           kc, tc))
     return rows
@@ -109,7 +109,7 @@ def _first_difference(a: list, b: list) -> str:
 
 # ---- preprocessing ---------------------------------------------------------------------------
 
-def _first_convolution_inputs(name: str, kbase, tbase, pixels: np.ndarray
+def first_convolution_inputs(name: str, kbase, tbase, pixels: np.ndarray
                               ) -> tuple[np.ndarray, np.ndarray]:
     """What reaches the first convolution in each, NHWC: ``preprocess_input`` and the model's
     leading Rescaling/Normalization layers."""
@@ -132,14 +132,14 @@ def check_preprocessing(name: str, directory: Path) -> list[Row]:
     kbase, tbase = pairs.keras_base(path, SIZE, base=name), pairs.torch_base(path, SIZE, base=name)
     extremes = np.stack([np.zeros((SIZE, SIZE, 3), np.float32),
                          np.full((SIZE, SIZE, 3), 255, np.float32)])
-    k, t = _first_convolution_inputs(name, kbase, tbase, extremes)
+    k, t = first_convolution_inputs(name, kbase, tbase, extremes)
     # One float32 rounding of the largest value: a multiply-add rounded once (fused) or twice.
     tol = 4 * bands.EPS32 * max(bands.magnitude(k), 1.0)
     rows = [close(g, "preprocessing range: first convolution's input for pixels 0 and 255 "
                      "(min, max)", [k.min(), k.max()], [t.min(), t.max()], tol,
                   tolerance_name="4 float32 ulp of max",
                   note="per channel, as the application scales it")]
-    k, t = _first_convolution_inputs(name, kbase, tbase, pairs.demo_images(SIZE, IMAGES))
+    k, t = first_convolution_inputs(name, kbase, tbase, pairs.demo_images(SIZE, IMAGES))
     rows.append(close(g, "preprocessing values on demo images", k, t, tol,
                       tolerance_name="4 float32 ulp of max"))
     return rows
@@ -191,11 +191,13 @@ def check_numerics(name: str, directory: Path) -> list[Row]:
 # ---- BatchNorm and Dropout inside the base through a fine-tuning step ------------------------
 
 def _keras_step(kbase, images: np.ndarray, labels: np.ndarray, fine_tune_at: int):
+    """One fine-tuning step of the reference's model around ``kbase``; returns the model."""
     model = kmodel.build_model(kbase, seed=0, augment=False)
     kmodel.set_phase(kbase, "fine_tuning", fine_tune_at)
     kmodel.compile_for(model, "fine_tuning", 1e-3)
     model.run_eagerly = True  # one step: tracing it would cost more than the step
     model.train_on_batch(images, labels.reshape(-1, 1).astype(np.float32))
+    return model
 
 
 def _bn_arrays(kbase=None, tbase=None) -> dict[str, list[np.ndarray]]:
@@ -227,7 +229,7 @@ def check_inference_mode(name: str, directory: Path) -> list[Row]:
     images, labels = pairs.demo_images(SIZE, IMAGES), pairs.demo_labels(IMAGES)
     kbase = pairs.keras_base(path, SIZE, base=name)
     before = _bn_arrays(kbase)
-    _keras_step(kbase, images, labels, at)
+    model = _keras_step(kbase, images, labels, at)
     kchanged = _changed(before, _bn_arrays(kbase))
     module = TransferModule(pairs.torch_base(path, SIZE, base=name), fine_tune_at=at,
                             fine_tune_learning_rate=1e-3, augment=False, fast=False).train()
@@ -248,8 +250,7 @@ def check_inference_mode(name: str, directory: Path) -> list[Row]:
     unfrozen = sum(layer.index >= at for layer in module.base.keras_layers
                    if layer.type == "BatchNormalization")
     kinf = kbase(pairs.preprocess(images, name), training=False)
-    ktrain = kmodel.build_model(kbase, seed=0, augment=False).get_layer(
-        "base_inference_mode")(pairs.preprocess(images, name), training=True)
+    ktrain = model.get_layer("base_inference_mode")(pairs.preprocess(images, name), training=True)
     return [
         verdict(g, "fine-tuning step: BatchNorm layers whose gamma/beta changed", kchanged[0],
                 tchanged[0], kchanged[0] == tchanged[0] == unfrozen, tolerance="exact",

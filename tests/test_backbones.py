@@ -14,23 +14,20 @@ Run: ``PYTHONPATH=$PWD python -m pytest -p no:cacheprovider tests/test_backbones
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import importlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import torch
-from keras.src.backend.common import global_state
 from torch import nn
 
 import tl_torch.backbones.efficientnet as efficientnet
 import tl_torch.backbones.layers as layers
+from parity_tests import checks_bases, pairs
 from tl_common import bands
 from tl_common.errors import UserError
+from tl_keras.bases import fresh_layer_names
 from tl_torch.backbones import BACKBONES, RECIPE_FINE_TUNE_AT, RECIPE_LAYERS, get_backbone
 from tl_torch.freezing import count_params, freeze
 from tl_torch.keras_weights import load_keras_weights, save_keras_weights
@@ -40,31 +37,12 @@ ALL = ("mobilenet_v2", *NEW)
 #: Even at every stride-2 layer (TF "same" pads asymmetrically there), and small.
 SIZE = 48
 IMAGES = 3
-#: ``keras.applications.<module>.preprocess_input`` of each base.
-KERAS_MODULES = {"mobilenet_v2": "mobilenet_v2", "mobilenet_v3_large": "mobilenet_v3",
-                 "efficientnet_b0": "efficientnet", "resnet50": "resnet50"}
 #: Pixels in [0, 255] reach the first convolution in this range (Normalization at mean 0, var 1).
 INPUT_RANGES = {"mobilenet_v2": (-1.0, 1.0), "mobilenet_v3_large": (-1.0, 1.0),
                 "efficientnet_b0": (0.0, 1.0), "resnet50": (-123.68, 255.0 - 103.939)}
 
 
 # ---- Keras, built as each test needs it ---------------------------------------------------------
-
-@contextlib.contextmanager
-def fresh_layer_names() -> Iterator[None]:
-    """Keras names the layers it builds unnamed (``re_lu_3``...) from a process-wide count: count
-    from zero inside, as a fresh session does (the names in Keras' own files), and give the count
-    back to the rest of the test run afterwards."""
-    saved = global_state.get_global_attribute("object_name_uids")
-    global_state.set_global_attribute("object_name_uids", collections.defaultdict(int))
-    try:
-        yield
-    finally:
-        global_state.set_global_attribute("object_name_uids",
-                                          saved if saved is not None else collections.defaultdict(int))
-
-
-
 
 def keras_base(name: str, *, size: int = SIZE, **kwargs):
     app = getattr(keras.applications, get_backbone(name).keras_application)
@@ -83,24 +61,7 @@ def cached_keras_base(name: str):
     return _KERAS32[name]
 
 
-def keras_preprocess(name: str, pixels: np.ndarray) -> np.ndarray:
-    module = importlib.import_module(f"keras.applications.{KERAS_MODULES[name]}")
-    return np.asarray(module.preprocess_input(pixels.copy()))
-
-
-
-
 # ---- the port ---------------------------------------------------------------------------------
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    a = t.detach().numpy()
-    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
-
-
 
 
 def randomize_normalization_(base: nn.Module, generator: torch.Generator) -> None:
@@ -190,7 +151,7 @@ def test_efficientnet_imagenet_rescaling_matches_keras_imagenet_layout(monkeypat
         get_backbone("efficientnet_b0").default_fine_tune_at(efficientnet.EfficientNetB0Base()) + 1
     x = np.full((1, 2, 2, 3), 0.5, np.float64)
     expected = keras.ops.convert_to_numpy(kbase.get_layer("rescaling_1")(x))
-    got = tbase.rescaling_1(nchw(x)).permute(0, 2, 3, 1).numpy()
+    got = tbase.rescaling_1(pairs.nchw(x)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(got, expected)
     assert not np.allclose(expected, 0.5)
 
@@ -198,14 +159,7 @@ def test_efficientnet_imagenet_rescaling_matches_keras_imagenet_layout(monkeypat
 def preprocessing_difference(name: str, tbase: nn.Module, kbase, x: np.ndarray) -> float:
     """Largest |Keras - port| of what reaches the first convolution: ``preprocess_input`` and
     the model's leading preprocessing layers (Rescaling, Normalization)."""
-    k, t = keras_preprocess(name, x), tbase.preprocess(nchw(x))
-    for layer in tbase.keras_layers[1:]:
-        if layer.type not in ("Rescaling", "Normalization"):
-            break
-        k = keras.ops.convert_to_numpy(kbase.get_layer(layer.name)(k))
-        with torch.no_grad():
-            t = layer.module(t)
-    return bands.max_error(k, nhwc(t))
+    return bands.max_error(*checks_bases.first_convolution_inputs(name, kbase, tbase, x))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -215,7 +169,7 @@ def test_preprocessing_ranges_and_values_equal_keras(name: str, tmp_path: Path) 
     extremes = np.stack([np.zeros((SIZE, SIZE, 3), np.float32), np.full((SIZE, SIZE, 3), 255, np.float32)])
     low, high = INPUT_RANGES[name]
     assert preprocessing_difference(name, tbase, kbase, extremes) == 0.0
-    k_ext = keras_preprocess(name, extremes)
+    k_ext = pairs.preprocess(extremes, name)
     for layer in kbase.layers[1:]:
         if type(layer).__name__ not in ("Rescaling", "Normalization"):
             break
@@ -226,7 +180,7 @@ def test_preprocessing_ranges_and_values_equal_keras(name: str, tmp_path: Path) 
     path = save_keras_weights(tbase, tmp_path / "base.weights.h5")
     kbase.load_weights(str(path))
     x = pixels(generator)
-    magnitude = bands.magnitude(keras_preprocess(name, x))
+    magnitude = bands.magnitude(pairs.preprocess(x, name))
     # One float32 rounding of the largest value: Keras and torch may round a multiply-add once
     # (fused) or twice; nothing wrong (a flip, a missing square root) is near this.
     assert preprocessing_difference(name, tbase, kbase, x) <= bands.EPS32 * max(magnitude, 1.0) * 4
