@@ -20,6 +20,7 @@ import torch
 from tl_common import bands
 from tl_torch import internals
 from tl_torch.backbones import folding
+from tl_torch.fused import absorb_padding
 from tl_torch.module import TransferModule
 from tl_torch.weights import build_base
 
@@ -27,8 +28,8 @@ BASES = ("mobilenet_v3_large", "efficientnet_b0", "resnet50")
 SIZE = 64
 
 
-def random_module(name: str, fast: bool = True) -> TransferModule:
-    base = build_base("none", SIZE, generator=torch.Generator().manual_seed(1), base=name)
+def random_module(name: str, fast: bool = True, size: int = SIZE) -> TransferModule:
+    base = build_base("none", size, generator=torch.Generator().manual_seed(1), base=name)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for bn in base.batchnorms():
@@ -39,8 +40,8 @@ def random_module(name: str, fast: bool = True) -> TransferModule:
     return TransferModule(base, seed=0, fast=fast).eval()
 
 
-def images(dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 255).to(dtype)
+def images(dtype: torch.dtype = torch.float32, size: int = SIZE) -> torch.Tensor:
+    return (torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(3)) * 255).to(dtype)
 
 
 def run(module: TransferModule, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +54,13 @@ def run(module: TransferModule, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return logits.detach(), torch.cat(grads).detach()
 
 
-@pytest.mark.parametrize("phase", ["feature_extraction", "fine_tuning"])
+@pytest.mark.parametrize(("phase", "size"), [("feature_extraction", SIZE), ("fine_tuning", SIZE),
+                                             ("feature_extraction", SIZE + 1)])
 @pytest.mark.parametrize("name", BASES)
-def test_fast_path_equals_the_bases_own_modules_within_the_measured_band(name, phase,
+def test_fast_path_equals_the_bases_own_modules_within_the_measured_band(name, phase, size,
                                                                            monkeypatch):
-    fast = random_module(name)
+    """Even sizes pad strided convolutions 0 before and 1 after, odd ones 1 and 1."""
+    fast = random_module(name, size=size)
     fast.set_phase(phase)
     plain = copy.deepcopy(fast)
     plain.fast = False
@@ -67,11 +70,11 @@ def test_fast_path_equals_the_bases_own_modules_within_the_measured_band(name, p
     monkeypatch.setattr(internals, "conv_pointwise",
                         lambda *a: fused.append(a[5]) or original(*a))
 
-    want, want_grads = run(exact, images(torch.float64))
-    got, got_grads = run(fast, images())
+    want, want_grads = run(exact, images(torch.float64, size))
+    got, got_grads = run(fast, images(size=size))
     assert fused, "no pair ran through oneDNN's fused convolution"
     fused_count = len(fused)
-    ref, ref_grads = run(plain, images())
+    ref, ref_grads = run(plain, images(size=size))
     assert len(fused) == fused_count   # the plain path never folds
     for what, e, r, g in (("logits", want, ref, got), ("gradients", want_grads, ref_grads,
                                                          got_grads)):
@@ -116,6 +119,49 @@ def test_the_fold_follows_the_bases_weights():
     assert not torch.allclose(before, after)
     band = bands.against_exact(want.numpy(), ref.numpy(), after.numpy())
     assert band.passed, band
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_without_onednn_the_fold_takes_torchs_public_operations(name):
+    """``torch.backends.mkldnn`` off: the folded pairs, absorbed paddings and ResNet's fused
+    residual ends run as F.conv2d and separate operations, with the same result."""
+    fast = random_module(name, size=SIZE + 1)
+    plain = copy.deepcopy(fast)
+    plain.fast = False
+    exact = copy.deepcopy(plain).double()
+    with torch.no_grad():
+        want = exact(images(torch.float64, SIZE + 1))
+        ref = plain(images(size=SIZE + 1))
+        with torch.backends.mkldnn.flags(enabled=False):
+            got = fast(images(size=SIZE + 1))
+    band = bands.against_exact(want.numpy(), ref.numpy(), got.numpy())
+    assert band.passed, f"{name}: {band}"
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("amounts", [(0, 1, 0, 1), (1, 1, 1, 1), (1, 2, 1, 2), (0, 1, 1, 1),
+                                     (2, 2, 1, 2)])
+def test_a_padding_absorbed_into_the_convolution_gives_the_padded_convolutions_sums(kernel,
+                                                                                    amounts):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 11, 10, generator=g, dtype=torch.float64)
+    conv = torch.nn.Conv2d(6, 6, kernel, stride=2, groups=6, bias=False).double()
+    absorbed = absorb_padding(conv.weight, conv, amounts)
+    assert absorbed is not None
+    weight, padding = absorbed
+    want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, amounts), conv.weight,
+                                      stride=2, groups=6)
+    got = torch.nn.functional.conv2d(x, weight, stride=2, padding=padding, groups=6)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("amounts", [(1, 0, 0, 0), (0, 2, 0, 0), (0, 0, 0, 3)])
+def test_a_padding_that_is_not_tfs_same_is_not_absorbed(amounts):
+    conv = torch.nn.Conv2d(4, 4, 3, stride=2)
+    assert absorb_padding(conv.weight, conv, amounts) is None
+    assert absorb_padding(conv.weight, torch.nn.Conv2d(4, 4, 3, padding=1),
+                                (0, 1, 0, 1)) is None
 
 
 def test_fold_pairs_refuses_mobilenet_v2_in_one_line():

@@ -79,20 +79,24 @@ def conv_relu6(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
 
 
 def conv_add(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
-             other: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+             other: torch.Tensor, packed: torch.Tensor | None = None, *,
+             relu: bool = False) -> torch.Tensor:
     """``other + conv(x)`` with the given (folded, gradient-free) weight and bias: on the CPU one
     oneDNN call that adds ``other`` as it writes each output block, instead of a second pass over
-    both tensors. Two operations where the fused call does not apply (as :func:`conv_relu6`)."""
+    both tensors; ``relu``: ``relu(other + conv(x))``, in the same call. Separate operations where
+    the fused call does not apply (as :func:`conv_relu6`)."""
     if (fused_applies(x, weight) and other.dtype == x.dtype
             and not (torch.is_grad_enabled() and other.requires_grad)
             and not isinstance(conv, Conv2dSame)
             and other.is_contiguous(memory_format=torch.channels_last)):
-        out = internals.conv_add(x, other, weight if packed is None else packed, bias, conv)
+        out = internals.conv_add(x, other, weight if packed is None else packed, bias, conv,
+                                 "relu" if relu else None)
         if out.shape == other.shape:
             return out
         raise ValueError(f"conv_add: the shortcut's shape {tuple(other.shape)} is not the "
                          f"convolution's output shape {tuple(out.shape)}")
-    return other + convolve(x, conv, weight, bias)
+    out = other + convolve(x, conv, weight, bias)
+    return F.relu(out) if relu else out
 
 
 def conv_plain(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
@@ -110,6 +114,25 @@ def convolve(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
     if isinstance(conv, Conv2dSame):
         x = conv.pad(x)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def absorb_padding(weight: torch.Tensor, conv: nn.Conv2d,
+                   amounts: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """Zero padding ``amounts`` (left, right, top, bottom) before ``conv`` (``padding=0``,
+    no dilation) as the convolution's own symmetric padding, or None where it cannot be.
+
+    TF's "same" pads symmetrically or one more after than before. A kernel with one more zero
+    tap before, padded by the larger amount on both sides, reads the same inputs with the same
+    weights at every output, so the sums are those of the padded input; it spares the copy of
+    the whole input that padding it costs (the padded tensor is written anew), several times
+    the convolution's own time for a depthwise one."""
+    left, right, top, bottom = amounts
+    if conv.padding != (0, 0) or conv.dilation != (1, 1) or not (
+            right - left in (0, 1) and bottom - top in (0, 1)):
+        return None
+    if right > left or bottom > top:
+        weight = F.pad(weight, (right - left, 0, bottom - top, 0))
+    return weight, (bottom, right)
 
 
 def is_pointwise(conv: nn.Conv2d) -> bool:

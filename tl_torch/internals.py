@@ -53,20 +53,22 @@ def onednn_on() -> bool:
 
 
 def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
-                   post_op: str, scalars: Sequence[float]) -> torch.Tensor:
+                   post_op: str, scalars: Sequence[float],
+                   padding: Sequence[int] | None = None) -> torch.Tensor:
     """``post_op(conv(x))`` in one oneDNN call (``post_op``: "none", "hardtanh"...), with
-    ``conv``'s geometry (its own padding only) and the given weight and bias."""
+    ``conv``'s geometry (its own padding only, or ``padding``) and the given weight and bias."""
     return torch.ops.mkldnn._convolution_pointwise(
-        x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-        post_op, list(scalars), "")
+        x, weight, bias, list(conv.padding if padding is None else padding), list(conv.stride),
+        list(conv.dilation), conv.groups, post_op, list(scalars), "")
 
 
 def conv_add(x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-             conv: nn.Conv2d) -> torch.Tensor:
-    """``other + conv(x)`` in one oneDNN call, ``other`` added as each output block is written."""
+             conv: nn.Conv2d, post_op: str | None = None) -> torch.Tensor:
+    """``other + conv(x)`` in one oneDNN call, ``other`` added as each output block is written;
+    ``post_op`` ("relu"): applied to the sum in the same call."""
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, other, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-        conv.groups, "add", None, None, [], None)
+        conv.groups, "add", None, post_op, [], None)
 
 
 def pack_weight(weight: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int]) -> torch.Tensor:

@@ -22,6 +22,11 @@ from tl_torch.model import Block, KerasLayerIndex
 #: Where a base's ``run`` takes each Keras layer from, by name (:meth:`KerasBase.layer`, or a
 #: folded view's: :func:`tl_torch.backbones.folding.fold_pairs`).
 LayerLookup = Callable[[str], Callable[..., torch.Tensor]]
+#: A base whose ``run`` also takes ``residual=``: asked ``residual(conv, bn, add, activation)``
+#: at each residual block's end, it gives ``(h, shortcut) -> activation(add(shortcut,
+#: bn(conv(h))))`` as one computation, or None to run those layers one by one.
+ResidualLookup = Callable[[str, str, str, str],
+                          Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]
 
 
 class KerasBase(KerasLayerIndex, nn.Module):

@@ -20,16 +20,18 @@ MobileNetV2 has its own, faster path (:mod:`tl_torch.fast`: kept folded weights,
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tl_torch import internals
 from tl_torch.backbones.base import KerasBase
 from tl_torch.backbones.layers import Activation
-from tl_torch.fused import convolve, fold_conv_bn, fused_applies
-from tl_torch.padding import Conv2dSame
+from tl_torch.fused import absorb_padding, conv_add, fold_conv_bn, fused_applies
+from tl_torch.padding import Conv2dSame, Pad2d, zero_pad
 
 #: Keras' activation name -> oneDNN's post-operation (``torch.ops.mkldnn._convolution_pointwise``).
 ONEDNN_ACTIVATIONS = {"relu": "relu", "swish": "swish", "hard_swish": "hardswish"}
@@ -66,6 +68,14 @@ def _post_op(module: nn.Module) -> str | None:
     return None
 
 
+def pads_before(base: KerasBase, convs: dict[str, Pair]) -> dict[str, str]:
+    """Each ZeroPadding2D (:class:`Pad2d`) that comes right before one of ``convs`` in Keras'
+    order, with that convolution's name."""
+    layers = base.keras_layers[1:]
+    return {layer.name: after.name for layer, after in zip(layers, layers[1:], strict=False)
+            if isinstance(layer.module, Pad2d) and after.name in convs}
+
+
 def pairs_of(base: KerasBase) -> tuple[Pair, ...]:
     """Every BatchNormalization of ``base`` with its convolution, and the activation that follows
     it in Keras' order where oneDNN can apply it."""
@@ -90,6 +100,11 @@ class FoldedPairs(nn.Module):
         self.pairs = pairs_of(base)
         self._by_conv = {p.conv: p for p in self.pairs}
         self._passed = {name: p for p in self.pairs for name in (p.bn, p.activation) if name}
+        # A ZeroPadding2D right before a folded convolution becomes that convolution's padding.
+        self._pads = pads_before(base, self._by_conv)
+        self._pad_of = {conv: pad for pad, conv in self._pads.items()}
+        # ResNet's blocks end in conv -> BatchNorm -> add -> ReLU: one oneDNN call where folded.
+        self._residuals = "residual" in inspect.signature(base.run).parameters
 
     @property
     def base(self) -> KerasBase:
@@ -112,20 +127,51 @@ class FoldedPairs(nn.Module):
             pair = self._passed.get(name)
             if pair is not None and frozen[pair.conv]:
                 return _identity
+            conv = self._pads.get(name)
+            if conv is not None and frozen[conv]:
+                return _identity
             return self.base.layer(name)
 
-        return self.base.run(x, lookup)
+        if not self._residuals:
+            return self.base.run(x, lookup)
+
+        def residual(conv: str, bn: str, add: str, activation: str):
+            pair = self._by_conv.get(conv)
+            if (pair is None or pair.bn != bn or not frozen[conv]
+                    or _post_op(self.base.layer(activation)) != "relu"):
+                return None
+            return lambda h, shortcut: self.folded_add(pair, h, shortcut)
+
+        return self.base.run(x, lookup, residual=residual)
 
     def folded(self, pair: Pair, x: torch.Tensor) -> torch.Tensor:
-        """``activation(bn(conv(x)))`` (or ``bn(conv(x))``) as one convolution."""
+        """``activation(bn(conv(x)))`` (or ``bn(conv(x))``) as one convolution, the ZeroPadding2D
+        before it, if any, included."""
         conv, bn = self.base.layer(pair.conv), self.base.layer(pair.bn)
         with torch.no_grad():
             weight, bias = fold_conv_bn(conv, bn, divide=True)
+        pad = (conv.pad if isinstance(conv, Conv2dSame) else
+               self.base.layer(self._pad_of[pair.conv]) if pair.conv in self._pad_of else None)
+        padding = conv.padding
+        if pad is not None:
+            amounts = pad.amounts(*x.shape[-2:])
+            absorbed = absorb_padding(weight, conv, amounts)
+            if absorbed is None:
+                x = zero_pad(x, *amounts)
+            else:
+                weight, padding = absorbed
         if fused_applies(x, weight):
-            x = conv.pad(x) if isinstance(conv, Conv2dSame) else x
-            return internals.conv_pointwise(x, weight, bias, conv, pair.post_op, ())
-        y = convolve(x, conv, weight, bias)
+            return internals.conv_pointwise(x, weight, bias, conv, pair.post_op, (), padding)
+        y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
         return self.base.layer(pair.activation)(y) if pair.activation else y
+
+
+    def folded_add(self, pair: Pair, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """``relu(shortcut + bn(conv(x)))`` as one convolution that adds and rectifies as it writes."""
+        conv, bn = self.base.layer(pair.conv), self.base.layer(pair.bn)
+        with torch.no_grad():
+            weight, bias = fold_conv_bn(conv, bn, divide=True)
+        return conv_add(x, conv, weight, bias, shortcut, relu=True)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

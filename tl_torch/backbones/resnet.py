@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tl_common.keras_inputs import CAFFE_MEAN_BGR  # BGR means subtracted after the flip
-from tl_torch.backbones.base import KerasBase, LayerLookup
+from tl_torch.backbones.base import KerasBase, LayerLookup, ResidualLookup
 from tl_torch.backbones.layers import Activation
 from tl_torch.model import Add, Block
 
@@ -105,14 +105,22 @@ class ResNet50Base(KerasBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.layer)
 
-    def run(self, x: torch.Tensor, layer: LayerLookup) -> torch.Tensor:
-        """The forward pass with each Keras layer taken from ``layer(name)``."""
+    def run(self, x: torch.Tensor, layer: LayerLookup,
+            residual: ResidualLookup | None = None) -> torch.Tensor:
+        """The forward pass with each Keras layer taken from ``layer(name)``, and each block's
+        ``_3_conv`` -> ``_3_bn`` -> ``_add`` -> ``_out`` from ``residual`` where it gives one."""
         for name in self._stem:
             x = layer(name)(x)
         for main, shortcut_names, add, relu in self._units:
             shortcut = x
             for name in shortcut_names:
                 shortcut = layer(name)(shortcut)
+            end = residual(*main[-2:], add, relu) if residual is not None else None
+            if end is not None:   # main ends with _3_conv, _3_bn
+                for name in main[:-2]:
+                    x = layer(name)(x)
+                x = end(x, shortcut)
+                continue
             for name in main:
                 x = layer(name)(x)
             x = layer(relu)(layer(add)(shortcut, x))
