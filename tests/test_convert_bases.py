@@ -106,7 +106,26 @@ def tutorial_model(kbase, *, preprocessing=None, units: int = 3) -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, calibrate_bn) -> dict[tuple[str, str], Path]:
+def kbases(tmp_path_factory, calibrate_bn) -> dict[tuple[str, bool], keras.Model]:
+    """Per (base, ImageNet rescaling): the Keras application holding calibrated weights
+    (:func:`keras_base`), built on first use and shared by the tutorial-pattern models built
+    around it (which leave it as it is; ``build_model`` freezes its base, so it gets its own)."""
+    root = tmp_path_factory.mktemp("kbases")
+
+    class Bases(dict):
+        def __missing__(self, key: tuple[str, bool]) -> keras.Model:
+            name, imagenet_rescaling = key
+            directory = root / f"{name}-{imagenet_rescaling}"
+            directory.mkdir()
+            self[key] = keras_base(name, directory, calibrate_bn,
+                                   imagenet_rescaling=imagenet_rescaling)
+            return self[key]
+
+    return Bases()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, kbases, calibrate_bn) -> dict[tuple[str, str], Path]:
     """Per base: someone's model in the tutorial's pattern (3 classes, softmax) and the
     reference's (``tl_keras.model.build_model``, as ``tl_keras.train --base`` saves it); built on
     first use."""
@@ -115,12 +134,11 @@ def models(tmp_path_factory, calibrate_bn) -> dict[tuple[str, str], Path]:
     class Models(dict):
         def __missing__(self, key: tuple[str, str]) -> Path:
             name, kind = key
-            kbase = keras_base(name, root, calibrate_bn)
             if kind == "tutorial":
-                model = tutorial_model(kbase)
+                model = tutorial_model(kbases[name, False])
                 set_head(model, "breeds", 1)
             else:
-                model = build_model(kbase, seed=0, num_classes=2)
+                model = build_model(keras_base(name, root, calibrate_bn), seed=0, num_classes=2)
                 set_head(model, "dense", 2)
             path = root / f"{name}-{kind}.keras"
             model.save(path)
@@ -130,12 +148,18 @@ def models(tmp_path_factory, calibrate_bn) -> dict[tuple[str, str], Path]:
     return Models()
 
 
+#: Keras' float32 and float64 probabilities per file: the planted mistakes change the port only.
+_KERAS_PROBABILITIES: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def from_keras_parity(path: Path, model: keras.Model | None = None) -> cp.Parity:
     """from-keras judged as the converter judges it: the port against Keras in float64."""
     found = convert.inspect_keras_model(path)
     module, _ = convert.module_from_keras(path)
-    model = model or keras.models.load_model(path, compile=False)
-    source32, exact = keras_probabilities(model, found.activation)
+    if path not in _KERAS_PROBABILITIES:
+        model = model or keras.models.load_model(path, compile=False)
+        _KERAS_PROBABILITIES[path] = keras_probabilities(model, found.activation)
+    source32, exact = _KERAS_PROBABILITIES[path]
     return cp.compare("from-keras", str(path), "port", source32,
                       cp.port_probabilities(module.eval(), images()), exact)
 
@@ -173,8 +197,8 @@ def test_port_preprocessing_is_keras_preprocess_input():
                                    atol=1e-12)
 
 
-def test_efficientnet_imagenet_layout_is_read_from_the_file(tmp_path, calibrate_bn):
-    kbase = keras_base("efficientnet_b0", tmp_path, calibrate_bn, imagenet_rescaling=True)
+def test_efficientnet_imagenet_layout_is_read_from_the_file(tmp_path, kbases):
+    kbase = kbases["efficientnet_b0", True]
     model = tutorial_model(kbase)
     set_head(model, "breeds", 3)
     path = tmp_path / "imagenet-layout.keras"
@@ -194,10 +218,10 @@ def test_resnet_rgb_left_unflipped_is_caught(models, monkeypatch):
     assert not parity.passed and parity.result_error > parity.band
 
 
-def test_resnet_model_with_rgb_means_is_refused(tmp_path, calibrate_bn):
+def test_resnet_model_with_rgb_means_is_refused(tmp_path, kbases):
     """A model that subtracts the means without flipping to BGR is not resnet50's
     preprocess_input: one line naming what is accepted."""
-    kbase = keras_base("resnet50", tmp_path, calibrate_bn)
+    kbase = kbases["resnet50", False]
     means = np.asarray(keras_inputs.CAFFE_MEAN_BGR[::-1], np.float32)
     model = tutorial_model(kbase, preprocessing=lambda t: t - means)
     path = tmp_path / "rgb.keras"
@@ -229,9 +253,8 @@ def test_mobilenet_v2_head_width_is_refused(name, models, monkeypatch):
         convert.module_from_keras(models[name, "tutorial"])
 
 
-def test_efficientnet_built_without_the_files_extra_rescaling_is_refused(tmp_path,
-                                                                         calibrate_bn):
-    kbase = keras_base("efficientnet_b0", tmp_path, calibrate_bn, imagenet_rescaling=True)
+def test_efficientnet_built_without_the_files_extra_rescaling_is_refused(tmp_path, kbases):
+    kbase = kbases["efficientnet_b0", True]
     path = tmp_path / "imagenet-layout.keras"
     tutorial_model(kbase).save(path)
     found = convert.inspect_keras_model(path)
@@ -241,10 +264,9 @@ def test_efficientnet_built_without_the_files_extra_rescaling_is_refused(tmp_pat
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0"])
-def test_mobilenet_v2_scaling_before_a_self_scaling_base_is_refused(name, tmp_path,
-                                                                    calibrate_bn):
+def test_mobilenet_v2_scaling_before_a_self_scaling_base_is_refused(name, tmp_path, kbases):
     """MobileNetV3 and EfficientNet scale inside: x / 127.5 - 1 before them is a mistake."""
-    kbase = keras_base(name, tmp_path, calibrate_bn)
+    kbase = kbases[name, False]
     model = tutorial_model(kbase, preprocessing=keras.layers.Rescaling(1 / 127.5, offset=-1))
     path = tmp_path / "scaled-twice.keras"
     model.save(path)
@@ -254,8 +276,8 @@ def test_mobilenet_v2_scaling_before_a_self_scaling_base_is_refused(name, tmp_pa
         convert.inspect_keras_model(path)
 
 
-def test_resnet_without_preprocessing_asks_for_inputs_scaled(tmp_path, calibrate_bn):
-    kbase = keras_base("resnet50", tmp_path, calibrate_bn)
+def test_resnet_without_preprocessing_asks_for_inputs_scaled(tmp_path, kbases):
+    kbase = kbases["resnet50", False]
     path = tmp_path / "unscaled.keras"
     tutorial_model(kbase, preprocessing=lambda t: t).save(path)
     with pytest.raises(UserError, match=r"resnet50.preprocess_input\), pass --inputs-scaled"):

@@ -8,8 +8,12 @@ DepthwiseConv2D + BatchNormalization pair that needs no gradient (frozen, or und
 ``no_grad``), the convolution runs folded and the BatchNormalization passes its input through;
 the activation right after the BatchNormalization in Keras' order (ReLU, swish, hard_swish) is
 applied in the same oneDNN call where that applies (float32 channels-last CPU tensors that need no
-gradient: :func:`tl_torch.fused.fused_applies`), else right after the folded convolution. Pairs
-that train run as the base's modules, so their gradients are the base's.
+gradient: :func:`tl_torch.fused.fused_applies`), else right after the folded convolution. A
+ZeroPadding2D right before a folded convolution, and a Conv2D's own TF-"same" padding, become the
+convolution's padding (:func:`tl_torch.fused.absorb_padding`: no padded copy of the input). A base
+whose ``run`` takes ``residual=`` (ResNet50) ends each block whose last pair is folded in one call
+that also adds the shortcut and applies the ReLU. Pairs that train run as the base's modules, so
+their gradients are the base's.
 
 It holds no parameters or buffers of its own and folds from the base's current weights at each
 call (one multiplication per weight, next to the convolutions' hundreds), so it is right after
