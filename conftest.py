@@ -9,6 +9,8 @@ roughly right, and a file not listed here runs after these, in collection order.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 SLOWEST_FIRST = (
@@ -27,7 +29,18 @@ SLOWEST_FIRST = (
 )
 
 
+#: Tests marked ``long`` run only where this is 1 (``python -m parity_tests`` and CI set it).
+LONG_ENV = "TL_LONG_TESTS"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
     # A stable sort: each file's tests keep their order.
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+    if os.environ.get(LONG_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"end to end across processes: set {LONG_ENV}=1 "
+                                   "(CI and python -m parity_tests do)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

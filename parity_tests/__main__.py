@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TL_PARITY_TRAINERS", "1")
     os.environ.setdefault("TL_PARITY_FREE_RUNNING", "1")
     os.environ.setdefault("TL_PARITY_SEEDS", "1")
+    os.environ.setdefault("TL_LONG_TESTS", "1")
     here = str(Path(__file__).parent)
     return int(pytest.main([here, "--parity-report", report_dir, "-p", "no:cacheprovider", *argv]))
 

@@ -72,6 +72,7 @@ def test_wrong_class_order_is_caught(monkeypatch, models) -> None:
 NEW_BASES = ("mobilenet_v3_large", "efficientnet_b0", "resnet50")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", NEW_BASES)
 def test_13_other_bases_across_frameworks(parity, models, name) -> None:
     parity.check(checks_convert.check_base_conversions(name, models))
@@ -87,6 +88,7 @@ def test_resnet_rgb_left_unflipped_on_import_is_caught(monkeypatch, models) -> N
                   where="from-keras, resnet50: probabilities")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", NEW_BASES)
 def test_other_base_head_kernel_transposed_on_export_is_caught(monkeypatch, models,
                                                                 name) -> None:

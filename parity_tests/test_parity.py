@@ -74,6 +74,7 @@ def test_10_head(parity) -> None:
     parity.check(checks_model.check_head())
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_11_end_to_end(parity, workdir: Path) -> None:
     parity.check(checks_e2e.check_end_to_end(workdir))

@@ -179,6 +179,7 @@ def keras_counts(name: str, fine_tune_at: int | None) -> dict[str, int]:
             - trainable}
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_BASES)
 def test_both_trainers_run_each_base_with_keras_counts(name: str, tmp_path: Path) -> None:

@@ -205,6 +205,7 @@ def _tiny_data_root(root: Path) -> Path:
     return root
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_both_workers_end_to_end(tmp_path):
     data_root = _tiny_data_root(tmp_path / "data")

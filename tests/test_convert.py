@@ -128,6 +128,7 @@ def test_to_keras_writes_the_reference_layout(keras_models, tmp_path):
         assert torch.equal(value, back.state_dict()[key]), key
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_cli_round_trip_through_fresh_keras_processes(keras_models, tmp_path):
     """from-keras (Keras run in a fresh process, float32 and float64), then to-keras opened by

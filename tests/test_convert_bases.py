@@ -287,6 +287,7 @@ def test_resnet_without_preprocessing_asks_for_inputs_scaled(tmp_path, kbases):
 
 # ---- slow tier: the command line, Keras in fresh processes, ONNX ---------------------------------
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50"])
 def test_cli_from_keras_to_keras_to_onnx(name, models, tmp_path):
@@ -309,6 +310,7 @@ def test_cli_from_keras_to_keras_to_onnx(name, models, tmp_path):
         assert torch.equal(value, again.state_dict()[key]), key
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_b0"])
 def test_port_trained_run_to_onnx_and_keras(name, tmp_path, calibrate_bn):

@@ -537,6 +537,7 @@ def assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
             assert a[key] == b[key], key
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_resume_after_ctrl_c_and_kill_equals_uninterrupted_run(data_dir, demo_weights, tmp_path,
                                                                kill_when_paused):

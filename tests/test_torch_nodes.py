@@ -101,6 +101,7 @@ def node_command(launcher: str, node: int, port: int, args: list[str]) -> tuple[
                     WORLD_SIZE="2"))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
 def test_two_nodes_equal_two_devices(launcher, data, one_node, tmp_path) -> None:

@@ -889,6 +889,7 @@ def test_checkpoint_keeps_torchvision_settings(tmp_path):
 
 # ---- 8. DDP on two CPU processes -------------------------------------------------------------
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_ddp_two_processes(data_dir, hooked_train, tmp_path, demo_base_state):
     """Both processes end with the same weights (each saves its own state_dict when fit ends,
