@@ -3,7 +3,7 @@
 The slowest test files run first. Under pytest-xdist (the README's ``-n auto``, whole files per
 worker, taken in this order: ``--no-loadscope-reorder`` in ``pyproject.toml``), a slow file that
 started last would run alone while the other workers wait. Seconds of test time per file, one
-``-n auto --durations=0`` run of the full command on a 2-core AMD EPYC: the order only has to be
+``-n auto --durations=0`` run of the full command on a 2-core AMD EPYC (Zen 4): the order only has to be
 roughly right, and a file not listed here runs after these, in collection order.
 """
 
@@ -14,18 +14,20 @@ import os
 import pytest
 
 SLOWEST_FIRST = (
-    "tests/test_keras_train.py",         # 230 s
-    "parity_tests/test_parity.py",       # 194 s
-    "tests/test_torch_train.py",         # 76 s
-    "parity_tests/test_mistakes.py",     # 75 s
-    "tests/test_reliability_cli.py",     # 61 s
-    "tests/test_benchmarks.py",          # 59 s
-    "tests/test_convert.py",             # 53 s
-    "parity_tests/test_convert.py",      # 48 s
-    "parity_tests/test_multiclass.py",   # 39 s
-    "parity_tests/test_report_workers.py",  # 29 s
-    "tests/test_keras_model.py",         # 29 s
-    "tests/test_torch_fast.py",          # 27 s
+    "tests/test_torch_fast.py",          # 292 s
+    "parity_tests/test_multiclass.py",   # 111 s
+    "parity_tests/test_parity.py",       # 97 s
+    "tests/test_keras_train.py",         # 74 s
+    "parity_tests/test_bases.py",        # 67 s
+    "tests/test_convert_bases.py",       # 57 s
+    "tests/test_console.py",             # 52 s
+    "parity_tests/test_mistakes.py",     # 52 s
+    "tests/test_torch_train.py",         # 46 s
+    "tests/test_backbones_folding.py",   # 45 s
+    "tests/test_reliability_cli.py",     # 43 s
+    "parity_tests/test_convert.py",      # 35 s
+    "parity_tests/test_report_workers.py",  # 27 s
+    "tests/test_backbones.py",           # 27 s
 )
 
 
