@@ -169,7 +169,6 @@ class FoldedPairs(nn.Module):
         y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
         return self.base.layer(pair.activation)(y) if pair.activation else y
 
-
     def folded_add(self, pair: Pair, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         """``relu(shortcut + bn(conv(x)))`` as one convolution that adds and rectifies as it writes."""
         conv, bn = self.base.layer(pair.conv), self.base.layer(pair.bn)
