@@ -66,12 +66,14 @@ def feature_extractor(base: MobileNetV2Base, layers: Sequence[int | str]) -> nn.
     """A module returning ``{keras_name: output}`` for the given Keras layer names or indices."""
     names = [base.keras_layer(key).name for key in layers]
     wants_input = base.input_layer_name in names
+    # The traced nodes are matched to layers by position: only where the forward runs exactly the
+    # layers, in Keras' order (MobileNetV2's); elsewhere the modules' outputs are read.
+    if not isinstance(base, MobileNetV2Base):
+        return _HookedOutputs(base, names).eval()
     tracer_kwargs = {"leaf_modules": LEAF_MODULES}
     _, graph_nodes = get_graph_node_names(base, tracer_kwargs=tracer_kwargs)
     keras_names = [layer.name for layer in base.keras_layers]
-    # The traced nodes are matched to layers by position: only where the forward runs exactly the
-    # layers, in Keras' order (MobileNetV2's); elsewhere the modules' outputs are read.
-    if not isinstance(base, MobileNetV2Base) or len(graph_nodes) != len(keras_names):
+    if len(graph_nodes) != len(keras_names):
         return _HookedOutputs(base, names).eval()
     node_of = dict(zip(keras_names, graph_nodes, strict=True))
     nodes = {node_of[n]: n for n in names if n != base.input_layer_name}

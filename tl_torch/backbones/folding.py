@@ -151,9 +151,8 @@ class FoldedPairs(nn.Module):
     def folded(self, pair: Pair, x: torch.Tensor) -> torch.Tensor:
         """``activation(bn(conv(x)))`` (or ``bn(conv(x))``) as one convolution, the ZeroPadding2D
         before it, if any, included."""
-        conv, bn = self.base.layer(pair.conv), self.base.layer(pair.bn)
-        with torch.no_grad():
-            weight, bias = fold_conv_bn(conv, bn, divide=True)
+        conv = self.base.layer(pair.conv)
+        weight, bias = self.folded_weights(pair)
         pad = (conv.pad if isinstance(conv, Conv2dSame) else
                self.base.layer(self._pad_of[pair.conv]) if pair.conv in self._pad_of else None)
         padding = conv.padding
@@ -171,10 +170,14 @@ class FoldedPairs(nn.Module):
 
     def folded_add(self, pair: Pair, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         """``relu(shortcut + bn(conv(x)))`` as one convolution that adds and rectifies as it writes."""
-        conv, bn = self.base.layer(pair.conv), self.base.layer(pair.bn)
+        weight, bias = self.folded_weights(pair)
+        return conv_add(x, self.base.layer(pair.conv), weight, bias, shortcut, relu=True)
+
+    def folded_weights(self, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair's convolution and BatchNormalization as one weight and bias, from the base's
+        current parameters, without autograd (the pair needs no gradient)."""
         with torch.no_grad():
-            weight, bias = fold_conv_bn(conv, bn, divide=True)
-        return conv_add(x, conv, weight, bias, shortcut, relu=True)
+            return fold_conv_bn(self.base.layer(pair.conv), self.base.layer(pair.bn), divide=True)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
