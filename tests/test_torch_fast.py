@@ -657,18 +657,19 @@ def test_the_shape_sweep_passes_under_capped_kernels(isa):
     assert "6 passed" in done.stdout, done.stdout[-3000:]
 
 
+@pytest.mark.parametrize("graph", [True, False])
 @pytest.mark.parametrize("fine_tune_at", [100, 154])
 def test_bf16_autocast_runs_the_frozen_pairs_in_bf16_kernels(random_base, monkeypatch,
-                                                             fine_tune_at):
+                                                             fine_tune_at, graph):
     """Under CPU autocast to bf16 (``--precision bf16-mixed``) the folded base's error against
     float64 is held to a multiple of the base's own under autocast; where oneDNN has bf16
-    kernels, every frozen pair runs as a fused oneDNN call on bf16 tensors, and gradients still
-    reach the trainable layers."""
+    kernels, every pair with a ReLU6 runs on bf16 tensors, in a bf16 graph of the frozen
+    stages or as a fused oneDNN call, and gradients still reach the trainable layers."""
     from tl_torch import fused
 
     base = random_base(0).to(memory_format=torch.channels_last)
     freeze(base, fine_tune_at)
-    folded = fold(base)
+    folded = fold(base, graph=graph)
     x = images(torch.float32, channels_last=True)
     dtypes = []
     real = internals.conv_pointwise
@@ -685,7 +686,14 @@ def test_bf16_autocast_runs_the_frozen_pairs_in_bf16_kernels(random_base, monkey
     assert err <= GRAPH_ERROR_MULTIPLE * own_err, (err, own_err)
     if fused.BF16_KERNELS and internals.HAS_FUSED_CONVOLUTION:
         assert got.dtype == torch.bfloat16
-        assert len(dtypes) >= 35 and set(dtypes) == {torch.bfloat16}   # every pair with a ReLU6
+        info = folded.cache_info()
+        assert all(g.dtype == torch.bfloat16 for g in info.graphs)
+        if graph and internals.HAS_GRAPH_FUSION:
+            assert len(info.graphs) + len(info.fallbacks) == 1
+        in_graph = max((g.stages for g in info.graphs), default=0)
+        outside = sum(unit.relu for stage in folded.stages[in_graph:] for unit in stage.units)
+        assert len(dtypes) >= outside and set(dtypes) <= {torch.bfloat16}
+        assert in_graph > 0 or len(dtypes) >= 35   # every pair with a ReLU6
     trainable = [p for p in base.parameters() if p.requires_grad]
     assert len(trainable) == (54 if fine_tune_at == 100 else 0)
     if trainable:

@@ -28,8 +28,8 @@ Per convolution + BatchNorm pair, at each call:
   activations disappears; 1x1 convolutions run as matrix products.
 Under CPU autocast to bf16 (``--precision bf16-mixed``) where oneDNN has bf16 kernels, the frozen
 pairs run in bf16 with their folded weights kept in bf16 (cast once, not at every call), as
-autocast runs the trainable ones; in float32 the leading frozen blocks also run as one graph
-(:mod:`tl_torch.frozen_graph`). The results differ from the base's only by rounding
+autocast runs the trainable ones; in float32 and in bf16 the leading frozen blocks also run as
+one graph (:mod:`tl_torch.frozen_graph`). The results differ from the base's only by rounding
 (``tests/test_torch_fast.py`` bounds it over shapes and freezing points).
 """
 
@@ -249,17 +249,18 @@ class FoldedBase(nn.Module):
     """What ``base(x)`` computes, with every convolution + BatchNorm pair folded
     (:class:`FoldedConvBN`). Build it with :func:`fold`.
 
-    ``graph``: where the input is a float32 channels-last CPU tensor that needs no gradient, the
+    ``graph``: where the input is a channels-last CPU tensor that needs no gradient, float32 or
+    under autocast to bf16 (a graph in bf16, :mod:`tl_torch.frozen_graph`), the
     leading stages with no trainable parameter (the whole base in feature extraction, those below
     ``fine_tune_at`` in fine-tuning) run as one graph through oneDNN Graph, one per input shape
-    (:mod:`tl_torch.frozen_graph`): traced in the call that first needs it, with the kept weights
+    and dtype: traced in the call that first needs it, with the kept weights
     as constants; once a kept weight is folded again, that shape's graph is traced once more,
     reading the weights as buffers, and is handed new ones from then on. At most
     ``frozen_graph.GRAPH_SHAPES`` graphs are kept and ``GRAPH_TRACES`` traced (torch keeps some
     memory of each for the life of the process); past that, and for a shape oneDNN cannot build
     a graph for on this CPU (reported once, and in :meth:`cache_info`), the units run. The
-    results differ from the units' own by float32 rounding (the fused kernels sum in another
-    order), and do not depend on how many calls came before. ``graph = False``: never.
+    results differ from the units' own by rounding (the fused kernels sum in another order, and
+    in bf16 round where the units round), and do not depend on how many calls came before. ``graph = False``: never.
     """
 
     def __init__(self, base: MobileNetV2Base, *, graph: bool = True) -> None:
@@ -323,9 +324,13 @@ class FoldedBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         done = 0
-        if self.graph and internals.HAS_GRAPH_FUSION and cpu_float32(x) \
-                and internals.onednn_on() and not torch.jit.is_tracing():
-            done, x = self._graph(x)
+        if self.graph and internals.HAS_GRAPH_FUSION and internals.onednn_on() \
+                and not torch.jit.is_tracing():
+            if cpu_float32(x):
+                done, x = self._graph(x, torch.float32)
+            elif autocast_bf16(x) and x.is_contiguous(memory_format=torch.channels_last) \
+                    and not (x.requires_grad and torch.is_grad_enabled()):
+                done, x = self._graph(x, torch.bfloat16)
         return self.run_stages(x, done, len(self.stages))            # (N, 1280, H/32, W/32)
 
     def run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -337,22 +342,23 @@ class FoldedBase(nn.Module):
             x = stage.units[-1](x, shortcut if stage.residual else None)
         return x
 
-    def _graph(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    def _graph(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
         """``(k, x after the first k stages)``, the k leading stages with no trainable parameter
-        run as one graph (see the class docstring); ``(0, x)`` where the units must run them."""
+        run as one graph in ``dtype`` (see the class docstring); ``(0, x)`` where the units must
+        run them."""
         frozen = 0
         while frozen < len(self.stages) and all(u.frozen() for u in self.stages[frozen].units):
             frozen += 1
-        kept = []
+        weights = []
         for stage in self.stages[:frozen]:
             for unit in stage.units:
-                unit.folded(channels_last=True)
+                pair = unit.folded(True, dtype)
                 if unit.kept is None:   # folded at each call (see folded): nothing to trace
                     return 0, x
-                kept.append(unit.kept)
+                weights.append(pair)
         if frozen == 0:
             return 0, x
-        out = self._frozen_graphs.run(self, x, frozen, kept)
+        out = self._frozen_graphs.run(self, x.to(dtype), frozen, weights)
         return (0, x) if out is None else (frozen, out)
 
 

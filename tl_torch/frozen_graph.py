@@ -4,7 +4,9 @@ oneDNN Graph (TorchScript's oneDNN fuser) computes a block's expanding 1x1 convo
 depthwise convolution together, so that the six times wider expanded activations are never
 written out and read back. It needs a traced graph, one per input shape (shapes are constants in
 a trace), of blocks whose weights do not change at every step: the whole base in feature
-extraction, the blocks below ``fine_tune_at`` in fine-tuning.
+extraction, the blocks below ``fine_tune_at`` in fine-tuning. Under CPU autocast to bf16 the
+graph is traced on bf16 inputs with the kept bf16 weights, one per input shape and dtype, so that
+``--precision bf16-mixed`` gets the same fusion in bf16 kernels.
 
 The graph runs in a flipped frame (:class:`FrozenStages`): on the image turned upside down and left
 to right, with the kernels turned likewise, Keras' one-sided padding of a strided convolution
@@ -19,6 +21,7 @@ numbers, after one warning; other shapes keep their graphs. Every private torch 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,8 +44,8 @@ class FoldedBase(Protocol):
     def run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
 
 
-#: tl_torch.fast.Kept: a frozen pair's kept folded weight and bias (.weight, .bias).
-Kept = Any
+#: A frozen pair's kept folded weight and bias, in the graph's dtype (float32 or bf16).
+Weights = tuple[torch.Tensor, torch.Tensor]
 
 #: Graphs kept per folded base (one per input shape), and traced in its life: torch keeps each
 #: traced graph's compiled oneDNN kernels until the process ends, whatever becomes of the graph.
@@ -55,6 +58,7 @@ class GraphInfo:
     """One kept graph, as :meth:`tl_torch.fast.FoldedBase.cache_info` reports it."""
 
     input_shape: tuple[int, ...]
+    dtype: torch.dtype   # float32, or bf16 (under CPU autocast)
     stages: int        # leading stages (stem, blocks, top) it runs
     flipped: bool      # in the flipped frame
     constants: bool    # meant to hold the weights as constants, else to read them as buffers
@@ -63,7 +67,7 @@ class GraphInfo:
 
 
 class _Graph(NamedTuple):
-    kept: tuple                     # each unit's Kept whose weights the graph holds
+    weights: tuple[Weights, ...]    # each unit's kept weight and bias that the graph holds
     run: torch.jit.ScriptModule     # a traced FrozenStages
     flipped: bool
     constants: bool
@@ -78,10 +82,10 @@ class FrozenGraphs:
 
     def __init__(self) -> None:
         self.graphs: dict[tuple, _Graph] = {}
-        # (stages, input shape) -> why no graph: per number of stages too, since fine-tuning's
-        # graph of the lower stages can build where feature extraction's of the whole base
-        # cannot, and must not depend on which phase came first in this process.
-        self.fallbacks: dict[tuple[int, tuple[int, ...]], str] = {}
+        # (stages, input shape, dtype) -> why no graph: per number of stages too, since
+        # fine-tuning's graph of the lower stages can build where feature extraction's of the
+        # whole base cannot, and must not depend on which phase came first in this process.
+        self.fallbacks: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
         self.traces = 0
         self._warned = False
 
@@ -89,60 +93,72 @@ class FrozenGraphs:
         self.graphs.clear()
 
     def run(self, folded: FoldedBase, x: torch.Tensor, stages: int,
-            kept: list[Kept]) -> torch.Tensor | None:
-        """The first ``stages`` stages of ``folded`` on ``x`` through a graph, or None where the
-        units must run them (no trace left, or none possible for this shape)."""
-        key = (stages, tuple(x.shape))
+            weights: list[Weights]) -> torch.Tensor | None:
+        """The first ``stages`` stages of ``folded`` on ``x`` (float32, or bf16 with bf16
+        ``weights``) through a graph, or None where the units must run them (no trace left, or
+        none possible for this shape)."""
+        key = (stages, tuple(x.shape), x.dtype)
         graph = self.graphs.get(key)
         constants = True
-        if graph is not None and any(a is not b for a, b in zip(graph.kept, kept, strict=True)):
+        if graph is not None and any(a is not b for old, new in zip(graph.weights, weights,
+                                                                    strict=True)
+                                     for a, b in zip(old, new, strict=True)):
             if graph.constants:
                 # Weights folded again: a graph holding them as constants is traced once more,
                 # reading them as buffers that are handed the new ones from then on.
                 del self.graphs[key]
                 graph, constants = None, False
             else:
-                for n, (weight, bias) in enumerate(frame_weights(kept, graph.flipped)):
+                for n, (weight, bias) in enumerate(frame_weights(weights, graph.flipped)):
                     setattr(graph.run, f"weight_{n}", weight)
                     setattr(graph.run, f"bias_{n}", bias)
-                graph = self.graphs[key] = graph._replace(kept=tuple(kept))
+                graph = self.graphs[key] = graph._replace(weights=tuple(weights))
         if graph is None:
-            graph = self._new(folded, x, stages, kept, constants)
+            graph = self._new(folded, x, stages, weights, constants)
             if graph is None:
                 return None
-        with internals.graph_fusion():
+        with internals.graph_fusion(), no_autocast():
             return graph.run(x)
 
-    def _new(self, folded: FoldedBase, x: torch.Tensor, stages: int, kept: list[Kept],
+    def _new(self, folded: FoldedBase, x: torch.Tensor, stages: int, weights: list[Weights],
              constants: bool) -> _Graph | None:
-        shape = tuple(x.shape)
-        if self.traces >= GRAPH_TRACES or (stages, shape) in self.fallbacks:
+        key = (stages, tuple(x.shape), x.dtype)
+        if self.traces >= GRAPH_TRACES or key in self.fallbacks:
             return None
         try:
-            run, flipped = _trace(folded, x, stages, kept, constants)
+            run, flipped = _trace(folded, x, stages, weights, constants)
         except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
-            reason = self.fallbacks[stages, shape] = \
+            reason = self.fallbacks[key] = \
                 f"{type(error).__name__}: {str(error).splitlines()[0]}"
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"tl_torch.fast: inputs of shape {shape} run through the folded "
+                warnings.warn(f"tl_torch.fast: {x.dtype} inputs of shape {key[1]} run through "
+                              f"the folded "
                               f"units (the same numbers, unfused): oneDNN Graph could not build "
                               f"them here ({reason})", RuntimeWarning, stacklevel=4)
             return None
         self.traces += 1
         if len(self.graphs) >= GRAPH_SHAPES:
             del self.graphs[next(iter(self.graphs))]   # the oldest
-        graph = self.graphs[(stages, shape)] = _Graph(tuple(kept), run, flipped, constants)
+        graph = self.graphs[key] = _Graph(tuple(weights), run, flipped, constants)
         return graph
 
     def info(self) -> list[GraphInfo]:
-        return [GraphInfo(shape, stages, g.flipped, g.constants,
+        return [GraphInfo(shape, dtype, stages, g.flipped, g.constants,
                           any(node.kind() == "prim::GetAttr" for node in g.run.graph.nodes()),
-                          _fused_pairs(g.run, shape))
-                for (stages, shape), g in self.graphs.items()]
+                          _fused_pairs(g.run, shape, dtype))
+                for (stages, shape, dtype), g in self.graphs.items()]
 
 
-def _trace(folded: FoldedBase, x: torch.Tensor, stages: int, kept: list[Kept],
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """A bf16 graph is traced and run with autocast off: its input and weights are bf16
+    already, and autocast would have TorchScript record casts of its own."""
+    with torch.autocast("cpu", enabled=False):
+        yield
+
+
+def _trace(folded: FoldedBase, x: torch.Tensor, stages: int, weights: list[Weights],
            constants: bool) -> tuple[torch.jit.ScriptModule, bool]:
     """The graph of the first ``stages`` stages for inputs shaped like ``x``, optimized, and
     whether it runs in the flipped frame (where the shapes allow). ``constants``: the weights
@@ -151,13 +167,13 @@ def _trace(folded: FoldedBase, x: torch.Tensor, stages: int, kept: list[Kept],
     reorders at every call. TorchScript first runs a graph unfused to profile it, then fused;
     those runs are made here, so that every result comes from the fused graph however many
     calls came before (a resumed run equals an uninterrupted one)."""
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), no_autocast(), warnings.catch_warnings():
         # torch.jit's deprecation notices, and the tracer's note that shapes become constants.
         warnings.simplefilter("ignore")
         example = x.clone()
         for flipped in (True, False):
             try:
-                run = internals.trace(FrozenStages(folded, stages, kept, flipped), example)
+                run = internals.trace(FrozenStages(folded, stages, weights, flipped), example)
                 break
             except NotFlippable:   # a padding the flipped frame cannot express
                 continue
@@ -170,10 +186,11 @@ def _trace(folded: FoldedBase, x: torch.Tensor, stages: int, kept: list[Kept],
     return run, flipped
 
 
-def _fused_pairs(run: torch.jit.ScriptModule, shape: tuple[int, ...]) -> int:
+def _fused_pairs(run: torch.jit.ScriptModule, shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """oneDNN Graph partitions of ``run``'s optimized graph that compute two convolutions."""
-    with internals.graph_fusion():
-        optimized = run.graph_for(torch.zeros(shape).contiguous(memory_format=torch.channels_last))
+    with internals.graph_fusion(), no_autocast():
+        optimized = run.graph_for(torch.zeros(shape, dtype=dtype).contiguous(
+            memory_format=torch.channels_last))
 
     def nodes(block):
         for node in block.nodes():
@@ -185,20 +202,19 @@ def _fused_pairs(run: torch.jit.ScriptModule, shape: tuple[int, ...]) -> int:
                for group in nodes(optimized) if group.kind() == "prim::oneDNNFusionGroup")
 
 
-def frame_weights(kept: list[Kept], flipped: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def frame_weights(weights: list[Weights], flipped: bool) -> Iterator[Weights]:
     """The weight and bias a graph reads for each kept unit, in run order: the kept ones, with
     the kernels wider than 1x1 turned upside down and left to right in the flipped frame."""
-    for unit_kept in kept:
-        weight = unit_kept.weight
+    for weight, bias in weights:
         if flipped and weight.shape[-2:] != (1, 1):
             with torch.inference_mode(False), torch.no_grad():
                 weight = weight.flip((2, 3)).contiguous(memory_format=torch.channels_last)
-        yield weight, unit_kept.bias
+        yield weight, bias
 
 
 class FrozenStages(nn.Module):
     """The first ``stages`` stages of ``folded`` as a module to trace: its buffers are those
-    stages' units' weights and biases (from ``kept``, in run order), which the traced graph
+    stages' units' kept weights and biases (``weights``, in run order), which the traced graph
     reads, or holds as constants once frozen.
 
     ``flipped``: the stages run on the input turned upside down and left to right, with their
@@ -209,11 +225,12 @@ class FrozenStages(nn.Module):
     :class:`NotFlippable` for a convolution whose padded input the windows do not tile exactly
     (torchvision's symmetric padding on an even size). ``flipped=False``: the units as they are."""
 
-    def __init__(self, folded: FoldedBase, stages: int, kept: list[Kept], flipped: bool) -> None:
+    def __init__(self, folded: FoldedBase, stages: int, weights: list[Weights],
+                 flipped: bool) -> None:
         super().__init__()
         self._folded = (folded,)   # a tuple: not registered
         self.stages, self.flipped = stages, flipped
-        for n, (weight, bias) in enumerate(frame_weights(kept, flipped)):
+        for n, (weight, bias) in enumerate(frame_weights(weights, flipped)):
             self.register_buffer(f"weight_{n}", weight, persistent=False)
             self.register_buffer(f"bias_{n}", bias, persistent=False)
 
