@@ -74,9 +74,29 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_rise_mb": max(e.get("peak_rise_mb") or 0.0 for e in entries),
             "first_call_s": [e.get("first_call_s") for e in entries],
         }
+        for key in ("graphs", "graph_fallbacks"):   # the port's frozen-block graphs
+            found = sorted({v for e in entries for v in (e.get("info") or {}).get(key, [])})
+            if found:
+                out[name][key] = found
         if errors:
             out[name]["errors"] = errors
     return out
+
+
+def graph_lines(doc: dict[str, Any]) -> list[str]:
+    """Where the port ran its frozen blocks as one oneDNN Graph, and the shapes it could not."""
+    graphs, fallbacks = [], []
+    for name in doc["configs"]:
+        for sec, s in doc["summary"].get(name, {}).items():
+            if not isinstance(s, dict):
+                continue
+            graphs += [f"`{name}` {sec}: {g}" for g in s.get("graphs", [])]
+            fallbacks += [f"`{name}` {sec}: {f}" for f in s.get("graph_fallbacks", [])]
+    if not graphs and not fallbacks:
+        return []
+    return ["", "The port's frozen blocks as one oneDNN Graph (stages, input shape, dtype): "
+            + ("; ".join(graphs) or "none") + ". Shapes that ran through the folded units "
+            "instead (no graph could be built here): " + ("; ".join(fallbacks) or "none") + "."]
 
 
 def _single(value: float | None) -> dict[str, float] | None:
@@ -467,6 +487,7 @@ def _main_tables(doc: dict[str, Any]) -> list[str]:
             first.append(f"`{name}`: " + ", ".join(calls))
     lines += ["", "First call of each measurement (graph tracing, lazy set-up; not in the "
                   "throughputs): " + "; ".join(first) + "."]
+    lines += graph_lines(doc)
     if doc.get("demos"):
         lines += ["", "## Demo runs (f)", "", "| framework | wall s | feature extraction s | "
                   "fine-tuning s | test accuracy | peak RSS MB | machine busy cores (its own "

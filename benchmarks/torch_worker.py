@@ -103,6 +103,18 @@ def main(argv: list[str] | None = None) -> None:
 
         return step, module
 
+    def frozen_graphs(module: TransferModule) -> dict[str, Any]:
+        """After the warm-up: the frozen blocks' graphs the folded base keeps, and the input
+        shapes that run through the units instead (with why); nothing for a base without them."""
+        folded = module.folded_base
+        if folded is None or not hasattr(folded, "cache_info") or not module.fast:
+            return {}
+        kept = folded.cache_info()
+        return {"graphs": [f"{g.stages} stages, {g.input_shape}, {dtype_name(g.dtype)}"
+                           for g in kept.graphs],
+                "graph_fallbacks": [f"{stages} stages, {shape}, {dtype_name(dtype)}: {why}"
+                                    for (stages, shape, dtype), why in kept.fallbacks.items()]}
+
     # ---- inference -----------------------------------------------------------------------------
     def inference(phase: str, fold: bool) -> Bench:
         module = new_module().eval()
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode(), autocast():
                 module(images)
 
-        return bench(forward)
+        return bench(forward, after_warm=lambda: frozen_graphs(module))
 
     def base_forward() -> Bench:
         module = new_module().eval()
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode():
                 backbone(x)
 
-        return bench(forward)
+        return bench(forward, after_warm=lambda: frozen_graphs(module))
 
     def augment() -> Bench:
         module = new_module().train()
@@ -147,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in cfg["sections"]:
         if name in (C.TRAIN_A, C.TRAIN_B):
             steps[name] = train_step("feature_extraction" if name == C.TRAIN_A else "fine_tuning")
-            benches[name] = bench(steps[name][0])
+            benches[name] = bench(steps[name][0],
+                                  after_warm=lambda m=steps[name][1]: frozen_graphs(m))
         elif name == C.INFER:
             benches[name] = inference("feature_extraction", fold=True)
         elif name == C.INFER_B:
@@ -168,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         extra["profile"] = lambda: profile(Path(spec["profile_dir"]),
                                            {k: step for k, (step, _) in steps.items()})
     serve(benches, info, result_fd, budget_s=sizes.budget_s, extra=extra, t_start=t_start)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def pipeline(spec: dict[str, Any], module, device, sync) -> dict[str, Bench]:

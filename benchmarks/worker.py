@@ -44,6 +44,8 @@ class Bench:
     unit: str = "images/s"
     sync: Callable[[], object] = _nothing
     info: dict[str, Any] = field(default_factory=dict)
+    #: What the warm-up left to report (the port's graphs and the shapes without one).
+    after_warm: Callable[[], dict[str, Any]] | None = None
 
     def warm(self, budget_s: float | None = None) -> float:
         """The warm-up calls; returns the first one's seconds (graph tracing, lazy set-up).
@@ -110,6 +112,8 @@ def serve(benches: dict[str, Bench], info: dict[str, Any], result_fd: int, *,
         try:
             setup[name] = {"first_call_s": bench.warm(budget_s), "unit": bench.unit,
                            "items_per_repeat": bench.items_per_call * bench.calls, **bench.info}
+            if bench.after_warm is not None:
+                setup[name].update(bench.after_warm())
         except Exception as err:  # one broken measurement must not lose the others
             setup[name] = {"error": f"{type(err).__name__}: {err}",
                            "traceback": traceback.format_exc()}

@@ -20,6 +20,7 @@ from benchmarks.flops import base_convolutions, base_flops_per_image
 from benchmarks.runner import make_batch, run_workers
 from benchmarks.stats import bootstrap_interval, quantile, summarize
 from benchmarks.worker import Bench
+from tl_torch import internals
 
 #: The FLOP count at 160x160 stated in the report: 2 x 152,803,200 multiply-accumulates.
 FLOPS_AT_160 = 305_606_400
@@ -85,6 +86,21 @@ def test_a_target_inside_the_runs_noise_is_reported_undecided(tmp_path):
     text = report.write(_report_doc(rows, summary, results), tmp_path)[1].read_text()
     assert "(a) 1.60 (target 1.5) — **met** (90% bootstrap interval" in text
     assert "the target lies inside, noise could turn the verdict" in text
+
+def test_the_report_names_the_ports_graphs_and_the_shapes_without_one():
+    run = _fake_run(C.TORCH, {C.INFER: [1.0, 2.0]})
+    run["sections"][C.INFER]["info"] = {
+        "graphs": ["19 stages, (32, 3, 160, 160), bfloat16"],
+        "graph_fallbacks": ["19 stages, (5, 3, 32, 32), float32: RuntimeError: no kernel"]}
+    doc = {"configs": {C.TORCH.name: {}}, "summary": {C.TORCH.name: report.summarize_runs([run])}}
+    (line,) = [text for text in report.graph_lines(doc) if text]
+    assert "`torch` infer: 19 stages, (32, 3, 160, 160), bfloat16." in line
+    assert "instead (no graph could be built here): `torch` infer: 19 stages, (5, 3, 32, 32), " \
+           "float32: RuntimeError: no kernel." in line
+    plain = _fake_run(C.TORCH, {C.INFER: [1.0]})
+    assert report.graph_lines({"configs": {C.TORCH.name: {}},
+                               "summary": {C.TORCH.name: report.summarize_runs([plain])}}) == []
+
 
 def test_bench_warms_up_then_times_repetitions():
     calls = []
@@ -237,6 +253,10 @@ def test_both_workers_end_to_end(tmp_path):
             assert min(run["sections"][section]["samples"]) > 0
         assert run["maxrss_mb"] > 100
     assert results[C.TORCH.name][0]["keep_freed_memory"] is True
+    # Inference's frozen blocks: one graph, or the shape that could not have one, reported.
+    graphs = results[C.TORCH.name][0]["sections"][C.INFER]["info"]
+    assert len(graphs.get("graphs", [])) + len(graphs.get("graph_fallbacks", [])) == \
+        (1 if internals.HAS_GRAPH_FUSION else 0)
     port, keras = results[C.TORCH.name][0], results[C.KERAS_ONEDNN.name][0]
     assert port["tf32"] == ({"matmul": True, "convolutions": True} if port["device"] != "cpu"
                             else None)

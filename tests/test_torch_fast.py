@@ -548,7 +548,8 @@ def test_a_shape_that_fails_to_trace_runs_through_the_units(random_base, monkeyp
             assert torch.equal(folded(x[:3]), got)
             graph_within_rounding(folded, base, x)
     info = folded.cache_info()
-    assert info.fallbacks == {(19, (3, 3, SIZE, SIZE)): "RuntimeError: no kernel for this shape"}
+    assert info.fallbacks == {(19, (3, 3, SIZE, SIZE), torch.float32):
+                              "RuntimeError: no kernel for this shape"}
     assert [g.input_shape for g in info.graphs] == [tuple(x.shape)] and info.traces == 1
 
 

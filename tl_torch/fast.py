@@ -242,7 +242,7 @@ class CacheInfo:
     packed_shapes: tuple[tuple, ...]           # per pair, the input shapes with a packed weight
     graphs: tuple[GraphInfo, ...]              # the graphs of the frozen blocks, per input shape
     traces: int                                # graphs traced so far
-    fallbacks: dict[tuple, str]                # (stages, input shape) with no graph, and why
+    fallbacks: dict[tuple, str]                # (stages, input shape, dtype) with no graph, and why
 
 
 class FoldedBase(nn.Module):
