@@ -85,18 +85,22 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def graph_lines(doc: dict[str, Any]) -> list[str]:
     """Where the port ran its frozen blocks as one oneDNN Graph, and the shapes it could not."""
-    graphs, fallbacks = [], []
+    found: dict[str, dict[str, list[str]]] = {"graphs": {}, "graph_fallbacks": {}}
     for name in doc["configs"]:
         for sec, s in doc["summary"].get(name, {}).items():
-            if not isinstance(s, dict):
-                continue
-            graphs += [f"`{name}` {sec}: {g}" for g in s.get("graphs", [])]
-            fallbacks += [f"`{name}` {sec}: {f}" for f in s.get("graph_fallbacks", [])]
-    if not graphs and not fallbacks:
+            for key, by_what in found.items():
+                for what in (s.get(key, []) if isinstance(s, dict) else []):
+                    by_what.setdefault(what, []).append(f"`{name}` {sec}")
+    if not any(found.values()):
         return []
+
+    def listed(by_what: dict[str, list[str]]) -> str:
+        return "; ".join(f"{what} ({', '.join(where)})" for what, where in by_what.items()) \
+            or "none"
+
     return ["", "The port's frozen blocks as one oneDNN Graph (stages, input shape, dtype): "
-            + ("; ".join(graphs) or "none") + ". Shapes that ran through the folded units "
-            "instead (no graph could be built here): " + ("; ".join(fallbacks) or "none") + "."]
+            + listed(found["graphs"]) + ". Shapes that ran through the folded units instead (no "
+            "graph could be built here): " + listed(found["graph_fallbacks"]) + "."]
 
 
 def _single(value: float | None) -> dict[str, float] | None:

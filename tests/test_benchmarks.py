@@ -94,9 +94,10 @@ def test_the_report_names_the_ports_graphs_and_the_shapes_without_one():
         "graph_fallbacks": ["19 stages, (5, 3, 32, 32), float32: RuntimeError: no kernel"]}
     doc = {"configs": {C.TORCH.name: {}}, "summary": {C.TORCH.name: report.summarize_runs([run])}}
     (line,) = [text for text in report.graph_lines(doc) if text]
-    assert "`torch` infer: 19 stages, (32, 3, 160, 160), bfloat16." in line
-    assert "instead (no graph could be built here): `torch` infer: 19 stages, (5, 3, 32, 32), " \
-           "float32: RuntimeError: no kernel." in line
+    assert "(stages, input shape, dtype): 19 stages, (32, 3, 160, 160), bfloat16 (`torch` " \
+           "infer)." in line
+    assert "instead (no graph could be built here): 19 stages, (5, 3, 32, 32), float32: " \
+           "RuntimeError: no kernel (`torch` infer)." in line
     plain = _fake_run(C.TORCH, {C.INFER: [1.0]})
     assert report.graph_lines({"configs": {C.TORCH.name: {}},
                                "summary": {C.TORCH.name: report.summarize_runs([plain])}}) == []
