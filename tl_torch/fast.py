@@ -250,17 +250,17 @@ class FoldedBase(nn.Module):
     (:class:`FoldedConvBN`). Build it with :func:`fold`.
 
     ``graph``: where the input is a channels-last CPU tensor that needs no gradient, float32 or
-    under autocast to bf16 (a graph in bf16, :mod:`tl_torch.frozen_graph`), the
-    leading stages with no trainable parameter (the whole base in feature extraction, those below
-    ``fine_tune_at`` in fine-tuning) run as one graph through oneDNN Graph, one per input shape
-    and dtype: traced in the call that first needs it, with the kept weights
-    as constants; once a kept weight is folded again, that shape's graph is traced once more,
-    reading the weights as buffers, and is handed new ones from then on. At most
-    ``frozen_graph.GRAPH_SHAPES`` graphs are kept and ``GRAPH_TRACES`` traced (torch keeps some
-    memory of each for the life of the process); past that, and for a shape oneDNN cannot build
-    a graph for on this CPU (reported once, and in :meth:`cache_info`), the units run. The
-    results differ from the units' own by rounding (the fused kernels sum in another order, and
-    in bf16 round where the units round), and do not depend on how many calls came before. ``graph = False``: never.
+    under autocast to bf16, the leading stages with no trainable parameter (the whole base in
+    feature extraction, those below ``fine_tune_at`` in fine-tuning) run as one graph through
+    oneDNN Graph (:mod:`tl_torch.frozen_graph`), one per input shape and dtype: traced in the
+    call that first needs it, with the kept weights as constants; once a kept weight is folded
+    again, that shape's graph is traced once more, reading the weights as buffers, and is
+    handed new ones from then on. At most ``frozen_graph.GRAPH_SHAPES`` graphs are kept and
+    ``GRAPH_TRACES`` traced (torch keeps some memory of each for the life of the process); past
+    that, and for a shape oneDNN cannot build a graph for on this CPU (reported once, and in
+    :meth:`cache_info`), the units run. The results differ from the units' own by rounding (the
+    fused kernels sum in another order, and in bf16 round at other places), and do not depend
+    on how many calls came before. ``graph = False``: never.
     """
 
     def __init__(self, base: MobileNetV2Base, *, graph: bool = True) -> None:

@@ -133,9 +133,8 @@ class FrozenGraphs:
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"tl_torch.fast: {x.dtype} inputs of shape {key[1]} run through "
-                              f"the folded "
-                              f"units (the same numbers, unfused): oneDNN Graph could not build "
-                              f"them here ({reason})", RuntimeWarning, stacklevel=4)
+                              f"the folded units (the same numbers, unfused): oneDNN Graph could "
+                              f"not build them here ({reason})", RuntimeWarning, stacklevel=4)
             return None
         self.traces += 1
         if len(self.graphs) >= GRAPH_SHAPES:
