@@ -499,6 +499,41 @@ def test_the_graph_follows_the_weights(random_base, monkeypatch):
 
 
 @needs_graph
+def test_the_bf16_graph_follows_the_weights(random_base):
+    """Under autocast to bf16 the frozen blocks get a graph of their own beside the float32 one
+    of the same shape, in bf16 where oneDNN has bf16 kernels; it follows the weights as the
+    float32 one does, and its error against float64 stays within a multiple of the bf16 units'."""
+    from tl_torch import fused
+
+    base = random_base(0).to(memory_format=torch.channels_last)
+    freeze(base, 154)
+    folded = fold(base)
+    x = images(torch.float32, channels_last=True, size=GRAPH_SIZE)
+
+    def bf16_within_rounding(before: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, units = folded(x).double(), fold(base, graph=False)(x).double()
+        want = copy.deepcopy(base).double()(x.double())
+        band = GRAPH_ERROR_MULTIPLE * rel_err(units, want)
+        assert rel_err(got, want) <= band, (rel_err(got, want), band)
+        if before is not None:   # the result before the change would fail: the band can tell
+            assert rel_err(before, want) > band, (rel_err(before, want), band)
+        return got
+
+    with torch.no_grad():
+        graph_within_rounding(folded, base, x)
+        first = bf16_within_rounding()
+        dtypes = {g.dtype for g in folded.cache_info().graphs}
+        assert dtypes == ({torch.float32, torch.bfloat16} if fused.BF16_KERNELS
+                          else {torch.float32})
+        base.Conv_1_bn.bias.add_(1.0)   # in place, inside the graph (the top convolution's fold)
+        changed = bf16_within_rounding(first)
+        base.load_state_dict(random_base(1).state_dict())
+        bf16_within_rounding(changed)
+    assert folded.cache_info().fallbacks == {}
+
+
+@needs_graph
 @pytest.mark.parametrize(("pad_type", "fine_tune_at"), [
     ("same", 154), ("symmetric", 154), ("same", 100)])
 def test_the_graph_hands_out_channels_last_tensors(random_base, pad_type, fine_tune_at):
