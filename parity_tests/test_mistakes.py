@@ -320,14 +320,9 @@ def test_decoding_threads_take_the_next_file(monkeypatch) -> None:
 
 
 def test_flip_up_down(monkeypatch) -> None:
-    # The flip composed into the rotation turns the rows (b0, b1, b2) instead of the columns.
-    left_right = tl_torch.augment.flip_first
-    rows_first = [3, 4, 5, 0, 1, 2, 6, 7]   # (b0, b1, b2) where (a0, a1, a2) were, and back
-
-    def up_down(transforms, flips, height, width):
-        return left_right(transforms[:, rows_first], flips, width, height)[:, rows_first]
-
-    monkeypatch.setattr(tl_torch.augment, "flip_first", up_down)
+    monkeypatch.setattr(tl_torch.augment, "flip_horizontal",
+                        lambda images, flips: torch.where(flips[:, None, None, None],
+                                                          images.flip(-2), images))
     assert_caught(checks_data.check_augmentation(), where="Keras' flips and angles")
 
 

@@ -113,32 +113,12 @@ def flip_horizontal(images: Tensor, flips: Tensor) -> Tensor:
     return torch.where(flips, images.flip(-1), images)
 
 
-def flip_first(transforms: Tensor, flips: Tensor, height: int, width: int) -> Tensor:
-    """The transforms (N, 8) that flip the image left to right where ``flips`` (bool, (N,)) is
-    true, then apply ``transforms``: output (x, y) reads the flipped image at
-    X = a0·x + a1·y + a2, which is the image's w − 1 − X. Bilinear sampling and the reflection
-    about the pixel borders are symmetric under that flip, so one sampling gives what a flipped
-    copy sampled gives, up to float32 rounding of the coordinates, without the copy."""
-    del height   # a left-right flip leaves the rows as they are
-    flips = flips.to(transforms.device)
-    sign = torch.where(flips, -1.0, 1.0).to(transforms.dtype)
-    a0, a1, a2, rest = transforms[:, 0], transforms[:, 1], transforms[:, 2], transforms[:, 3:]
-    a2 = torch.where(flips, (width - 1) - a2, a2)
-    return torch.cat([torch.stack([a0 * sign, a1 * sign, a2], 1), rest], 1)
-
-
 def augment(images: Tensor, flips: Tensor, angles_deg: Tensor,
             fill_mode: str = ROTATION_FILL_MODE) -> Tensor:
-    """The recipe's ``data_augmentation`` with given draws: flip, then rotate (as its Sequential),
-    in one bilinear sampling (:func:`flip_first`)."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be NCHW (4-D); got shape {tuple(images.shape)}")
-    n, _, h, w = images.shape
-    if flips.dtype != torch.bool or flips.shape != (n,):
-        raise ValueError(f"flips must be a bool tensor of shape ({n},); "
-                         f"got dtype {flips.dtype}, shape {tuple(flips.shape)}")
+    """The recipe's ``data_augmentation`` with given draws: flip, then rotate (as its Sequential)."""
+    _, _, h, w = images.shape
     transforms = keras_rotation_transform(angles_deg.to(images.device), h, w)
-    return affine_transform(images, flip_first(transforms, flips, h, w), fill_mode=fill_mode)
+    return affine_transform(flip_horizontal(images, flips), transforms, fill_mode=fill_mode)
 
 
 class RandomFlipRotation(nn.Module):

@@ -50,9 +50,9 @@ from tl_torch.fused import (
     conv_plain,
     conv_relu6,
     convolve,
-    cpu_float32,
     fold_conv_bn,
     fused_applies,
+    graph_dtype,
     is_pointwise,
     relu6_,
 )
@@ -323,14 +323,10 @@ class FoldedBase(nn.Module):
         return {**self.__dict__, "_frozen_graphs": FrozenGraphs()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        done = 0
-        if self.graph and internals.HAS_GRAPH_FUSION and internals.onednn_on() \
-                and not torch.jit.is_tracing():
-            if cpu_float32(x):
-                done, x = self._graph(x, torch.float32)
-            elif autocast_bf16(x) and x.is_contiguous(memory_format=torch.channels_last) \
-                    and not (x.requires_grad and torch.is_grad_enabled()):
-                done, x = self._graph(x, torch.bfloat16)
+        done, dtype = 0, graph_dtype(x)
+        if self.graph and dtype is not None and internals.HAS_GRAPH_FUSION \
+                and internals.onednn_on() and not torch.jit.is_tracing():
+            done, x = self._graph(x, dtype)
         return self.run_stages(x, done, len(self.stages))            # (N, 1280, H/32, W/32)
 
     def run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -114,19 +114,19 @@ class FrozenGraphs:
                     setattr(graph.run, f"bias_{n}", bias)
                 graph = self.graphs[key] = graph._replace(weights=tuple(weights))
         if graph is None:
-            graph = self._new(folded, x, stages, weights, constants)
+            graph = self._new(folded, x, key, weights, constants)
             if graph is None:
                 return None
         with internals.graph_fusion(), no_autocast():
             return graph.run(x)
 
-    def _new(self, folded: FoldedBase, x: torch.Tensor, stages: int, weights: list[Weights],
+    def _new(self, folded: FoldedBase, x: torch.Tensor, key: tuple, weights: list[Weights],
              constants: bool) -> _Graph | None:
-        key = (stages, tuple(x.shape), x.dtype)
+        """A graph traced for ``key`` (stages, input shape, dtype), or None."""
         if self.traces >= GRAPH_TRACES or key in self.fallbacks:
             return None
         try:
-            run, flipped = _trace(folded, x, stages, weights, constants)
+            run, flipped = _trace(folded, x, key[0], weights, constants)
         except Exception as error:  # noqa: BLE001 - any failure leaves the units' own path
             reason = self.fallbacks[key] = \
                 f"{type(error).__name__}: {str(error).splitlines()[0]}"

@@ -56,12 +56,16 @@ def fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.jit.is_tracing())   # a traced graph records torch's own operations
 
 
-def cpu_float32(x: torch.Tensor) -> bool:
-    """A float32 channels-last CPU tensor outside autocast that needs no gradient."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and x.is_contiguous(memory_format=torch.channels_last))
+def graph_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a graph of frozen blocks computes ``x`` in: float32 for a float32 input outside
+    autocast, bf16 under CPU autocast to bf16 where oneDNN can compute it; None for anything
+    else (another device or dtype, not channels-last, an input that needs a gradient)."""
+    if (x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled())
+            or not x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return torch.bfloat16 if autocast_bf16(x) else None
 
 
 def conv_relu6(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
