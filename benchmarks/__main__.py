@@ -44,8 +44,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks import bf16, report
 from benchmarks import config as C
-from benchmarks import report
 from benchmarks.runner import REPO_ROOT, make_batch, run_demo, run_workers
 from tl_common.machine import describe, load_average
 
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine, "threads": threads_of(every_result),
         "configs": {c.name: c.to_dict() for c in configs},
         "rows": rows, "targets": report.targets(rows, summary, results), "summary": summary,
+        "bf16": bf16.gains(summary, results),
         "demos": demos, "results": results, "bases": bases,
         "load_average_at_end": load_average(),
         "elapsed_s": time.perf_counter() - started,

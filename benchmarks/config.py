@@ -119,7 +119,7 @@ KERAS_TF32_OFF = replace(KERAS_ONEDNN, name="keras-tf32-off",
 KERAS_TF32_ON = replace(KERAS_TF32_OFF, name="keras-tf32-on",
                         label="Keras, TF32 on (changes the numbers)", tf32=True)
 TORCH_BF16 = replace(TORCH, name="torch-bf16", label="port, bf16 autocast (changes the numbers)",
-                     sections=(TRAIN_A, TRAIN_B, INFER), bf16=True, primary=False)
+                     sections=(TRAIN_A, TRAIN_B, INFER, BASE_FORWARD), bf16=True, primary=False)
 KERAS_BF16 = replace(KERAS_ONEDNN, name="keras-bf16",
                      label="Keras, mixed_bfloat16 policy (changes the numbers)",
                      sections=(TRAIN_A, TRAIN_B, INFER), bf16=True, primary=False)

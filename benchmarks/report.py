@@ -43,7 +43,7 @@ STAT_KEYS = ("median", "q1", "q3", "min", "max")
 
 # ---- summaries -------------------------------------------------------------------------------
 
-def _pooled(runs: list[dict[str, Any]], section: str, key: str = "samples") -> list[float]:
+def pooled(runs: list[dict[str, Any]], section: str, key: str = "samples") -> list[float]:
     return [v for run in runs for v in run.get("sections", {}).get(section, {}).get(key, [])]
 
 
@@ -54,12 +54,12 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for name in names:
         entries = [run["sections"][name] for run in runs if name in run.get("sections", {})]
         errors = [e["error"] for e in entries if "error" in e]
-        samples = _pooled(runs, name)
+        samples = pooled(runs, name)
         if not samples:
             out[name] = {"error": errors[0] if errors else "no samples"}
             continue
-        walls, cpus = _pooled(runs, name, "wall_s"), _pooled(runs, name, "cpu_s")
-        others = _pooled(runs, name, "other_cores")
+        walls, cpus = pooled(runs, name, "wall_s"), pooled(runs, name, "cpu_s")
+        others = pooled(runs, name, "other_cores")
         quiet = [v for v, o in zip(samples, others, strict=False) if o < QUIET_CORES]
         out[name] = {
             **summarize(samples),
@@ -130,9 +130,11 @@ def _process_rss(results: dict[str, list[dict[str, Any]]], cfg: C.Config) -> flo
 
 
 def paired_ratios(results: dict[str, list[dict[str, Any]]], torch_section: str,
-                  keras_config: str | None, keras_section: str) -> tuple[float | None, dict]:
+                  keras_config: str | None, keras_section: str,
+                  port: str = C.TORCH.name) -> tuple[float | None, dict]:
     """Median over repetitions i of port_i / keras_i (same measurement round, moments apart);
-    and the same over the pairs in which neither saw other work (median and count)."""
+    and the same over the pairs in which neither saw other work (median and count). ``port``:
+    the numerator's configuration, the port's own unless asked."""
     def by_rep(config: str | None, section: str) -> dict[int, tuple[float, float]]:
         runs = results.get(config or "", [])
         s = runs[0].get("sections", {}).get(section, {}) if runs else {}
@@ -140,7 +142,7 @@ def paired_ratios(results: dict[str, list[dict[str, Any]]], torch_section: str,
         return {i: (v, o) for i, v, o in zip(s.get("rep", []), s.get("samples", []), others,
                                              strict=False)}
 
-    t, k = by_rep(C.TORCH.name, torch_section), by_rep(keras_config, keras_section)
+    t, k = by_rep(port, torch_section), by_rep(keras_config, keras_section)
     pairs = [(t[i][0] / k[i][0], max(t[i][1], k[i][1])) for i in t if i in k and k[i][0]]
     quiet = [r for r, other in pairs if other < QUIET_CORES]
     return (summarize([r for r, _ in pairs])["median"] if pairs else None,
@@ -290,7 +292,7 @@ def targets(rows: list[dict[str, Any]], summary: dict[str, Any] | None = None,
     the repetitions (``interval``; None where a measurement has fewer than 2), and ``decided``:
     False where the target lies inside it, so that this run's noise could turn the verdict."""
     def samples(config: str | None, section: str) -> list[float]:
-        return _pooled((results or {}).get(config or "", []), section)
+        return pooled((results or {}).get(config or "", []), section)
 
     def judged(statistic: float | None, target: float, groups: list[list[float]],
                combine, **extra: Any) -> dict[str, Any]:
@@ -401,6 +403,8 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     if doc["rows"]:
         lines += _main_tables(doc)
+    from benchmarks import bf16  # here, not above: it builds on this module's pairing
+    lines += bf16.markdown(doc.get("bf16", []))
     lines += base_tables(doc)
     return "\n".join(lines) + "\n"
 

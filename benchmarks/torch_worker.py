@@ -9,6 +9,8 @@ Everything goes through the port's own code paths:
 - inference: ``module(images)`` in eval mode under ``torch.inference_mode`` (as Lightning
   validates), folded as in phase-A validation; also as in phase-B validation (folded below
   ``fine_tune_at``) and unfolded (``TransferModule(fast=False)``);
+- base forward: the folded base alone on preprocessed images (with ``--bf16``, under autocast
+  too: the gain that bounds the others');
 - input: ``ImageFolderDataModule``'s loaders (threads decoding every epoch, and the in-memory
   cache) and ``RandomFlipRotation``.
 Each measurement has a module of its own (same seed, same weights), so that none changes another's
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         backbone = module.folded_base if module.folded_base is not None else module.base
 
         def forward() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 backbone(x)
 
         return bench(forward, after_warm=lambda: frozen_graphs(module))

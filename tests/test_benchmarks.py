@@ -21,6 +21,7 @@ from benchmarks.runner import make_batch, run_workers
 from benchmarks.stats import bootstrap_interval, quantile, summarize
 from benchmarks.worker import Bench
 from tl_torch import internals
+from tl_torch.runtime import bf16_support
 
 #: The FLOP count at 160x160 stated in the report: 2 x 152,803,200 multiply-accumulates.
 FLOPS_AT_160 = 305_606_400
@@ -242,7 +243,9 @@ def test_both_workers_end_to_end(tmp_path):
                # XLA's and the torch backend's training steps are what the harness times too;
                # inference alone keeps this test's compilations short.
                dataclasses.replace(C.KERAS_XLA, sections=(C.INFER,)),
-               dataclasses.replace(C.KERAS_TORCH_BACKEND, sections=(C.INFER,))]
+               dataclasses.replace(C.KERAS_TORCH_BACKEND, sections=(C.INFER,)),
+               # The base forward under autocast: in bf16 where oneDNN has bf16 kernels.
+               dataclasses.replace(C.TORCH_BF16, sections=(C.BASE_FORWARD,))]
     results = run_workers(configs, sizes=sizes, work=work, logs=logs, batch_file=batch,
                           data_root=data_root, profile_dir=None, wait_quiet_s=0,
                           say=lambda _: None)
@@ -258,6 +261,10 @@ def test_both_workers_end_to_end(tmp_path):
     graphs = results[C.TORCH.name][0]["sections"][C.INFER]["info"]
     assert len(graphs.get("graphs", [])) + len(graphs.get("graph_fallbacks", [])) == \
         (1 if internals.HAS_GRAPH_FUSION else 0)
+    bf16_base = results[C.TORCH_BF16.name][0]["sections"][C.BASE_FORWARD]["info"]
+    (entry,) = bf16_base.get("graphs", []) + bf16_base.get("graph_fallbacks", []) or [""]
+    if internals.HAS_GRAPH_FUSION:
+        assert ("bfloat16" in entry) is bf16_support().kernels, entry
     port, keras = results[C.TORCH.name][0], results[C.KERAS_ONEDNN.name][0]
     assert port["tf32"] == ({"matmul": True, "convolutions": True} if port["device"] != "cpu"
                             else None)
@@ -397,3 +404,46 @@ def test_each_base_gets_a_table_of_its_own_against_its_fastest_keras(tmp_path):
     assert "`torch` 62.0 / 21.0 / 41.0" in text
     assert "Load average (1 min) 1.50 at the round's start, 1.25 at its end; 100 s." in text
     assert "## mobilenet_v2: every measurement" not in text   # not measured: no main table
+
+
+def test_bf16_is_judged_against_each_frameworks_own_float32(tmp_path):
+    from benchmarks import bf16
+
+    port = {C.TRAIN_A: [300.0, 310.0, 320.0], C.INFER: [400.0, 410.0, 420.0],
+            C.BASE_FORWARD: [450.0, 460.0, 470.0]}
+    port_bf16 = {C.TRAIN_A: [620.0, 630.0, 640.0],      # 2.07x, 2.03x, 2x by repetition
+                 C.INFER: [500.0, 700.0, 900.0],        # 1.71x of the medians, wide
+                 C.BASE_FORWARD: [900.0, 920.0, 940.0]}
+    keras = {C.TRAIN_A: [100.0, 110.0, 120.0], C.INFER: [200.0] * 3}
+    keras_bf16 = {C.TRAIN_A: [90.0, 99.0, 108.0], C.INFER: [180.0] * 3}
+    results = {cfg.name: [_fake_run(cfg, samples)] for cfg, samples in (
+        (C.TORCH, port), (C.TORCH_BF16, port_bf16), (C.KERAS_ONEDNN, keras),
+        (C.KERAS_BF16, keras_bf16))}
+    summary = {name: report.summarize_runs(runs) for name, runs in results.items()}
+    rows = {r["row"]: r for r in bf16.gains(summary, results)}
+    assert list(rows) == ["a", "b", "c", "g1"]
+    a, c = rows["a"], rows["c"]
+    assert a["port"]["ratio"] == pytest.approx(630.0 / 310.0)
+    assert a["port"]["ratio_paired"] == pytest.approx(630.0 / 310.0)
+    assert a["keras"]["ratio"] == pytest.approx(0.9)
+    assert a["met"] is True and a["decided"] is True
+    assert c["port"]["ratio"] == pytest.approx(700.0 / 410.0)
+    low, high = c["port"]["interval"]
+    assert c["met"] is False and low < bf16.TARGET_GAIN < high and c["decided"] is False
+    assert rows["b"]["port"] is None and "met" not in rows["b"]    # (b) not measured here
+    assert rows["g1"]["port"]["ratio"] == pytest.approx(2.0) and rows["g1"]["keras"] is None
+    assert "met" not in rows["g1"]                                 # no target of its own
+    # Had only the base forward gained (2x), the rest of each step in float32 (s per image):
+    for r, step in ((a, 310.0), (c, 410.0)):
+        rest = 1 / step - 1 / 460.0
+        assert r["base_bound"] == pytest.approx((1 / step) / (rest + 1 / 920.0))
+    doc = _report_doc([], summary, results)
+    doc["bf16"] = bf16.gains(summary, results)
+    text = report.write(doc, tmp_path)[1].read_text()
+    assert "| a | phase-A training step | 310.0 | 630.0 | **2.03×** (2.03×), 1.94–2.13 |" in text
+    assert "| b | phase-B training step | | | | | | |" in text
+    assert ("(a) 2.03×: met, 1.51× if only its base forward gained; (c) 1.71×: not met (the "
+            "target lies inside the interval), 1.80× if only its base forward gained.") in text
+    # A run without bf16 has no such section.
+    plain = {name: runs for name, runs in results.items() if "bf16" not in name}
+    assert bf16.gains({n: report.summarize_runs(r) for n, r in plain.items()}, plain) == []
