@@ -29,12 +29,14 @@ def _gain(results: dict[str, list[dict[str, Any]]], summary: dict[str, Any], sec
           bf16: str, fp32: str) -> dict[str, Any] | None:
     """One framework's bf16 ÷ float32 in one section: of the medians, paired by repetition, and
     the bootstrap interval of the first; None where either was not measured."""
-    low, high = (summary.get(name, {}).get(section, {}).get("median") for name in (bf16, fp32))
-    if low is None or high is None:
+    in_bf16, in_fp32 = (summary.get(name, {}).get(section, {}).get("median")
+                        for name in (bf16, fp32))
+    if in_bf16 is None or in_fp32 is None:
         return None
     paired, quiet = report.paired_ratios(results, section, fp32, section, port=bf16)
     groups = [report.pooled(results.get(name, []), section) for name in (bf16, fp32)]
-    return {"bf16": low, "float32": high, "ratio": ratio(low, high), "ratio_paired": paired,
+    return {"bf16": in_bf16, "float32": in_fp32, "ratio": ratio(in_bf16, in_fp32),
+            "ratio_paired": paired,
             "ratio_quiet": quiet,
             "interval": bootstrap_interval(groups, truediv, level=report.INTERVAL_LEVEL)}
 

@@ -44,6 +44,7 @@ STAT_KEYS = ("median", "q1", "q3", "min", "max")
 # ---- summaries -------------------------------------------------------------------------------
 
 def pooled(runs: list[dict[str, Any]], section: str, key: str = "samples") -> list[float]:
+    """One section's values of ``key`` over every run of a configuration, in order."""
     return [v for run in runs for v in run.get("sections", {}).get(section, {}).get(key, [])]
 
 
