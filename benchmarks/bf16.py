@@ -1,6 +1,6 @@
 """bf16 against float32, in each framework: the port under CPU/GPU autocast against its own float32,
 Keras' ``mixed_bfloat16`` policy against its float32 (oneDNN on), in (a), (b), (c) and, for the
-port, the base forward alone.
+port, the base forward alone (:func:`benchmarks.report.bf16_lines` renders it).
 
 The port's target: bf16 at least :data:`TARGET_GAIN` times its float32 throughput in (a) and (c)
 on a CPU with native bf16. The base forward's own gain bounds them: (c) is the base plus a few
@@ -70,38 +70,3 @@ def gains(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> 
         out.append(entry)
     return out
 
-
-def markdown(rows: list[dict[str, Any]]) -> list[str]:
-    """The report's section on bf16: one table, then the port's verdicts."""
-    if not rows:
-        return []
-
-    def cells(g: dict[str, Any] | None) -> str:
-        if g is None:
-            return " | | |"
-        interval = (f", {g['interval'][0]:.2f}–{g['interval'][1]:.2f}" if g["interval"] else "")
-        paired = f" ({g['ratio_paired']:.2f}×)" if g["ratio_paired"] is not None else ""
-        return (f" {g['float32']:.1f} | {g['bf16']:.1f} | **{g['ratio']:.2f}×**{paired}"
-                f"{interval} |")
-
-    lines = ["", "## bf16 against float32 (each framework against its own; changes the numbers)",
-             "", "Images/s, medians over repetitions.", "",
-             "| row | measure | port float32 | port bf16 | port bf16 ÷ float32 (paired), "
-             f"{report.INTERVAL_LEVEL:.0%} interval | Keras float32 | Keras bf16 | Keras bf16 ÷ "
-             "float32 (paired), interval |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['row']} | {r['measure']} |" + cells(r["port"]) + cells(r["keras"]))
-    verdicts = []
-    for r in rows:
-        if "met" in r:
-            verdict = "met" if r["met"] else "not met"
-            noise = "" if r["decided"] is not False else " (the target lies inside the interval)"
-            bound = ("" if r["base_bound"] is None else
-                     f", {r['base_bound']:.2f}× if only its base forward gained")
-            verdicts.append(f"({r['row']}) {r['port']['ratio']:.2f}×: {verdict}{noise}{bound}")
-    if verdicts:
-        lines += ["", f"Target: the port's bf16 ≥ {TARGET_GAIN:g}× its float32 in (a) and (c) on a "
-                      "CPU with native bf16: " + "; ".join(verdicts) + ". The last figure of "
-                      "each: the step with its base forward's float32 time replaced by the "
-                      "base's bf16 time, the rest as in float32 (seconds per image)."]
-    return lines
