@@ -55,18 +55,18 @@ def gains(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> 
     Empty when the run measured no bf16."""
     if C.TORCH_BF16.name not in summary and C.KERAS_BF16.name not in summary:
         return []
-    out = []
-    base = _gain(results, summary, C.BASE_FORWARD, C.TORCH_BF16.name, C.TORCH.name)
-    for row, section, what in ROWS:
-        port = _gain(results, summary, section, C.TORCH_BF16.name, C.TORCH.name)
-        keras = _gain(results, summary, section, C.KERAS_BF16.name, C.KERAS_ONEDNN.name)
-        entry: dict[str, Any] = {"row": row, "measure": what, "port": port, "keras": keras}
-        if row in TARGET_ROWS and port is not None:
+    out = [{"row": row, "measure": what,
+            "port": _gain(results, summary, section, C.TORCH_BF16.name, C.TORCH.name),
+            "keras": _gain(results, summary, section, C.KERAS_BF16.name, C.KERAS_ONEDNN.name)}
+           for row, section, what in ROWS]
+    base = next(entry["port"] for entry in out if entry["row"] == "g1")
+    for entry in out:
+        port = entry["port"]
+        if entry["row"] in TARGET_ROWS and port is not None:
             interval = port["interval"]
             entry.update(target=TARGET_GAIN, met=port["ratio"] >= TARGET_GAIN,
                          decided=None if interval is None else
                          not interval[0] < TARGET_GAIN < interval[1],
                          base_bound=None if base is None else base_bound(port, base))
-        out.append(entry)
     return out
 

@@ -119,6 +119,11 @@ def test_positive_90_degrees_turns_the_picture_counter_clockwise() -> None:
     torch.testing.assert_close(cw, torch.rot90(x, -1, dims=(-2, -1)), atol=ROT90_TOLERANCE, rtol=0)
 
 
+def test_augment_rejects_wrong_flags() -> None:
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        augment(images(2), torch.tensor([1, 0]), torch.zeros(2))
+
+
 def test_flip_comes_before_rotation() -> None:
     x = images(1, h=9, w=9)
     flip = torch.ones(1, dtype=torch.bool)
